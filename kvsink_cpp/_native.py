@@ -1,0 +1,209 @@
+"""Thin cffi (ABI mode) binding to the kvsink C library.
+
+The cdef below mirrors native/include/kvsink.h (tests/test_binding.py checks that
+they agree). The library is looked up inside this package; the environment
+variable KVSINK_LIBRARY may name another file.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import cffi
+
+from .errors import raise_for_status
+
+ABI_VERSION = 1
+
+CDEF = """
+typedef enum kvs_status {
+    KVS_OK = 0,
+    KVS_ERR_INVALID_ARGUMENT = 1,
+    KVS_ERR_IO = 2,
+    KVS_ERR_FORMAT = 3,
+    KVS_ERR_UNSUPPORTED = 4,
+    KVS_ERR_OUT_OF_MEMORY = 5,
+    KVS_ERR_CONTEXT_FULL = 6,
+    KVS_ERR_INTERNAL = 7
+} kvs_status;
+
+const char *kvs_last_error(void);
+const char *kvs_status_string(kvs_status status);
+int32_t kvs_abi_version(void);
+
+typedef enum kvs_type {
+    KVS_TYPE_F32 = 0,
+    KVS_TYPE_F16 = 1,
+    KVS_TYPE_Q4_0 = 2,
+    KVS_TYPE_Q4_1 = 3,
+    KVS_TYPE_Q5_0 = 6,
+    KVS_TYPE_Q5_1 = 7,
+    KVS_TYPE_Q8_0 = 8,
+    KVS_TYPE_Q2_K = 10,
+    KVS_TYPE_Q3_K = 11,
+    KVS_TYPE_Q4_K = 12,
+    KVS_TYPE_Q5_K = 13,
+    KVS_TYPE_Q6_K = 14,
+    KVS_TYPE_BF16 = 30
+} kvs_type;
+
+typedef enum kvs_impl {
+    KVS_IMPL_AUTO = 0,
+    KVS_IMPL_SCALAR = 1,
+    KVS_IMPL_AVX2 = 2
+} kvs_impl;
+
+int32_t kvs_cpu_has_avx2(void);
+kvs_status kvs_type_layout(int32_t type, int64_t *block_elems, int64_t *block_bytes);
+const char *kvs_type_name(int32_t type);
+kvs_status kvs_dequantize(int32_t type, const void *src, int64_t n, float *dst);
+kvs_status kvs_vec_dot(int32_t type, int32_t impl, const void *row,
+                       const float *x, int64_t n, float *out);
+
+typedef struct kvs_gguf kvs_gguf;
+
+typedef enum kvs_gguf_type {
+    KVS_GGUF_UINT8 = 0,
+    KVS_GGUF_INT8 = 1,
+    KVS_GGUF_UINT16 = 2,
+    KVS_GGUF_INT16 = 3,
+    KVS_GGUF_UINT32 = 4,
+    KVS_GGUF_INT32 = 5,
+    KVS_GGUF_FLOAT32 = 6,
+    KVS_GGUF_BOOL = 7,
+    KVS_GGUF_STRING = 8,
+    KVS_GGUF_ARRAY = 9,
+    KVS_GGUF_UINT64 = 10,
+    KVS_GGUF_INT64 = 11,
+    KVS_GGUF_FLOAT64 = 12
+} kvs_gguf_type;
+
+typedef struct kvs_gguf_kv_info {
+    const char *key;
+    uint64_t key_len;
+    int32_t type;
+    int32_t elem_type;
+    uint64_t count;
+    const void *data;
+} kvs_gguf_kv_info;
+
+typedef struct kvs_gguf_tensor_info {
+    const char *name;
+    uint64_t name_len;
+    int32_t type;
+    int32_t n_dims;
+    int64_t ne[4];
+    uint64_t offset;
+    uint64_t n_bytes;
+    const void *data;
+} kvs_gguf_tensor_info;
+
+kvs_status kvs_gguf_open(const char *path, kvs_gguf **out);
+void kvs_gguf_free(kvs_gguf *gguf);
+uint32_t kvs_gguf_version(const kvs_gguf *gguf);
+uint64_t kvs_gguf_alignment(const kvs_gguf *gguf);
+uint64_t kvs_gguf_data_offset(const kvs_gguf *gguf);
+uint64_t kvs_gguf_file_size(const kvs_gguf *gguf);
+int64_t kvs_gguf_n_kv(const kvs_gguf *gguf);
+int64_t kvs_gguf_n_tensors(const kvs_gguf *gguf);
+kvs_status kvs_gguf_kv(const kvs_gguf *gguf, int64_t index, kvs_gguf_kv_info *out);
+kvs_status kvs_gguf_kv_string(const kvs_gguf *gguf, int64_t index, uint64_t j,
+                              const char **str, uint64_t *len);
+int64_t kvs_gguf_find_key(const kvs_gguf *gguf, const char *key);
+kvs_status kvs_gguf_tensor(const kvs_gguf *gguf, int64_t index,
+                           kvs_gguf_tensor_info *out);
+int64_t kvs_gguf_find_tensor(const kvs_gguf *gguf, const char *name);
+
+typedef struct kvs_model kvs_model;
+
+typedef struct kvs_model_params {
+    int32_t reserved;
+} kvs_model_params;
+
+kvs_model_params kvs_model_default_params(void);
+kvs_status kvs_model_load(const char *path, const kvs_model_params *params,
+                          kvs_model **out);
+void kvs_model_free(kvs_model *model);
+const kvs_gguf *kvs_model_gguf(const kvs_model *model);
+int32_t kvs_model_n_vocab(const kvs_model *model);
+int32_t kvs_model_n_ctx_train(const kvs_model *model);
+int32_t kvs_model_n_embd(const kvs_model *model);
+int32_t kvs_model_n_layer(const kvs_model *model);
+
+typedef struct kvs_context kvs_context;
+
+typedef struct kvs_context_params {
+    int32_t n_ctx;
+    int32_t n_batch;
+    int32_t n_threads;
+    int32_t impl;
+    int32_t type_k;
+    int32_t type_v;
+} kvs_context_params;
+
+kvs_context_params kvs_context_default_params(void);
+kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params,
+                              kvs_context **out);
+void kvs_context_free(kvs_context *ctx);
+int32_t kvs_context_n_ctx(const kvs_context *ctx);
+int32_t kvs_context_n_batch(const kvs_context *ctx);
+int32_t kvs_context_n_past(const kvs_context *ctx);
+kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past);
+kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                            int32_t logits_all, float *logits);
+"""
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+
+
+def _library_names() -> list[str]:
+    if sys.platform == "darwin":
+        return ["libkvsink.dylib"]
+    if sys.platform == "win32":
+        return ["kvsink.dll", "libkvsink.dll"]
+    return ["libkvsink.so"]
+
+
+def _candidate_paths() -> list[str]:
+    override = os.environ.get("KVSINK_LIBRARY")
+    if override:
+        return [override]
+    here = Path(__file__).resolve().parent
+    return [str(here / name) for name in _library_names()]
+
+
+def _load():
+    tried = []
+    for path in _candidate_paths():
+        if not os.path.exists(path):
+            tried.append(f"{path} (not found)")
+            continue
+        try:
+            lib = ffi.dlopen(path)
+        except OSError as exc:
+            tried.append(f"{path} ({exc})")
+            continue
+        try:
+            version = lib.kvs_abi_version()
+        except AttributeError as exc:  # an unrelated or truncated library
+            tried.append(f"{path} (not a kvsink library: {exc})")
+            continue
+        if version != ABI_VERSION:
+            tried.append(f"{path} (ABI version {version}, this binding needs {ABI_VERSION})")
+            continue
+        return lib, path
+    raise OSError(
+        "could not load the kvsink native library; reinstall with `pip install .` "
+        "or set KVSINK_LIBRARY. Tried:\n  " + "\n  ".join(tried)
+    )
+
+
+lib, library_path = _load()
+
+
+def check(status: int) -> None:
+    """Raise the matching KvsinkError when a C call failed."""
+    if status != lib.KVS_OK:
+        raise_for_status(status, ffi.string(lib.kvs_last_error()).decode("utf-8", "replace"))

@@ -1,0 +1,55 @@
+"""One exception hierarchy carrying the C core's status and reason.
+
+Every error raised from the C core is a KvsinkError with `.status` (the
+kvs_status value); the subclasses also derive from the builtin exception a
+Python user would expect (a malformed file is a ValueError, a missing file an
+OSError, ...).
+"""
+from __future__ import annotations
+
+
+class KvsinkError(Exception):
+    """A failure reported by the kvsink C core."""
+
+    status = 7  # KVS_ERR_INTERNAL unless a subclass says otherwise
+
+
+class InvalidArgumentError(KvsinkError, ValueError):
+    status = 1
+
+
+class KvsinkIOError(KvsinkError, OSError):
+    status = 2
+
+
+class GGUFFormatError(KvsinkError, ValueError):
+    """The GGUF file is malformed."""
+
+    status = 3
+
+
+class UnsupportedError(KvsinkError):
+    """Valid input that kvsink_cpp does not implement."""
+
+    status = 4
+
+
+class KvsinkMemoryError(KvsinkError, MemoryError):
+    status = 5
+
+
+class ContextFullError(KvsinkError):
+    """More tokens than the context can hold."""
+
+    status = 6
+
+
+_BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, KvsinkIOError, GGUFFormatError,
+                                          UnsupportedError, KvsinkMemoryError, ContextFullError)}
+
+
+def raise_for_status(status: int, reason: str) -> None:
+    cls = _BY_STATUS.get(status, KvsinkError)
+    exc = cls(reason or f"kvsink call failed with status {status}")
+    exc.status = status
+    raise exc

@@ -1,0 +1,218 @@
+/*
+ * kvsink.h - the one public header of the kvsink_cpp C core.
+ *
+ * Conventions:
+ *   - every object is an opaque handle with a create/free pair;
+ *   - every call that can fail returns kvs_status; on failure kvs_last_error()
+ *     gives the concrete reason (thread-local, valid until the next failing call
+ *     on the same thread);
+ *   - nothing a file or a caller can trigger aborts or exits the process;
+ *   - enum values are never renumbered (the Python binding mirrors them).
+ */
+#ifndef KVSINK_H
+#define KVSINK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#  define KVS_API __declspec(dllexport)
+#else
+#  define KVS_API __attribute__((visibility("default")))
+#endif
+
+#define KVS_ABI_VERSION 1
+
+/* ---- status and errors ------------------------------------------------- */
+
+typedef enum kvs_status {
+    KVS_OK = 0,
+    KVS_ERR_INVALID_ARGUMENT = 1, /* a caller passed something unusable        */
+    KVS_ERR_IO = 2,               /* open/stat/mmap failed                      */
+    KVS_ERR_FORMAT = 3,           /* the file is malformed                      */
+    KVS_ERR_UNSUPPORTED = 4,      /* valid, but not something we implement      */
+    KVS_ERR_OUT_OF_MEMORY = 5,
+    KVS_ERR_CONTEXT_FULL = 6,     /* more tokens than the context can hold      */
+    KVS_ERR_INTERNAL = 7
+} kvs_status;
+
+/* The reason for the last failure on this thread ("" when none). */
+KVS_API const char *kvs_last_error(void);
+/* A fixed name for a status ("format error", ...). */
+KVS_API const char *kvs_status_string(kvs_status status);
+/* KVS_ABI_VERSION of the built library: the binding refuses a mismatch. */
+KVS_API int32_t kvs_abi_version(void);
+
+/* ---- CPU features and tensor formats ----------------------------------- */
+
+/* GGML tensor type ids, as stored in GGUF files. */
+typedef enum kvs_type {
+    KVS_TYPE_F32 = 0,
+    KVS_TYPE_F16 = 1,
+    KVS_TYPE_Q4_0 = 2,
+    KVS_TYPE_Q4_1 = 3,
+    KVS_TYPE_Q5_0 = 6,
+    KVS_TYPE_Q5_1 = 7,
+    KVS_TYPE_Q8_0 = 8,
+    KVS_TYPE_Q2_K = 10,
+    KVS_TYPE_Q3_K = 11,
+    KVS_TYPE_Q4_K = 12,
+    KVS_TYPE_Q5_K = 13,
+    KVS_TYPE_Q6_K = 14,
+    KVS_TYPE_BF16 = 30
+} kvs_type;
+
+/* Kernel implementations, for tests and benchmarks. */
+typedef enum kvs_impl {
+    KVS_IMPL_AUTO = 0,   /* the best this CPU supports */
+    KVS_IMPL_SCALAR = 1, /* plain C reference          */
+    KVS_IMPL_AVX2 = 2    /* AVX2 + FMA + F16C          */
+} kvs_impl;
+
+/* 1 when the CPU (and this build) can run the AVX2 kernels. */
+KVS_API int32_t kvs_cpu_has_avx2(void);
+
+/* Layout of one tensor type: elements per block and bytes per block.
+ * Fails with KVS_ERR_UNSUPPORTED for a type id we do not implement. */
+KVS_API kvs_status kvs_type_layout(int32_t type, int64_t *block_elems, int64_t *block_bytes);
+/* Name of a type id ("Q4_K"), or NULL if unknown. */
+KVS_API const char *kvs_type_name(int32_t type);
+
+/* Dequantize n elements (a multiple of the block size) of `type` to f32. */
+KVS_API kvs_status kvs_dequantize(int32_t type, const void *src, int64_t n, float *dst);
+/* out = dot(row of n elements of `type`, x) with the chosen implementation.
+ * KVS_ERR_UNSUPPORTED when impl is AVX2 and the CPU lacks it. */
+KVS_API kvs_status kvs_vec_dot(int32_t type, int32_t impl, const void *row,
+                               const float *x, int64_t n, float *out);
+
+/* ---- GGUF files --------------------------------------------------------- */
+
+typedef struct kvs_gguf kvs_gguf;
+
+/* GGUF metadata value types, as stored in the file. */
+typedef enum kvs_gguf_type {
+    KVS_GGUF_UINT8 = 0,
+    KVS_GGUF_INT8 = 1,
+    KVS_GGUF_UINT16 = 2,
+    KVS_GGUF_INT16 = 3,
+    KVS_GGUF_UINT32 = 4,
+    KVS_GGUF_INT32 = 5,
+    KVS_GGUF_FLOAT32 = 6,
+    KVS_GGUF_BOOL = 7,
+    KVS_GGUF_STRING = 8,
+    KVS_GGUF_ARRAY = 9,
+    KVS_GGUF_UINT64 = 10,
+    KVS_GGUF_INT64 = 11,
+    KVS_GGUF_FLOAT64 = 12
+} kvs_gguf_type;
+
+/* One metadata entry. Pointers point into the file mapping and live as long
+ * as the kvs_gguf handle. */
+typedef struct kvs_gguf_kv_info {
+    const char *key;     /* not NUL-terminated: use key_len */
+    uint64_t key_len;
+    int32_t type;        /* kvs_gguf_type */
+    int32_t elem_type;   /* element type when type == ARRAY, else == type */
+    uint64_t count;      /* array length; 1 for a scalar; byte length for a STRING */
+    const void *data;    /* scalar value, string bytes, or the packed elements of a
+                            numeric array (little-endian, unaligned); NULL for an
+                            array of strings (use kvs_gguf_kv_string) */
+} kvs_gguf_kv_info;
+
+/* One tensor description. */
+typedef struct kvs_gguf_tensor_info {
+    const char *name;    /* not NUL-terminated: use name_len */
+    uint64_t name_len;
+    int32_t type;        /* kvs_type */
+    int32_t n_dims;
+    int64_t ne[4];       /* elements per dimension, ne[0] innermost; unused = 1 */
+    uint64_t offset;     /* relative to the data section */
+    uint64_t n_bytes;
+    const void *data;    /* in the mapping */
+} kvs_gguf_tensor_info;
+
+/* Map and validate a GGUF file (v2 or v3). Every count, length, offset and
+ * dimension is checked against the file size before use. */
+KVS_API kvs_status kvs_gguf_open(const char *path, kvs_gguf **out);
+KVS_API void kvs_gguf_free(kvs_gguf *gguf);
+
+KVS_API uint32_t kvs_gguf_version(const kvs_gguf *gguf);
+KVS_API uint64_t kvs_gguf_alignment(const kvs_gguf *gguf);
+KVS_API uint64_t kvs_gguf_data_offset(const kvs_gguf *gguf);
+KVS_API uint64_t kvs_gguf_file_size(const kvs_gguf *gguf);
+KVS_API int64_t kvs_gguf_n_kv(const kvs_gguf *gguf);
+KVS_API int64_t kvs_gguf_n_tensors(const kvs_gguf *gguf);
+
+KVS_API kvs_status kvs_gguf_kv(const kvs_gguf *gguf, int64_t index, kvs_gguf_kv_info *out);
+/* Element j of an array-of-strings entry. */
+KVS_API kvs_status kvs_gguf_kv_string(const kvs_gguf *gguf, int64_t index, uint64_t j,
+                                      const char **str, uint64_t *len);
+/* Index of a key, or -1 when absent. */
+KVS_API int64_t kvs_gguf_find_key(const kvs_gguf *gguf, const char *key);
+
+KVS_API kvs_status kvs_gguf_tensor(const kvs_gguf *gguf, int64_t index,
+                                   kvs_gguf_tensor_info *out);
+/* Index of a tensor, or -1 when absent. */
+KVS_API int64_t kvs_gguf_find_tensor(const kvs_gguf *gguf, const char *name);
+
+/* ---- models ------------------------------------------------------------- */
+
+typedef struct kvs_model kvs_model;
+
+typedef struct kvs_model_params {
+    int32_t reserved;    /* keeps the struct non-empty; future options go here */
+} kvs_model_params;
+
+KVS_API kvs_model_params kvs_model_default_params(void);
+/* Load a model; weights are used in place from the file mapping. */
+KVS_API kvs_status kvs_model_load(const char *path, const kvs_model_params *params,
+                                  kvs_model **out);
+KVS_API void kvs_model_free(kvs_model *model);
+
+/* The model's GGUF file (borrowed: lives as long as the model). */
+KVS_API const kvs_gguf *kvs_model_gguf(const kvs_model *model);
+KVS_API int32_t kvs_model_n_vocab(const kvs_model *model);
+KVS_API int32_t kvs_model_n_ctx_train(const kvs_model *model);
+KVS_API int32_t kvs_model_n_embd(const kvs_model *model);
+KVS_API int32_t kvs_model_n_layer(const kvs_model *model);
+
+/* ---- contexts (a KV cache plus scratch; many per model) ----------------- */
+
+typedef struct kvs_context kvs_context;
+
+typedef struct kvs_context_params {
+    int32_t n_ctx;       /* KV cache capacity in tokens; 0 = the model's training context */
+    int32_t n_batch;     /* most tokens per kvs_context_eval call                          */
+    int32_t n_threads;   /* worker threads for matrix products, >= 1                       */
+    int32_t impl;        /* kvs_impl: kernels to use                                       */
+    int32_t type_k;      /* KV cache key type: KVS_TYPE_F32 (exact, default) or KVS_TYPE_F16 */
+    int32_t type_v;      /* KV cache value type, as type_k                                 */
+} kvs_context_params;
+
+KVS_API kvs_context_params kvs_context_default_params(void);
+KVS_API kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params,
+                                      kvs_context **out);
+KVS_API void kvs_context_free(kvs_context *ctx);
+
+KVS_API int32_t kvs_context_n_ctx(const kvs_context *ctx);
+KVS_API int32_t kvs_context_n_batch(const kvs_context *ctx);
+/* Tokens currently held in the KV cache (positions 0 .. n_past-1). */
+KVS_API int32_t kvs_context_n_past(const kvs_context *ctx);
+/* Forget the cache from position n_past on (0 clears it); n_past <= current. */
+KVS_API kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past);
+
+/* Run n_tokens (1 .. n_batch) at positions n_past .. n_past+n_tokens-1 and
+ * append them to the cache. logits receives n_vocab floats per token when
+ * logits_all is non-zero, else only for the last token; it may be NULL. */
+KVS_API kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                                    int32_t logits_all, float *logits);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVSINK_H */

@@ -1,0 +1,139 @@
+/* context.c - public context API: creation with validated parameters,
+ * evaluation of token batches with every input checked first. */
+#include "context.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "status.h"
+
+kvs_context_params kvs_context_default_params(void) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    kvs_context_params params;
+    memset(&params, 0, sizeof params);
+    params.n_ctx = 512;
+    params.n_batch = 512;
+    params.n_threads = cpus > 0 ? (int32_t)(cpus < 16 ? cpus : 16) : 1;
+    params.impl = KVS_IMPL_AUTO;
+    /* exact by default: an f16 cache moves SmolLM2's logits by ~1e-3 of their range */
+    params.type_k = KVS_TYPE_F32;
+    params.type_v = KVS_TYPE_F32;
+    return params;
+}
+
+static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
+    if (p->n_ctx == 0) p->n_ctx = m->hp.n_ctx_train;
+    if (p->n_ctx < 1) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_ctx must be positive, got %d", p->n_ctx);
+    if (p->n_batch < 1) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_batch must be positive, got %d", p->n_batch);
+    if (p->n_batch > p->n_ctx) p->n_batch = p->n_ctx;
+    if (p->n_threads < 1 || p->n_threads > 1024) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_threads must be in 1..1024, got %d", p->n_threads);
+    }
+    switch (p->impl) {
+    case KVS_IMPL_AUTO: p->impl = kvs_avx2_available() ? KVS_IMPL_AVX2 : KVS_IMPL_SCALAR; break;
+    case KVS_IMPL_SCALAR: break;
+    case KVS_IMPL_AVX2:
+        if (!kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "this CPU (or build) has no AVX2/FMA/F16C");
+        break;
+    default: return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown kernel implementation %d", p->impl);
+    }
+    return KVS_OK;
+}
+
+/* One allocation per scratch buffer; sizes in floats. */
+static kvs_status alloc_scratch(kvs_context *ctx) {
+    const kvs_hparams *hp = &ctx->model->hp;
+    const int64_t nb = ctx->params.n_batch;
+    const int64_t q_dim = (int64_t)hp->n_head * hp->head_dim, kv_dim = (int64_t)hp->n_head_kv * hp->head_dim;
+    int64_t row = hp->n_embd > hp->n_ff ? hp->n_embd : hp->n_ff;
+    if (q_dim > row) row = q_dim;
+    ctx->cpu.row_scratch_len = row;
+    struct { float **ptr; int64_t n; } bufs[] = {
+        {&ctx->x, nb * hp->n_embd}, {&ctx->xb, nb * hp->n_embd}, {&ctx->q, nb * q_dim},
+        {&ctx->k, nb * kv_dim},     {&ctx->v, nb * kv_dim},      {&ctx->att, nb * q_dim},
+        {&ctx->hb, nb * hp->n_ff},  {&ctx->hb2, nb * hp->n_ff},
+        {&ctx->scores, (int64_t)ctx->params.n_threads * ctx->params.n_ctx},
+        {&ctx->cpu.row_scratch, (int64_t)ctx->params.n_threads * row},
+    };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        *bufs[i].ptr = malloc((size_t)bufs[i].n * sizeof(float));
+        if (!*bufs[i].ptr) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %lld floats of scratch", (long long)bufs[i].n);
+    }
+    return KVS_OK;
+}
+
+kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params, kvs_context **out) {
+    if (!out) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "out must not be NULL");
+    *out = NULL;
+    if (!model) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "model must not be NULL");
+    kvs_context *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate a context");
+    ctx->model = model;
+    ctx->params = params ? *params : kvs_context_default_params();
+    kvs_status st = resolve_params(model, &ctx->params);
+    if (st == KVS_OK) st = kvs_threadpool_create(ctx->params.n_threads, &ctx->cpu.pool);
+    if (st == KVS_OK) st = kvs_kv_cache_create(&model->hp, ctx->params.n_ctx, ctx->params.type_k,
+                                                 ctx->params.type_v, &ctx->kv);
+    if (st == KVS_OK) st = alloc_scratch(ctx);
+    if (st != KVS_OK) {
+        kvs_context_free(ctx);
+        return st;
+    }
+    ctx->cpu.impl = ctx->params.impl;
+    *out = ctx;
+    return KVS_OK;
+}
+
+void kvs_context_free(kvs_context *ctx) {
+    if (!ctx) return;
+    kvs_threadpool_free(ctx->cpu.pool);
+    kvs_kv_cache_free(ctx->kv);
+    float *bufs[] = {ctx->x, ctx->xb, ctx->q, ctx->k, ctx->v, ctx->att, ctx->hb, ctx->hb2,
+                     ctx->scores, ctx->cpu.row_scratch};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free(ctx);
+}
+
+int32_t kvs_context_n_ctx(const kvs_context *ctx) { return ctx ? ctx->params.n_ctx : 0; }
+int32_t kvs_context_n_batch(const kvs_context *ctx) { return ctx ? ctx->params.n_batch : 0; }
+int32_t kvs_context_n_past(const kvs_context *ctx) { return ctx ? ctx->n_past : 0; }
+
+kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past) {
+    if (!ctx) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ctx must not be NULL");
+    if (n_past < 0 || n_past > ctx->n_past) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_past %d is outside [0, %d] (tokens in the cache)",
+                        n_past, ctx->n_past);
+    }
+    ctx->n_past = n_past;
+    return KVS_OK;
+}
+
+static kvs_status check_tokens(const kvs_context *ctx, const int32_t *tokens, int32_t n_tokens) {
+    if (!tokens) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "tokens must not be NULL");
+    if (n_tokens < 1 || n_tokens > ctx->params.n_batch) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_tokens must be in 1..n_batch (%d), got %d",
+                        ctx->params.n_batch, n_tokens);
+    }
+    if ((int64_t)ctx->n_past + n_tokens > ctx->params.n_ctx) {
+        return kvs_fail(KVS_ERR_CONTEXT_FULL, "%d tokens do not fit: %d of n_ctx %d are in use",
+                        n_tokens, ctx->n_past, ctx->params.n_ctx);
+    }
+    const int32_t n_vocab = ctx->model->hp.n_vocab;
+    for (int32_t i = 0; i < n_tokens; i++) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "token id %d at index %d is out of range [0, %d)",
+                            tokens[i], i, n_vocab);
+        }
+    }
+    return KVS_OK;
+}
+
+kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                            int32_t logits_all, float *logits) {
+    if (!ctx) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ctx must not be NULL");
+    kvs_status st = check_tokens(ctx, tokens, n_tokens);
+    if (st != KVS_OK) return st;
+    kvs_llama_forward(ctx, tokens, n_tokens, logits_all, logits);
+    return KVS_OK;
+}

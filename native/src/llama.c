@@ -1,0 +1,106 @@
+/* llama.c - the forward pass of llama-family models (llama, qwen2), top to
+ * bottom: embeddings, then per layer RMSNorm -> attention -> residual ->
+ * RMSNorm -> SwiGLU FFN -> residual, then the final norm and the logits. */
+#include <math.h>
+#include <string.h>
+
+#include "context.h"
+
+typedef struct attention_job {
+    kvs_context *ctx;
+    int32_t il;
+    int32_t n_tokens;
+} attention_job;
+
+/* Each (token, query head) pair is independent: split the pairs over threads. */
+static void attention_task(void *arg, int ith, int nth) {
+    const attention_job *job = arg;
+    kvs_context *ctx = job->ctx;
+    const kvs_hparams *hp = &ctx->model->hp;
+    const int64_t q_dim = (int64_t)hp->n_head * hp->head_dim;
+    const int32_t group = hp->n_head / hp->n_head_kv;
+    const float scale = 1.0f / sqrtf((float)hp->head_dim);
+    float *scores = ctx->scores + (int64_t)ith * ctx->params.n_ctx;
+    int64_t p0, p1;
+    kvs_split_range((int64_t)job->n_tokens * hp->n_head, ith, nth, &p0, &p1);
+    for (int64_t p = p0; p < p1; p++) {
+        const int32_t t = (int32_t)(p / hp->n_head), h = (int32_t)(p % hp->n_head);
+        const int32_t n_keys = ctx->n_past + t + 1; /* causal: itself and everything before */
+        const int64_t off = t * q_dim + (int64_t)h * hp->head_dim;
+        kvs_kv_cache_attend(ctx->kv, job->il, h / group, ctx->q + off, n_keys, scale, scores,
+                            ctx->att + off, ctx->cpu.impl);
+    }
+}
+
+static void embed_tokens(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens) {
+    const kvs_model *m = ctx->model;
+    const kvs_type_kernels *kernels = kvs_type_kernels_find(m->tok_embd.type);
+    const uint8_t *base = m->tok_embd.data;
+    for (int32_t t = 0; t < n_tokens; t++) {
+        kernels->dequantize(base + (int64_t)tokens[t] * m->tok_embd.row_bytes,
+                            ctx->x + (int64_t)t * m->hp.n_embd, m->hp.n_embd);
+    }
+}
+
+static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
+    const kvs_model *m = ctx->model;
+    const kvs_hparams *hp = &m->hp;
+    const kvs_layer *l = &m->layers[il];
+    const int64_t n_embd = hp->n_embd;
+    const int64_t q_dim = (int64_t)hp->n_head * hp->head_dim, kv_dim = (int64_t)hp->n_head_kv * hp->head_dim;
+    for (int32_t t = 0; t < n_tokens; t++) {
+        kvs_rmsnorm(ctx->x + t * n_embd, l->attn_norm, n_embd, hp->rms_eps, ctx->xb + t * n_embd);
+    }
+    kvs_matmul(&ctx->cpu, &l->wq, ctx->xb, n_tokens, ctx->q);
+    kvs_matmul(&ctx->cpu, &l->wk, ctx->xb, n_tokens, ctx->k);
+    kvs_matmul(&ctx->cpu, &l->wv, ctx->xb, n_tokens, ctx->v);
+    for (int32_t t = 0; t < n_tokens; t++) {
+        float *q = ctx->q + t * q_dim, *k = ctx->k + t * kv_dim, *v = ctx->v + t * kv_dim;
+        kvs_add_bias(q, l->bq, q_dim);
+        kvs_add_bias(k, l->bk, kv_dim);
+        kvs_add_bias(v, l->bv, kv_dim);
+        kvs_rope(q, hp->n_head, hp, m->rope_freqs, ctx->n_past + t);
+        kvs_rope(k, hp->n_head_kv, hp, m->rope_freqs, ctx->n_past + t);
+        kvs_kv_cache_store(ctx->kv, il, ctx->n_past + t, k, v);
+    }
+    attention_job job = {ctx, il, n_tokens};
+    kvs_threadpool_run(ctx->cpu.pool, attention_task, &job);
+    /* the output projection lands in xb, then joins the residual stream */
+    kvs_matmul(&ctx->cpu, &l->wo, ctx->att, n_tokens, ctx->xb);
+    for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];
+}
+
+static void ffn_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
+    const kvs_hparams *hp = &ctx->model->hp;
+    const kvs_layer *l = &ctx->model->layers[il];
+    const int64_t n_embd = hp->n_embd;
+    for (int32_t t = 0; t < n_tokens; t++) {
+        kvs_rmsnorm(ctx->x + t * n_embd, l->ffn_norm, n_embd, hp->rms_eps, ctx->xb + t * n_embd);
+    }
+    kvs_matmul(&ctx->cpu, &l->w_gate, ctx->xb, n_tokens, ctx->hb);
+    kvs_matmul(&ctx->cpu, &l->w_up, ctx->xb, n_tokens, ctx->hb2);
+    kvs_swiglu(ctx->hb, ctx->hb2, (int64_t)n_tokens * hp->n_ff);
+    kvs_matmul(&ctx->cpu, &l->w_down, ctx->hb, n_tokens, ctx->xb);
+    for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];
+}
+
+static void output_logits(kvs_context *ctx, int32_t n_tokens, int32_t logits_all, float *logits) {
+    const kvs_model *m = ctx->model;
+    const int64_t n_embd = m->hp.n_embd;
+    const int32_t first = logits_all ? 0 : n_tokens - 1;
+    for (int32_t t = first; t < n_tokens; t++) {
+        kvs_rmsnorm(ctx->x + t * n_embd, m->output_norm, n_embd, m->hp.rms_eps, ctx->xb + (t - first) * n_embd);
+    }
+    kvs_matmul(&ctx->cpu, &m->output, ctx->xb, n_tokens - first, logits);
+}
+
+void kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                       int32_t logits_all, float *logits) {
+    embed_tokens(ctx, tokens, n_tokens);
+    for (int32_t il = 0; il < ctx->model->hp.n_layer; il++) {
+        attention_block(ctx, il, n_tokens);
+        ffn_block(ctx, il, n_tokens);
+    }
+    if (logits) output_logits(ctx, n_tokens, logits_all, logits);
+    ctx->n_past += n_tokens;
+}

@@ -1,0 +1,313 @@
+/* model.c - loading a llama-family model: hyper-parameters from GGUF metadata,
+ * weights bound in place to the file mapping, every shape checked. */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "formats.h"
+#include "status.h"
+#include "types.h"
+
+/* ---- metadata lookups (find: may be missing; get: required) ------------- */
+
+static kvs_status find_kv(const kvs_gguf *g, const char *key, kvs_gguf_kv_info *info, int *found) {
+    int64_t index = kvs_gguf_find_key(g, key);
+    *found = index >= 0;
+    if (!*found) return KVS_OK;
+    return kvs_gguf_kv(g, index, info);
+}
+
+/* Read any integer-typed scalar as int64. */
+static kvs_status kv_as_int(const char *key, const kvs_gguf_kv_info *info, int64_t *out) {
+    const unsigned char *p = info->data;
+    switch (info->type) {
+    case KVS_GGUF_UINT8: *out = *(const uint8_t *)p; return KVS_OK;
+    case KVS_GGUF_INT8: *out = *(const int8_t *)p; return KVS_OK;
+    case KVS_GGUF_UINT16: { uint16_t v; memcpy(&v, p, 2); *out = v; return KVS_OK; }
+    case KVS_GGUF_INT16: { int16_t v; memcpy(&v, p, 2); *out = v; return KVS_OK; }
+    case KVS_GGUF_UINT32: { uint32_t v; memcpy(&v, p, 4); *out = v; return KVS_OK; }
+    case KVS_GGUF_INT32: { int32_t v; memcpy(&v, p, 4); *out = v; return KVS_OK; }
+    case KVS_GGUF_UINT64: {
+        uint64_t v; memcpy(&v, p, 8);
+        if (v > INT64_MAX) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is too large", key);
+        *out = (int64_t)v; return KVS_OK;
+    }
+    case KVS_GGUF_INT64: { int64_t v; memcpy(&v, p, 8); *out = v; return KVS_OK; }
+    default:
+        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' has type %d, expected an integer", key,
+                        (int)info->type);
+    }
+}
+
+static kvs_status kv_as_float(const char *key, const kvs_gguf_kv_info *info, double *out) {
+    if (info->type == KVS_GGUF_FLOAT32) { float v; memcpy(&v, info->data, 4); *out = v; return KVS_OK; }
+    if (info->type == KVS_GGUF_FLOAT64) { double v; memcpy(&v, info->data, 8); *out = v; return KVS_OK; }
+    int64_t i;
+    kvs_status st = kv_as_int(key, info, &i);
+    if (st != KVS_OK) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' has type %d, expected a number", key, (int)info->type);
+    *out = (double)i;
+    return KVS_OK;
+}
+
+/* An integer in [lo, hi]; `def` when the key is absent and not required. */
+static kvs_status get_int(const kvs_gguf *g, const char *key, int required, int64_t def,
+                          int64_t lo, int64_t hi, int32_t *out) {
+    kvs_gguf_kv_info info;
+    int found;
+    kvs_status st = find_kv(g, key, &info, &found);
+    if (st != KVS_OK) return st;
+    int64_t v = def;
+    if (found) {
+        if ((st = kv_as_int(key, &info, &v)) != KVS_OK) return st;
+    } else if (required) {
+        return kvs_fail(KVS_ERR_FORMAT, "required metadata key '%s' is missing", key);
+    }
+    if (v < lo || v > hi) {
+        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' = %lld is outside [%lld, %lld]", key,
+                        (long long)v, (long long)lo, (long long)hi);
+    }
+    *out = (int32_t)v;
+    return KVS_OK;
+}
+
+static kvs_status get_float(const kvs_gguf *g, const char *key, double def, float *out) {
+    kvs_gguf_kv_info info;
+    int found;
+    kvs_status st = find_kv(g, key, &info, &found);
+    if (st != KVS_OK) return st;
+    double v = def;
+    if (found && (st = kv_as_float(key, &info, &v)) != KVS_OK) return st;
+    if (!isfinite(v)) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is not finite", key);
+    *out = (float)v;
+    return KVS_OK;
+}
+
+/* Copy a string value into buf ("" when absent). */
+static kvs_status get_string(const kvs_gguf *g, const char *key, char *buf, size_t size) {
+    kvs_gguf_kv_info info;
+    int found;
+    buf[0] = '\0';
+    kvs_status st = find_kv(g, key, &info, &found);
+    if (st != KVS_OK || !found) return st;
+    if (info.type != KVS_GGUF_STRING) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is not a string", key);
+    size_t n = info.count < size - 1 ? (size_t)info.count : size - 1;
+    memcpy(buf, info.data, n);
+    buf[n] = '\0';
+    return KVS_OK;
+}
+
+/* ---- hyper-parameters --------------------------------------------------- */
+
+static kvs_status read_arch(kvs_model *m) {
+    char arch[64];
+    kvs_status st = get_string(m->gguf, "general.architecture", arch, sizeof arch);
+    if (st != KVS_OK) return st;
+    if (strcmp(arch, "llama") == 0) m->arch = KVS_ARCH_LLAMA;
+    else if (strcmp(arch, "qwen2") == 0) m->arch = KVS_ARCH_QWEN2;
+    else if (arch[0] == '\0') return kvs_fail(KVS_ERR_FORMAT, "metadata 'general.architecture' is missing");
+    else return kvs_fail(KVS_ERR_UNSUPPORTED, "architecture '%s' is not supported (llama, qwen2 are)", arch);
+    return KVS_OK;
+}
+
+#define ARCH_KEY(buf, suffix) (snprintf(buf, sizeof buf, "%s.%s", arch, suffix), buf)
+
+static kvs_status read_rope_scaling(kvs_model *m, const char *arch) {
+    char key[128], type[32];
+    kvs_hparams *hp = &m->hp;
+    float factor = 0.0f;
+    kvs_status st = get_string(m->gguf, ARCH_KEY(key, "rope.scaling.type"), type, sizeof type);
+    if (st != KVS_OK) return st;
+    if ((st = get_float(m->gguf, ARCH_KEY(key, "rope.scaling.factor"), 0.0, &factor)) != KVS_OK) return st;
+    if (factor == 0.0f) {  /* older files: rope.scale_linear */
+        if ((st = get_float(m->gguf, ARCH_KEY(key, "rope.scale_linear"), 0.0, &factor)) != KVS_OK) return st;
+        if (factor != 0.0f && type[0] == '\0') strcpy(type, "linear");
+    }
+    hp->rope_freq_scale = 1.0f;
+    if (type[0] == '\0' || strcmp(type, "none") == 0) return KVS_OK;
+    if (strcmp(type, "linear") != 0) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "rope scaling type '%s' is not supported (linear is)", type);
+    }
+    if (factor <= 0.0f) return kvs_fail(KVS_ERR_FORMAT, "linear rope scaling needs a positive factor, got %g", factor);
+    hp->rope_freq_scale = 1.0f / factor;
+    return KVS_OK;
+}
+
+static kvs_status read_hparams(kvs_model *m) {
+    const char *arch = m->arch == KVS_ARCH_QWEN2 ? "qwen2" : "llama";
+    const kvs_gguf *g = m->gguf;
+    kvs_hparams *hp = &m->hp;
+    char key[128];
+    kvs_status st;
+    const int64_t big = 1 << 20;
+    if ((st = get_int(g, ARCH_KEY(key, "context_length"), 1, 0, 1, INT32_MAX, &hp->n_ctx_train))) return st;
+    if ((st = get_int(g, ARCH_KEY(key, "embedding_length"), 1, 0, 1, big, &hp->n_embd))) return st;
+    if ((st = get_int(g, ARCH_KEY(key, "block_count"), 1, 0, 1, 4096, &hp->n_layer))) return st;
+    if ((st = get_int(g, ARCH_KEY(key, "feed_forward_length"), 1, 0, 1, big, &hp->n_ff))) return st;
+    if ((st = get_int(g, ARCH_KEY(key, "attention.head_count"), 1, 0, 1, 4096, &hp->n_head))) return st;
+    if ((st = get_int(g, ARCH_KEY(key, "attention.head_count_kv"), 0, hp->n_head, 1, hp->n_head, &hp->n_head_kv))) return st;
+    if (hp->n_head % hp->n_head_kv != 0) {
+        return kvs_fail(KVS_ERR_FORMAT, "head_count %d is not a multiple of head_count_kv %d", hp->n_head, hp->n_head_kv);
+    }
+    int32_t key_length, value_length;
+    if ((st = get_int(g, ARCH_KEY(key, "attention.key_length"), 0, hp->n_embd / hp->n_head, 1, big, &key_length))) return st;
+    if ((st = get_int(g, ARCH_KEY(key, "attention.value_length"), 0, key_length, 1, big, &value_length))) return st;
+    if (key_length != value_length) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "key_length %d != value_length %d is not supported", key_length, value_length);
+    }
+    hp->head_dim = key_length;
+    if ((st = get_int(g, ARCH_KEY(key, "rope.dimension_count"), 0, hp->head_dim, 2, hp->head_dim, &hp->n_rot))) return st;
+    if (hp->n_rot % 2 != 0) return kvs_fail(KVS_ERR_FORMAT, "rope.dimension_count %d is odd", hp->n_rot);
+    if ((st = get_float(g, ARCH_KEY(key, "attention.layer_norm_rms_epsilon"), 1e-5, &hp->rms_eps))) return st;
+    if ((st = get_float(g, ARCH_KEY(key, "rope.freq_base"), 10000.0, &hp->rope_freq_base))) return st;
+    if (hp->rope_freq_base <= 0.0f) return kvs_fail(KVS_ERR_FORMAT, "rope.freq_base must be positive");
+    hp->rope_neox = m->arch == KVS_ARCH_QWEN2;
+    return read_rope_scaling(m, arch);
+}
+
+/* ---- weights ------------------------------------------------------------ */
+
+static int64_t find_tensor(const kvs_model *m, const char *name, kvs_gguf_tensor_info *info) {
+    int64_t index = kvs_gguf_find_tensor(m->gguf, name);
+    if (index >= 0 && kvs_gguf_tensor(m->gguf, index, info) != KVS_OK) return -1;
+    return index;
+}
+
+static kvs_status shape_error(const char *name, const kvs_gguf_tensor_info *info, int64_t n0, int64_t n1) {
+    return kvs_fail(KVS_ERR_FORMAT, "tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld]",
+                    name, (long long)info->ne[0], (long long)info->ne[1], (long long)info->ne[2],
+                    (long long)info->ne[3], (long long)n0, (long long)n1);
+}
+
+/* Bind a matrix of n_out rows of n_in elements, used in place from the mapping. */
+static kvs_status bind_matrix(kvs_model *m, const char *name, int64_t n_in, int64_t n_out,
+                              int required, kvs_tensor *out) {
+    kvs_gguf_tensor_info info;
+    memset(out, 0, sizeof *out);
+    if (find_tensor(m, name, &info) < 0) {
+        return required ? kvs_fail(KVS_ERR_FORMAT, "required tensor '%s' is missing", name) : KVS_OK;
+    }
+    if (info.ne[0] != n_in || info.ne[1] != n_out || info.ne[2] != 1 || info.ne[3] != 1) {
+        return shape_error(name, &info, n_in, n_out);
+    }
+    const kvs_type_layout_info *layout = kvs_type_layout_find(info.type);
+    if (!layout || !kvs_type_kernels_find(info.type)) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "tensor '%s' has unsupported type %d", name, (int)info.type);
+    }
+    out->data = info.data;
+    out->type = info.type;
+    memcpy(out->ne, info.ne, sizeof out->ne);
+    out->row_bytes = n_in / layout->block_elems * layout->block_bytes;
+    return KVS_OK;
+}
+
+/* Dequantize a small 1-D tensor (norm weights, biases) into an owned f32 copy. */
+static kvs_status bind_vector(kvs_model *m, const char *name, int64_t n, int required, const float **out) {
+    kvs_gguf_tensor_info info;
+    *out = NULL;
+    if (find_tensor(m, name, &info) < 0) {
+        return required ? kvs_fail(KVS_ERR_FORMAT, "required tensor '%s' is missing", name) : KVS_OK;
+    }
+    if (info.ne[0] != n || info.ne[1] != 1 || info.ne[2] != 1 || info.ne[3] != 1) {
+        return shape_error(name, &info, n, 1);
+    }
+    const kvs_type_kernels *kernels = kvs_type_kernels_find(info.type);
+    if (!kernels) return kvs_fail(KVS_ERR_UNSUPPORTED, "tensor '%s' has unsupported type %d", name, (int)info.type);
+    float **owned = realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *owned);
+    if (!owned) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate tensor table");
+    m->owned = owned;
+    float *copy = malloc((size_t)n * sizeof *copy);
+    if (!copy) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %lld floats for '%s'", (long long)n, name);
+    m->owned[m->n_owned++] = copy;
+    kernels->dequantize(info.data, copy, n);
+    *out = copy;
+    return KVS_OK;
+}
+
+static kvs_status bind_layer(kvs_model *m, int il) {
+    const kvs_hparams *hp = &m->hp;
+    kvs_layer *l = &m->layers[il];
+    int64_t q_dim = (int64_t)hp->n_head * hp->head_dim, kv_dim = (int64_t)hp->n_head_kv * hp->head_dim;
+    int bias = m->arch == KVS_ARCH_QWEN2;
+    char name[96];
+    kvs_status st;
+#define NAME(suffix) (snprintf(name, sizeof name, "blk.%d.%s", il, suffix), name)
+    if ((st = bind_vector(m, NAME("attn_norm.weight"), hp->n_embd, 1, &l->attn_norm))) return st;
+    if ((st = bind_matrix(m, NAME("attn_q.weight"), hp->n_embd, q_dim, 1, &l->wq))) return st;
+    if ((st = bind_matrix(m, NAME("attn_k.weight"), hp->n_embd, kv_dim, 1, &l->wk))) return st;
+    if ((st = bind_matrix(m, NAME("attn_v.weight"), hp->n_embd, kv_dim, 1, &l->wv))) return st;
+    if ((st = bind_matrix(m, NAME("attn_output.weight"), q_dim, hp->n_embd, 1, &l->wo))) return st;
+    if ((st = bind_vector(m, NAME("attn_q.bias"), q_dim, bias, &l->bq))) return st;
+    if ((st = bind_vector(m, NAME("attn_k.bias"), kv_dim, bias, &l->bk))) return st;
+    if ((st = bind_vector(m, NAME("attn_v.bias"), kv_dim, bias, &l->bv))) return st;
+    if ((st = bind_vector(m, NAME("ffn_norm.weight"), hp->n_embd, 1, &l->ffn_norm))) return st;
+    if ((st = bind_matrix(m, NAME("ffn_gate.weight"), hp->n_embd, hp->n_ff, 1, &l->w_gate))) return st;
+    if ((st = bind_matrix(m, NAME("ffn_up.weight"), hp->n_embd, hp->n_ff, 1, &l->w_up))) return st;
+    if ((st = bind_matrix(m, NAME("ffn_down.weight"), hp->n_ff, hp->n_embd, 1, &l->w_down))) return st;
+#undef NAME
+    return KVS_OK;
+}
+
+static kvs_status bind_weights(kvs_model *m) {
+    kvs_hparams *hp = &m->hp;
+    kvs_gguf_tensor_info info;
+    kvs_status st;
+    if (find_tensor(m, "token_embd.weight", &info) < 0) {
+        return kvs_fail(KVS_ERR_FORMAT, "required tensor 'token_embd.weight' is missing");
+    }
+    if (info.ne[1] < 1 || info.ne[1] > INT32_MAX) return kvs_fail(KVS_ERR_FORMAT, "token_embd.weight has a bad vocabulary size");
+    hp->n_vocab = (int32_t)info.ne[1];
+    if ((st = bind_matrix(m, "token_embd.weight", hp->n_embd, hp->n_vocab, 1, &m->tok_embd))) return st;
+    if ((st = bind_vector(m, "output_norm.weight", hp->n_embd, 1, &m->output_norm))) return st;
+    if ((st = bind_matrix(m, "output.weight", hp->n_embd, hp->n_vocab, 0, &m->output))) return st;
+    if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
+    if ((st = bind_vector(m, "rope_freqs.weight", hp->n_rot / 2, 0, &m->rope_freqs))) return st;
+    m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
+    if (!m->layers) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %d layers", hp->n_layer);
+    for (int il = 0; il < hp->n_layer; il++) {
+        if ((st = bind_layer(m, il)) != KVS_OK) return st;
+    }
+    return KVS_OK;
+}
+
+/* ---- public API --------------------------------------------------------- */
+
+kvs_model_params kvs_model_default_params(void) {
+    kvs_model_params params = {0};
+    return params;
+}
+
+kvs_status kvs_model_load(const char *path, const kvs_model_params *params, kvs_model **out) {
+    if (!out) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "out must not be NULL");
+    *out = NULL;
+    if (!path) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "path must not be NULL");
+    kvs_model *m = calloc(1, sizeof *m);
+    if (!m) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate a model");
+    kvs_status st = kvs_gguf_open(path, &m->gguf);
+    if (st == KVS_OK) st = read_arch(m);
+    if (st == KVS_OK) st = read_hparams(m);
+    if (st == KVS_OK) st = bind_weights(m);
+    if (st != KVS_OK) {
+        kvs_model_free(m);
+        return st;
+    }
+    *out = m;
+    return KVS_OK;
+}
+
+void kvs_model_free(kvs_model *model) {
+    if (!model) return;
+    for (int32_t i = 0; i < model->n_owned; i++) free(model->owned[i]);
+    free(model->owned);
+    free(model->layers);
+    kvs_gguf_free(model->gguf);
+    free(model);
+}
+
+const kvs_gguf *kvs_model_gguf(const kvs_model *model) { return model ? model->gguf : NULL; }
+int32_t kvs_model_n_vocab(const kvs_model *model) { return model ? model->hp.n_vocab : 0; }
+int32_t kvs_model_n_ctx_train(const kvs_model *model) { return model ? model->hp.n_ctx_train : 0; }
+int32_t kvs_model_n_embd(const kvs_model *model) { return model ? model->hp.n_embd : 0; }
+int32_t kvs_model_n_layer(const kvs_model *model) { return model ? model->hp.n_layer : 0; }

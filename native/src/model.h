@@ -1,0 +1,64 @@
+/* model.h - private: hyper-parameters and weights of a loaded model. */
+#ifndef KVS_MODEL_H
+#define KVS_MODEL_H
+
+#include <stdint.h>
+
+#include "kvsink.h"
+
+typedef enum kvs_arch {
+    KVS_ARCH_LLAMA = 0, /* SmolLM2, Llama 2/3, Mistral conventions */
+    KVS_ARCH_QWEN2 = 1  /* q/k/v biases, NeoX-style RoPE           */
+} kvs_arch;
+
+typedef struct kvs_hparams {
+    int32_t n_vocab;
+    int32_t n_ctx_train;
+    int32_t n_embd;
+    int32_t n_layer;
+    int32_t n_head;
+    int32_t n_head_kv;      /* grouped-query attention: n_head / n_head_kv queries share a KV head */
+    int32_t head_dim;
+    int32_t n_ff;
+    int32_t n_rot;          /* rotated dimensions per head (<= head_dim) */
+    int32_t rope_neox;      /* 1: rotate (i, i + n_rot/2); 0: rotate (2i, 2i+1) */
+    float rms_eps;
+    float rope_freq_base;
+    float rope_freq_scale; /* 1 / linear scaling factor */
+} kvs_hparams;
+
+/* A weight tensor used in place from the file mapping. */
+typedef struct kvs_tensor {
+    const void *data;
+    int32_t type;           /* kvs_type */
+    int64_t ne[4];          /* ne[0] is the row length (input features) */
+    int64_t row_bytes;
+} kvs_tensor;
+
+typedef struct kvs_layer {
+    const float *attn_norm;   /* [n_embd] */
+    kvs_tensor wq;            /* [n_embd] -> [n_head * head_dim]    */
+    kvs_tensor wk;            /* [n_embd] -> [n_head_kv * head_dim] */
+    kvs_tensor wv;            /* [n_embd] -> [n_head_kv * head_dim] */
+    kvs_tensor wo;            /* [n_head * head_dim] -> [n_embd]    */
+    const float *bq, *bk, *bv;/* qwen2 biases, NULL when absent      */
+    const float *ffn_norm;    /* [n_embd] */
+    kvs_tensor w_gate;        /* [n_embd] -> [n_ff] */
+    kvs_tensor w_up;          /* [n_embd] -> [n_ff] */
+    kvs_tensor w_down;        /* [n_ff] -> [n_embd] */
+} kvs_layer;
+
+struct kvs_model {
+    kvs_gguf *gguf;
+    kvs_arch arch;
+    kvs_hparams hp;
+    kvs_tensor tok_embd;      /* [n_embd] x n_vocab rows               */
+    const float *output_norm; /* [n_embd]                              */
+    kvs_tensor output;        /* [n_embd] -> [n_vocab]; tok_embd when tied */
+    const float *rope_freqs;  /* [n_rot/2] Llama 3.1 frequency factors, or NULL */
+    kvs_layer *layers;        /* [n_layer] */
+    float **owned;            /* f32 copies of small vectors (norms, biases) */
+    int32_t n_owned;
+};
+
+#endif

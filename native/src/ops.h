@@ -1,0 +1,35 @@
+/* ops.h - private: CPU operations of the forward pass (threaded matrix
+ * products, RMSNorm, RoPE, SwiGLU). */
+#ifndef KVS_OPS_H
+#define KVS_OPS_H
+
+#include <stdint.h>
+
+#include "formats.h"
+#include "model.h"
+#include "threadpool.h"
+
+/* What every op needs from the context: threads, kernels, per-thread scratch. */
+typedef struct kvs_cpu {
+    kvs_threadpool *pool;
+    int32_t impl;          /* kvs_impl resolved: SCALAR or AVX2 */
+    float *row_scratch;    /* n_threads x row_scratch_len floats */
+    int64_t row_scratch_len;
+} kvs_cpu;
+
+/* y[t, r] = dot(row r of w, x[t]) for n_tokens rows of x (w->ne[0] floats each). */
+void kvs_matmul(kvs_cpu *cpu, const kvs_tensor *w, const float *x, int64_t n_tokens, float *y);
+
+/* out = x / rms(x) * weight, for one row of n. */
+void kvs_rmsnorm(const float *x, const float *weight, int64_t n, float eps, float *out);
+
+/* Rotate n_heads heads of head_dim floats in place for position pos. */
+void kvs_rope(float *x, int32_t n_heads, const kvs_hparams *hp, const float *freq_factors, int32_t pos);
+
+/* gate = silu(gate) * up, elementwise (SwiGLU). */
+void kvs_swiglu(float *gate, const float *up, int64_t n);
+
+/* y += b (n floats), no-op when b is NULL. */
+void kvs_add_bias(float *y, const float *b, int64_t n);
+
+#endif

@@ -1,0 +1,99 @@
+"""A plain numpy forward pass of llama-family models: the independent oracle.
+
+Weights come from the `gguf` package (GGUFReader + gguf.quants.dequantize),
+activations are float64, the KV cache is exact. Nothing here uses kvsink_cpp.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+
+def _field(reader: GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+class NumpyLlama:
+    def __init__(self, path):
+        reader = GGUFReader(path)
+        self.arch = _field(reader, "general.architecture")
+        a = self.arch
+        self.n_embd = _field(reader, f"{a}.embedding_length")
+        self.n_layer = _field(reader, f"{a}.block_count")
+        self.n_head = _field(reader, f"{a}.attention.head_count")
+        self.n_head_kv = _field(reader, f"{a}.attention.head_count_kv", self.n_head)
+        self.head_dim = _field(reader, f"{a}.attention.key_length", self.n_embd // self.n_head)
+        self.n_rot = _field(reader, f"{a}.rope.dimension_count", self.head_dim)
+        self.eps = _field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+        self.freq_base = _field(reader, f"{a}.rope.freq_base", 10000.0)
+        scaling = _field(reader, f"{a}.rope.scaling.type", "none")
+        factor = _field(reader, f"{a}.rope.scaling.factor", 1.0)
+        self.freq_scale = 1.0 / factor if scaling == "linear" else 1.0
+        self.neox = self.arch == "qwen2"
+        self.w = {}
+        for t in reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape))  # numpy order: outer first
+            self.w[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        self.output = self.w.get("output.weight", self.w["token_embd.weight"])
+
+    def _rmsnorm(self, x, weight):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * weight
+
+    def _rope(self, x, positions):
+        """x: (n_tokens, n_heads, head_dim); rotates the first n_rot dims."""
+        half = self.n_rot // 2
+        freqs = self.freq_base ** (-2.0 * np.arange(half) / self.n_rot)
+        if "rope_freqs.weight" in self.w:
+            freqs = freqs / self.w["rope_freqs.weight"].astype(np.float64)
+        theta = np.outer(positions * self.freq_scale, freqs)[:, None, :]  # (n, 1, half)
+        cos, sin = np.cos(theta), np.sin(theta)
+        x = x.copy()
+        if self.neox:
+            a, b = x[..., :half].copy(), x[..., half:self.n_rot].copy()
+            x[..., :half], x[..., half:self.n_rot] = a * cos - b * sin, a * sin + b * cos
+        else:
+            a, b = x[..., 0:self.n_rot:2].copy(), x[..., 1:self.n_rot:2].copy()
+            x[..., 0:self.n_rot:2], x[..., 1:self.n_rot:2] = a * cos - b * sin, a * sin + b * cos
+        return x
+
+    def _linear(self, x, name):
+        y = x @ self.w[name].astype(np.float64).T
+        bias = name.replace(".weight", ".bias")
+        return y + self.w[bias] if bias in self.w else y
+
+    def forward(self, tokens, kv_dtype=None):
+        """Logits (n_tokens, n_vocab) for a sequence starting at position 0.
+
+        kv_dtype=np.float16 rounds the cached K (after RoPE) and V as an f16 cache does.
+        """
+        tokens = np.asarray(tokens)
+        n = len(tokens)
+        pos = np.arange(n, dtype=np.float64)
+        x = self.w["token_embd.weight"][tokens].astype(np.float64)
+        mask = np.triu(np.full((n, n), -np.inf), k=1)
+        group = self.n_head // self.n_head_kv
+        for il in range(self.n_layer):
+            p = f"blk.{il}."
+            h = self._rmsnorm(x, self.w[p + "attn_norm.weight"])
+            q = self._linear(h, p + "attn_q.weight").reshape(n, self.n_head, self.head_dim)
+            k = self._linear(h, p + "attn_k.weight").reshape(n, self.n_head_kv, self.head_dim)
+            v = self._linear(h, p + "attn_v.weight").reshape(n, self.n_head_kv, self.head_dim)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            if kv_dtype is not None:
+                k, v = k.astype(kv_dtype).astype(np.float64), v.astype(kv_dtype).astype(np.float64)
+            k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+            scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(self.head_dim) + mask
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            scores /= scores.sum(axis=-1, keepdims=True)
+            att = np.einsum("hqk,khd->qhd", scores, v).reshape(n, -1)
+            x = x + self._linear(att, p + "attn_output.weight")
+            h = self._rmsnorm(x, self.w[p + "ffn_norm.weight"])
+            gate = self._linear(h, p + "ffn_gate.weight")
+            up = self._linear(h, p + "ffn_up.weight")
+            with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0, as it should
+                silu = gate / (1.0 + np.exp(-gate))
+            x = x + self._linear(silu * up, p + "ffn_down.weight")
+        x = self._rmsnorm(x, self.w["output_norm.weight"])
+        return x @ self.output.astype(np.float64).T
