@@ -167,11 +167,26 @@ def _library_names() -> list[str]:
 
 
 def _candidate_paths() -> list[str]:
+    """KVSINK_LIBRARY alone when set; else this package's folder, then the
+    installed distribution (when Python imports a source checkout), then a
+    CMake build folder of the checkout."""
     override = os.environ.get("KVSINK_LIBRARY")
     if override:
         return [override]
     here = Path(__file__).resolve().parent
-    return [str(here / name) for name in _library_names()]
+    paths = [here / name for name in _library_names()]
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+        dist = distribution("kvsink_cpp")
+        paths += [Path(dist.locate_file(f"kvsink_cpp/{name}")) for name in _library_names()]
+    except (ImportError, PackageNotFoundError):
+        pass
+    paths += [here.parent / "build" / name for name in _library_names()]
+    unique = []
+    for p in paths:
+        if str(p) not in unique:
+            unique.append(str(p))
+    return unique
 
 
 def _load():

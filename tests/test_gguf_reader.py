@@ -24,13 +24,15 @@ def _cases():
     vocab = sorted(VOCAB_DIR.glob("*.gguf")) if VOCAB_DIR.is_dir() else []
     if not vocab:
         yield pytest.param(None, marks=pytest.mark.skip(
-            reason=f"no vocab GGUF files in {VOCAB_DIR} (shared data not present)"), id="vocab")
+            reason=f"no vocab GGUF files in {VOCAB_DIR} (../shared is not checked out)"),
+            id="vocab")
+    # GGUFReader (the oracle) takes 1-16 s on these 100k-token vocabularies
     for path in vocab:
-        yield pytest.param(path, id=path.name)
+        yield pytest.param(path, marks=pytest.mark.slow, id=path.name)
     yield pytest.param(TINY_MODEL, marks=pytest.mark.skipif(
         not TINY_MODEL.is_file(), reason=f"{TINY_MODEL} not present"), id=TINY_MODEL.name)
-    yield pytest.param(SMOLLM2, marks=pytest.mark.skipif(
-        not SMOLLM2.is_file(), reason="SmolLM2 not pulled; run python -m kvsink_cpp pull"),
+    yield pytest.param(SMOLLM2, marks=[pytest.mark.model, pytest.mark.skipif(
+        not SMOLLM2.is_file(), reason="SmolLM2 not pulled; run python -m kvsink_cpp pull")],
         id=SMOLLM2.name)
 
 
@@ -45,34 +47,25 @@ def _expected_types(field) -> tuple[int, int]:
     return types[0], types[1] if len(types) > 1 else -1
 
 
-@pytest.fixture(scope="module")
-def opened():
-    """Both readers per file, opened once for all the checks on it."""
-    cache = {}
-
-    def get(path):
-        if path not in cache:
-            cache.clear()  # keep one pair of mappings alive at a time
-            cache[path] = (gguf.GGUFReader(path), GGUFFile(path))
-        return cache[path]
-
-    yield get
-    for _, ours in cache.values():
-        ours.close()
+@pytest.fixture(scope="module", params=CASES)
+def pair(request):
+    """(path, reference reader, our reader), opened once per file for all the checks."""
+    path = request.param
+    ours = GGUFFile(path)
+    yield path, gguf.GGUFReader(path), ours
+    ours.close()
 
 
-@pytest.mark.parametrize("path", CASES)
-def test_header(opened, path):
-    ref, ours = opened(path)
+def test_header(pair):
+    path, ref, ours = pair
     assert ours.version == int(ref.fields["GGUF.version"].contents())
     assert ours.alignment == ref.alignment
     assert ours.data_offset == ref.data_offset
     assert ours.file_size == path.stat().st_size
 
 
-@pytest.mark.parametrize("path", CASES)
-def test_metadata(opened, path):
-    ref, ours = opened(path)
+def test_metadata(pair):
+    path, ref, ours = pair
     fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
     meta, types = ours.metadata, ours.metadata_types
     assert list(meta) == list(fields)  # same keys in file order
@@ -92,9 +85,8 @@ def test_metadata(opened, path):
             assert got == expected, key
 
 
-@pytest.mark.parametrize("path", CASES)
-def test_tensors(opened, path):
-    ref, ours = opened(path)
+def test_tensors(pair):
+    path, ref, ours = pair
     tensors = ours.tensors
     assert len(tensors) == len(ref.tensors)
     for i, (mine, theirs) in enumerate(zip(tensors, ref.tensors)):
@@ -107,9 +99,8 @@ def test_tensors(opened, path):
         assert ours.tensor_bytes(i) == theirs.data.tobytes(), mine.name
 
 
-@pytest.mark.parametrize("path", CASES)
-def test_read_metadata_from_handle(opened, path):
-    _, ours = opened(path)
+def test_read_metadata_from_handle(pair):
+    _, _, ours = pair
     assert read_metadata(ours.handle) == ours.metadata
 
 
