@@ -301,18 +301,21 @@ static kvs_status parse_header(cursor *c, kvs_gguf *g, uint64_t *n_tensors, uint
     uint64_t rem = remaining(c);
     if (*n_kv > rem / MIN_KV_BYTES) {
         return kvs_fail(KVS_ERR_FORMAT,
-                        "metadata count %llu is impossible: only %llu bytes follow the header",
+                        "metadata count %llu is impossible: only %llu bytes follow the header "
+                        "(truncated or corrupt file)",
                         (ull)*n_kv, (ull)rem);
     }
     if (*n_tensors > rem / MIN_TENSOR_BYTES) {
         return kvs_fail(KVS_ERR_FORMAT,
-                        "tensor count %llu is impossible: only %llu bytes follow the header",
+                        "tensor count %llu is impossible: only %llu bytes follow the header "
+                        "(truncated or corrupt file)",
                         (ull)*n_tensors, (ull)rem);
     }
     if (*n_kv * MIN_KV_BYTES > rem - *n_tensors * MIN_TENSOR_BYTES) {
         return kvs_fail(KVS_ERR_FORMAT,
                         "metadata count %llu and tensor count %llu are impossible: only %llu "
-                        "bytes follow the header", (ull)*n_kv, (ull)*n_tensors, (ull)rem);
+                        "bytes follow the header (truncated or corrupt file)",
+                        (ull)*n_kv, (ull)*n_tensors, (ull)rem);
     }
     return KVS_OK;
 }
