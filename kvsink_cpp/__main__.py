@@ -14,21 +14,28 @@ def _cmd_pull(args) -> int:
     return 0
 
 
+def _model_or_default(path):
+    """The given model, or the default one (pulled on first use)."""
+    if path:
+        return path
+    from .models import find_default_model, pull_default_model
+    return str(find_default_model() or pull_default_model())
+
+
 def _cmd_info(args) -> int:
     from .gguf_file import GGUFFile
-    from .models import pull_default_model
-    path = args.model or str(pull_default_model())
+    path = _model_or_default(args.model)
     with GGUFFile(path) as f:
         meta = f.metadata
         arch = meta.get("general.architecture", "?")
-        print(f"file:          {path}")
-        print(f"GGUF version:  {f.version}")
-        print(f"architecture:  {arch}")
-        print(f"name:          {meta.get('general.name', '?')}")
+        print(f"{'file:':<26}{path}")
+        print(f"{'GGUF version:':<26}{f.version}")
+        print(f"{'architecture:':<26}{arch}")
+        print(f"{'name:':<26}{meta.get('general.name', '?')}")
         for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
                     "attention.head_count", "attention.head_count_kv", "rope.freq_base"):
             if f"{arch}.{key}" in meta:
-                print(f"{key + ':':<15}{meta[f'{arch}.{key}']}")
+                print(f"{key + ':':<26}{meta[f'{arch}.{key}']}")
         counts = {}
         n_params = 0
         for t in f.tensors:
@@ -37,13 +44,13 @@ def _cmd_info(args) -> int:
             for d in t.shape:
                 size *= d
             n_params += size
-        print(f"parameters:    {n_params:,}")
-        print("tensor types:  " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+        print(f"{'parameters:':<26}{n_params:,}")
+        print(f"{'tensor types:':<26}" + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
         tokens = meta.get("tokenizer.ggml.tokens")
-        print(f"vocab:         {meta.get('tokenizer.ggml.model', '?')} "
+        print(f"{'vocab:':<26}{meta.get('tokenizer.ggml.model', '?')} "
               f"({len(tokens) if tokens else '?'} tokens, pre-tokenizer "
               f"{meta.get('tokenizer.ggml.pre', 'default')})")
-        print(f"chat template: {'yes' if 'tokenizer.chat_template' in meta else 'no'}")
+        print(f"{'chat template:':<26}{'yes' if 'tokenizer.chat_template' in meta else 'no'}")
     return 0
 
 
