@@ -65,7 +65,7 @@ def test_header(pair):
 
 
 def test_metadata(pair):
-    path, ref, ours = pair
+    _, ref, ours = pair
     fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
     meta, types = ours.metadata, ours.metadata_types
     assert list(meta) == list(fields)  # same keys in file order
@@ -86,7 +86,7 @@ def test_metadata(pair):
 
 
 def test_tensors(pair):
-    path, ref, ours = pair
+    _, ref, ours = pair
     tensors = ours.tensors
     assert len(tensors) == len(ref.tensors)
     for i, (mine, theirs) in enumerate(zip(tensors, ref.tensors)):

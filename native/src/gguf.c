@@ -1,9 +1,9 @@
 /* gguf.c - a GGUF v2/v3 reader over a read-only file mapping.
  *
  * Every count, length, dimension and offset is checked against the file size
- * (with overflow-safe arithmetic) before it is used; allocations grow with what
- * was actually parsed, never with a count read from the file. Arrays of arrays
- * are rejected as unsupported (llama.cpp rejects them too).
+ * (with overflow-safe arithmetic) before it is used; entry tables grow with what
+ * was actually parsed, and no allocation exceeds what the file could hold.
+ * Arrays of arrays are rejected as unsupported.
  */
 #if !defined(_GNU_SOURCE) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L
@@ -192,7 +192,7 @@ static kvs_status grow(void **arr, int64_t *cap, int64_t used, int64_t limit, si
     if (used < *cap) return KVS_OK;
     int64_t n = *cap ? *cap * 2 : 16;
     if (n > limit) n = limit;
-    void *p = realloc(*arr, (size_t)n * elem);
+    void *p = (uint64_t)n > SIZE_MAX / elem ? NULL : realloc(*arr, (size_t)n * elem);
     if (!p) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "out of memory for %lld GGUF entries", (ll)n);
     *arr = p;
     *cap = n;
@@ -239,7 +239,7 @@ static kvs_status index_build(name_index *ix, const kvs_gguf *g, int64_t n, name
                               const char *what) {
     uint64_t cap = 8;
     while (cap < (uint64_t)n * 2) cap *= 2;
-    ix->slots = malloc(cap * sizeof *ix->slots);
+    ix->slots = cap > SIZE_MAX / sizeof *ix->slots ? NULL : malloc(cap * sizeof *ix->slots);
     if (!ix->slots) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "out of memory for the %s index", what);
     memset(ix->slots, 0xff, cap * sizeof *ix->slots); /* all -1 */
     ix->mask = cap - 1;
@@ -526,7 +526,7 @@ static kvs_status check_tensor_data(const kvs_gguf *g) {
         }
         if (g->data_offset > g->size || t->offset > g->size - g->data_offset ||
             t->n_bytes > g->size - g->data_offset - t->offset) {
-            /* data_offset and offset are each below 2^63 here or in the message only */
+            /* the end, saturated, only for the message */
             uint64_t start = g->data_offset + t->offset;
             uint64_t end = start < g->data_offset || t->n_bytes > UINT64_MAX - start
                                ? UINT64_MAX : start + t->n_bytes;
@@ -626,12 +626,18 @@ uint64_t kvs_gguf_file_size(const kvs_gguf *g) { return g ? g->size : 0; }
 int64_t kvs_gguf_n_kv(const kvs_gguf *g) { return g ? g->n_kv : 0; }
 int64_t kvs_gguf_n_tensors(const kvs_gguf *g) { return g ? g->n_tensors : 0; }
 
-kvs_status kvs_gguf_kv(const kvs_gguf *g, int64_t index, kvs_gguf_kv_info *out) {
-    if (!g || !out) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_gguf_kv: NULL argument");
+static kvs_status check_kv_index(const kvs_gguf *g, int64_t index, const void *out) {
+    if (!g || !out) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "metadata lookup: NULL argument");
     if (index < 0 || index >= g->n_kv) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "metadata index %lld out of range (0..%lld)",
                         (ll)index, (ll)g->n_kv - 1);
     }
+    return KVS_OK;
+}
+
+kvs_status kvs_gguf_kv(const kvs_gguf *g, int64_t index, kvs_gguf_kv_info *out) {
+    kvs_status st = check_kv_index(g, index, out);
+    if (st != KVS_OK) return st;
     const gguf_kv *kv = &g->kvs[index];
     out->key = (const char *)g->base + kv->key_off;
     out->key_len = kv->key_len;
@@ -645,13 +651,8 @@ kvs_status kvs_gguf_kv(const kvs_gguf *g, int64_t index, kvs_gguf_kv_info *out) 
 
 kvs_status kvs_gguf_kv_string(const kvs_gguf *g, int64_t index, uint64_t j, const char **str,
                               uint64_t *len) {
-    if (!g || !str || !len) {
-        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_gguf_kv_string: NULL argument");
-    }
-    if (index < 0 || index >= g->n_kv) {
-        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "metadata index %lld out of range (0..%lld)",
-                        (ll)index, (ll)g->n_kv - 1);
-    }
+    kvs_status st = check_kv_index(g, index, str && len ? str : NULL);
+    if (st != KVS_OK) return st;
     const gguf_kv *kv = &g->kvs[index];
     if (kv->type != KVS_GGUF_ARRAY || kv->elem_type != KVS_GGUF_STRING) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "metadata '%.*s' is not an array of strings",
@@ -819,10 +820,14 @@ kvs_status kvs_gguf_get_array(const kvs_gguf *g, const char *key, int32_t elem_t
     const gguf_kv *kv = NULL;
     kvs_status st = require_key(g, key, &kv);
     if (st != KVS_OK) return st;
-    if (kv->type != KVS_GGUF_ARRAY || (elem_type >= 0 && kv->elem_type != elem_type)) {
-        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is a %s of %s, expected an array of %s", key,
-                        kvs_gguf_type_name(kv->type), kvs_gguf_type_name(kv->elem_type),
-                        elem_type >= 0 ? kvs_gguf_type_name(elem_type) : "anything");
+    const char *want = elem_type >= 0 ? kvs_gguf_type_name(elem_type) : "anything";
+    if (kv->type != KVS_GGUF_ARRAY) {
+        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is a %s, expected an array of %s", key,
+                        kvs_gguf_type_name(kv->type), want);
+    }
+    if (elem_type >= 0 && kv->elem_type != elem_type) {
+        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is an array of %s, expected an array of %s",
+                        key, kvs_gguf_type_name(kv->elem_type), want);
     }
     return kvs_gguf_kv(g, kv - g->kvs, out);
 }

@@ -8,102 +8,49 @@
 #include <string.h>
 
 #include "formats.h"
+#include "gguf.h"
 #include "status.h"
 #include "types.h"
 
-/* ---- metadata lookups (find: may be missing; get: required) ------------- */
+/* ---- hyper-parameters --------------------------------------------------- */
 
-static kvs_status find_kv(const kvs_gguf *g, const char *key, kvs_gguf_kv_info *info, int *found) {
-    int64_t index = kvs_gguf_find_key(g, key);
-    *found = index >= 0;
-    if (!*found) return KVS_OK;
-    return kvs_gguf_kv(g, index, info);
-}
-
-/* Read any integer-typed scalar as int64. */
-static kvs_status kv_as_int(const char *key, const kvs_gguf_kv_info *info, int64_t *out) {
-    const unsigned char *p = info->data;
-    switch (info->type) {
-    case KVS_GGUF_UINT8: *out = *(const uint8_t *)p; return KVS_OK;
-    case KVS_GGUF_INT8: *out = *(const int8_t *)p; return KVS_OK;
-    case KVS_GGUF_UINT16: { uint16_t v; memcpy(&v, p, 2); *out = v; return KVS_OK; }
-    case KVS_GGUF_INT16: { int16_t v; memcpy(&v, p, 2); *out = v; return KVS_OK; }
-    case KVS_GGUF_UINT32: { uint32_t v; memcpy(&v, p, 4); *out = v; return KVS_OK; }
-    case KVS_GGUF_INT32: { int32_t v; memcpy(&v, p, 4); *out = v; return KVS_OK; }
-    case KVS_GGUF_UINT64: {
-        uint64_t v; memcpy(&v, p, 8);
-        if (v > INT64_MAX) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is too large", key);
-        *out = (int64_t)v; return KVS_OK;
-    }
-    case KVS_GGUF_INT64: { int64_t v; memcpy(&v, p, 8); *out = v; return KVS_OK; }
-    default:
-        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' has type %d, expected an integer", key,
-                        (int)info->type);
-    }
-}
-
-static kvs_status kv_as_float(const char *key, const kvs_gguf_kv_info *info, double *out) {
-    if (info->type == KVS_GGUF_FLOAT32) { float v; memcpy(&v, info->data, 4); *out = v; return KVS_OK; }
-    if (info->type == KVS_GGUF_FLOAT64) { double v; memcpy(&v, info->data, 8); *out = v; return KVS_OK; }
-    int64_t i;
-    kvs_status st = kv_as_int(key, info, &i);
-    if (st != KVS_OK) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' has type %d, expected a number", key, (int)info->type);
-    *out = (double)i;
-    return KVS_OK;
-}
-
-/* An integer in [lo, hi]; `def` when the key is absent and not required. */
-static kvs_status get_int(const kvs_gguf *g, const char *key, int required, int64_t def,
-                          int64_t lo, int64_t hi, int32_t *out) {
-    kvs_gguf_kv_info info;
-    int found;
-    kvs_status st = find_kv(g, key, &info, &found);
+/* An integer key in [lo, hi]: required when def < 0, else def when absent. */
+static kvs_status read_int(const kvs_gguf *g, const char *key, int64_t def, int64_t lo, int64_t hi,
+                           int32_t *out) {
+    uint32_t v;
+    kvs_status st = def < 0 ? kvs_gguf_get_u32(g, key, &v) : kvs_gguf_find_u32(g, key, (uint32_t)def, &v);
     if (st != KVS_OK) return st;
-    int64_t v = def;
-    if (found) {
-        if ((st = kv_as_int(key, &info, &v)) != KVS_OK) return st;
-    } else if (required) {
-        return kvs_fail(KVS_ERR_FORMAT, "required metadata key '%s' is missing", key);
-    }
     if (v < lo || v > hi) {
-        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' = %lld is outside [%lld, %lld]", key,
-                        (long long)v, (long long)lo, (long long)hi);
+        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' = %u is outside [%lld, %lld]", key, v,
+                        (long long)lo, (long long)hi);
     }
     *out = (int32_t)v;
     return KVS_OK;
 }
 
-static kvs_status get_float(const kvs_gguf *g, const char *key, double def, float *out) {
-    kvs_gguf_kv_info info;
-    int found;
-    kvs_status st = find_kv(g, key, &info, &found);
-    if (st != KVS_OK) return st;
-    double v = def;
-    if (found && (st = kv_as_float(key, &info, &v)) != KVS_OK) return st;
-    if (!isfinite(v)) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is not finite", key);
-    *out = (float)v;
-    return KVS_OK;
+static kvs_status read_float(const kvs_gguf *g, const char *key, float def, float *out) {
+    kvs_status st = kvs_gguf_find_f32(g, key, def, out);
+    if (st == KVS_OK && !isfinite(*out)) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is not finite", key);
+    return st;
 }
 
-/* Copy a string value into buf ("" when absent). */
-static kvs_status get_string(const kvs_gguf *g, const char *key, char *buf, size_t size) {
-    kvs_gguf_kv_info info;
-    int found;
+/* Copy a string value into buf ("" when the key is absent). */
+static kvs_status read_string(const kvs_gguf *g, const char *key, char *buf, size_t size) {
+    const char *str;
+    uint64_t len;
     buf[0] = '\0';
-    kvs_status st = find_kv(g, key, &info, &found);
-    if (st != KVS_OK || !found) return st;
-    if (info.type != KVS_GGUF_STRING) return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' is not a string", key);
-    size_t n = info.count < size - 1 ? (size_t)info.count : size - 1;
-    memcpy(buf, info.data, n);
+    if (kvs_gguf_find_key(g, key) < 0) return KVS_OK;
+    kvs_status st = kvs_gguf_get_string(g, key, &str, &len);
+    if (st != KVS_OK) return st;
+    size_t n = len < size - 1 ? (size_t)len : size - 1;
+    memcpy(buf, str, n);
     buf[n] = '\0';
     return KVS_OK;
 }
 
-/* ---- hyper-parameters --------------------------------------------------- */
-
 static kvs_status read_arch(kvs_model *m) {
     char arch[64];
-    kvs_status st = get_string(m->gguf, "general.architecture", arch, sizeof arch);
+    kvs_status st = read_string(m->gguf, "general.architecture", arch, sizeof arch);
     if (st != KVS_OK) return st;
     if (strcmp(arch, "llama") == 0) m->arch = KVS_ARCH_LLAMA;
     else if (strcmp(arch, "qwen2") == 0) m->arch = KVS_ARCH_QWEN2;
@@ -118,11 +65,11 @@ static kvs_status read_rope_scaling(kvs_model *m, const char *arch) {
     char key[128], type[32];
     kvs_hparams *hp = &m->hp;
     float factor = 0.0f;
-    kvs_status st = get_string(m->gguf, ARCH_KEY(key, "rope.scaling.type"), type, sizeof type);
+    kvs_status st = read_string(m->gguf, ARCH_KEY(key, "rope.scaling.type"), type, sizeof type);
     if (st != KVS_OK) return st;
-    if ((st = get_float(m->gguf, ARCH_KEY(key, "rope.scaling.factor"), 0.0, &factor)) != KVS_OK) return st;
+    if ((st = read_float(m->gguf, ARCH_KEY(key, "rope.scaling.factor"), 0.0f, &factor)) != KVS_OK) return st;
     if (factor == 0.0f) {  /* older files: rope.scale_linear */
-        if ((st = get_float(m->gguf, ARCH_KEY(key, "rope.scale_linear"), 0.0, &factor)) != KVS_OK) return st;
+        if ((st = read_float(m->gguf, ARCH_KEY(key, "rope.scale_linear"), 0.0f, &factor)) != KVS_OK) return st;
         if (factor != 0.0f && type[0] == '\0') strcpy(type, "linear");
     }
     hp->rope_freq_scale = 1.0f;
@@ -142,26 +89,26 @@ static kvs_status read_hparams(kvs_model *m) {
     char key[128];
     kvs_status st;
     const int64_t big = 1 << 20;
-    if ((st = get_int(g, ARCH_KEY(key, "context_length"), 1, 0, 1, INT32_MAX, &hp->n_ctx_train))) return st;
-    if ((st = get_int(g, ARCH_KEY(key, "embedding_length"), 1, 0, 1, big, &hp->n_embd))) return st;
-    if ((st = get_int(g, ARCH_KEY(key, "block_count"), 1, 0, 1, 4096, &hp->n_layer))) return st;
-    if ((st = get_int(g, ARCH_KEY(key, "feed_forward_length"), 1, 0, 1, big, &hp->n_ff))) return st;
-    if ((st = get_int(g, ARCH_KEY(key, "attention.head_count"), 1, 0, 1, 4096, &hp->n_head))) return st;
-    if ((st = get_int(g, ARCH_KEY(key, "attention.head_count_kv"), 0, hp->n_head, 1, hp->n_head, &hp->n_head_kv))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "context_length"), -1, 1, INT32_MAX, &hp->n_ctx_train))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "embedding_length"), -1, 1, big, &hp->n_embd))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "block_count"), -1, 1, 4096, &hp->n_layer))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "feed_forward_length"), -1, 1, big, &hp->n_ff))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "attention.head_count"), -1, 1, 4096, &hp->n_head))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "attention.head_count_kv"), hp->n_head, 1, hp->n_head, &hp->n_head_kv))) return st;
     if (hp->n_head % hp->n_head_kv != 0) {
         return kvs_fail(KVS_ERR_FORMAT, "head_count %d is not a multiple of head_count_kv %d", hp->n_head, hp->n_head_kv);
     }
     int32_t key_length, value_length;
-    if ((st = get_int(g, ARCH_KEY(key, "attention.key_length"), 0, hp->n_embd / hp->n_head, 1, big, &key_length))) return st;
-    if ((st = get_int(g, ARCH_KEY(key, "attention.value_length"), 0, key_length, 1, big, &value_length))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "attention.key_length"), hp->n_embd / hp->n_head, 1, big, &key_length))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "attention.value_length"), key_length, 1, big, &value_length))) return st;
     if (key_length != value_length) {
         return kvs_fail(KVS_ERR_UNSUPPORTED, "key_length %d != value_length %d is not supported", key_length, value_length);
     }
     hp->head_dim = key_length;
-    if ((st = get_int(g, ARCH_KEY(key, "rope.dimension_count"), 0, hp->head_dim, 2, hp->head_dim, &hp->n_rot))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "rope.dimension_count"), hp->head_dim, 2, hp->head_dim, &hp->n_rot))) return st;
     if (hp->n_rot % 2 != 0) return kvs_fail(KVS_ERR_FORMAT, "rope.dimension_count %d is odd", hp->n_rot);
-    if ((st = get_float(g, ARCH_KEY(key, "attention.layer_norm_rms_epsilon"), 1e-5, &hp->rms_eps))) return st;
-    if ((st = get_float(g, ARCH_KEY(key, "rope.freq_base"), 10000.0, &hp->rope_freq_base))) return st;
+    if ((st = read_float(g, ARCH_KEY(key, "attention.layer_norm_rms_epsilon"), 1e-5f, &hp->rms_eps))) return st;
+    if ((st = read_float(g, ARCH_KEY(key, "rope.freq_base"), 10000.0f, &hp->rope_freq_base))) return st;
     if (hp->rope_freq_base <= 0.0f) return kvs_fail(KVS_ERR_FORMAT, "rope.freq_base must be positive");
     hp->rope_neox = m->arch == KVS_ARCH_QWEN2;
     return read_rope_scaling(m, arch);

@@ -5,6 +5,7 @@
 #include "threadpool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -123,8 +124,11 @@ void kvs_threadpool_run(kvs_threadpool *pool, kvs_task_fn task, void *arg) {
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mutex);
     task(arg, 0, pool->n_threads);
-    while (atomic_load_explicit(&pool->n_done, memory_order_acquire) < pool->n_threads - 1) {
-        cpu_relax();
+    /* spin first (workers finish within microseconds), then yield so a worker
+     * that was descheduled on a busy machine gets the core back */
+    for (int spins = 0; atomic_load_explicit(&pool->n_done, memory_order_acquire) < pool->n_threads - 1; spins++) {
+        if (spins < SPIN_ITERATIONS) cpu_relax();
+        else sched_yield();
     }
 }
 
