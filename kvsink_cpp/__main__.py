@@ -54,6 +54,55 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _add_runtime_args(p: argparse.ArgumentParser, n_predict_default: int) -> None:
+    """Flags shared by chat and generate, named as llama.cpp's."""
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: half the CPUs)")
+    p.add_argument("-n", "--n-predict", type=int, default=n_predict_default,
+                   help=f"most tokens to generate, -1 = until the context is full (default {n_predict_default})")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling, 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling, 1.0 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling, 0 = off (default 0.05)")
+    p.add_argument("--typical", type=float, default=1.0, help="locally typical sampling, 1.0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1.0 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                typical_p=args.typical, repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def _load(path: str, args):
+    from .llama import Llama
+    return Llama(path, n_ctx=args.ctx_size, n_threads=args.threads, verbose=False,
+                 chat_format=getattr(args, "chat_format", None))
+
+
+def _cmd_chat(args) -> int:
+    from .chat_cli import run_chat
+    path = _model_or_default(args.model)
+    print(f"loading {path}", file=sys.stderr)
+    with _load(path, args) as llm:
+        max_tokens = None if args.n_predict < 0 else args.n_predict
+        return run_chat(llm, args.system, _sampling(args), max_tokens)
+
+
+def _cmd_generate(args) -> int:
+    path = _model_or_default(args.model)
+    with _load(path, args) as llm:
+        max_tokens = None if args.n_predict < 0 else args.n_predict
+        sys.stdout.write(args.prompt)
+        try:
+            for chunk in llm.create_completion(args.prompt, max_tokens=max_tokens, stream=True, **_sampling(args)):
+                sys.stdout.write(chunk["choices"][0]["text"])
+                sys.stdout.flush()
+        finally:
+            sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvsink_cpp",
                                      description="kvsink_cpp: GGUF inference with a KVSink KV cache")
@@ -65,14 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a GGUF model")
     info.add_argument("model", nargs="?", help="GGUF file (default: the default model)")
     info.set_defaults(func=_cmd_info)
+    chat = sub.add_parser("chat", help="chat in the terminal with a model (default: SmolLM2-135M-Instruct)")
+    chat.add_argument("model", nargs="?", help="GGUF file (default: the default model, pulled on first use)")
+    chat.add_argument("-m", "--model", dest="model_flag", help="GGUF file (same as the positional argument)")
+    chat.add_argument("--system", "-sys", default=None, help="system prompt")
+    chat.add_argument("--chat-format", default=None,
+                      help="built-in template (chatml, llama2, llama3, gemma) instead of the model's own")
+    _add_runtime_args(chat, n_predict_default=-1)
+    chat.set_defaults(func=_cmd_chat)
+    gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    gen.add_argument("-m", "--model", help="GGUF file (default: the default model)")
+    gen.add_argument("-p", "--prompt", required=True, help="prompt text")
+    _add_runtime_args(gen, n_predict_default=128)
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "model_flag", None):
+        args.model = args.model_flag
     try:
         return args.func(args)
-    except (KvsinkError, OSError, RuntimeError) as exc:
+    except (KvsinkError, OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

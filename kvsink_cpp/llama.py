@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from collections import deque
-from typing import Deque, List, Optional, Sequence
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ._native import check, ffi, lib
+from . import chat_format
+from .completion import (StopMatcher, chat_chunk, chat_response, completion_chunk,
+                         completion_response, new_id, normalize_stop, now)
 from .errors import ContextFullError
 from .gguf_file import read_metadata
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
 
 
 def format_metadata_value(value) -> str:
@@ -47,6 +54,10 @@ def _kv_type(value, name: str, default: int) -> int:
                      f"{sorted(_KV_TYPES.values())}, got {value!r}")
 
 
+class _Cancelled(Exception):
+    """cancel() was called while a generation evaluated its prompt."""
+
+
 def _default_threads() -> int:
     return max((os.cpu_count() or 2) // 2, 1)
 
@@ -70,9 +81,11 @@ class Llama:
         type_k=None,
         type_v=None,
         impl: str = "auto",
+        chat_format: Optional[str] = None,
     ):
         self._model = None
         self._ctx = None
+        chat_format_name = chat_format
         self.model_path = os.fspath(model_path)
         self.verbose = verbose
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
@@ -114,10 +127,17 @@ class Llama:
         # llama-cpp-python reports metadata values as strings
         self.metadata = {k: format_metadata_value(v) for k, v in self._typed_metadata.items()}
         self.n_tokens = 0
+        self._cancel = threading.Event()
+        self._generating = False  # cancel() interrupts a long prompt only inside a generation
+        self.last_timings: Dict[str, float] = {}
+        self._tokenizer: Optional[Tokenizer] = None
+        self._chat_formatter = None
+        self.chat_format = chat_format_name
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
-        # np.empty commits pages only where rows are written, so n_ctx rows cost
-        # nothing until used.
-        self.scores = np.empty((self._n_ctx, self._n_vocab), dtype=np.single)
+        # as llama-cpp-python: n_ctx rows with logits_all, else n_batch rows reused
+        # as a ring (the last token's logits are at row (n_tokens - 1) % n_batch)
+        rows = self._n_ctx if self.logits_all else self.n_batch
+        self.scores = np.zeros((rows, self._n_vocab), dtype=np.single)
         if verbose:
             arch = self._typed_metadata.get("general.architecture", "?")
             print(f"kvsink_cpp: loaded {self.model_path} ({arch}, n_vocab {self._n_vocab}, "
@@ -154,6 +174,8 @@ class Llama:
         # like llama-cpp-python: drop whatever the cache holds past n_tokens
         check(lib.kvs_context_set_n_past(ctx, self.n_tokens))
         for start in range(0, len(ids), self.n_batch):
+            if self._cancel.is_set() and self._generating:
+                raise _Cancelled()
             self._eval_batch(ctx, ids[start:start + self.n_batch])
 
     def _eval_batch(self, ctx, batch: np.ndarray) -> None:
@@ -161,7 +183,8 @@ class Llama:
         if self.logits_all:
             out = self.scores[n_past:n_past + n]
         else:
-            out = self.scores[n_past + n - 1:n_past + n]
+            row = (n_past + n - 1) % len(self.scores)
+            out = self.scores[row:row + 1]
         check(lib.kvs_context_eval(ctx, ffi.from_buffer("int32_t[]", batch), n, int(self.logits_all),
                                    ffi.from_buffer("float[]", out, require_writable=True)))
         self.input_ids[n_past:n_past + n] = batch
@@ -174,10 +197,244 @@ class Llama:
     @property
     def eval_logits(self) -> Deque[List[float]]:
         if self.logits_all:
-            rows = self.scores[: self.n_tokens]
+            rows = self.scores[: self.n_tokens].tolist()
         else:
-            rows = self.scores[self.n_tokens - 1: self.n_tokens] if self.n_tokens else self.scores[:0]
-        return deque(rows.tolist(), maxlen=self._n_ctx if self.logits_all else 1)
+            rows = [self.last_logits().tolist()] if self.n_tokens else []
+        return deque(rows, maxlen=self._n_ctx if self.logits_all else 1)
+
+    def last_logits(self) -> np.ndarray:
+        """Logits after the last evaluated token (a view into `scores`)."""
+        if self.n_tokens == 0:
+            raise ValueError("no token has been evaluated")
+        return self.scores[(self.n_tokens - 1) % len(self.scores)]
+
+    # ---- text ------------------------------------------------------------
+    @property
+    def tokenizer_(self) -> Tokenizer:
+        """The model's tokenizer, built from its GGUF metadata on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_metadata(self._typed_metadata)
+        return self._tokenizer
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+        """Token ids of text; add_bos=True adds BOS when the model asks for it."""
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        if not isinstance(text, (bytes, bytearray)):
+            raise TypeError(f"text must be bytes, got {type(text).__name__}")
+        return self.tokenizer_.encode(bytes(text), add_bos=None if add_bos else False, special=special)
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
+                   special: bool = False) -> bytes:
+        """Bytes of tokens; with prev_tokens, as a continuation of them (no leading-space strip)."""
+        tok = self.tokenizer_
+        for t in tokens:
+            if not 0 <= int(t) < self._n_vocab:
+                raise ValueError(f"token id {t} is out of range [0, {self._n_vocab})")
+        if prev_tokens:
+            return b"".join(tok.token_bytes(int(t), special=special) for t in tokens)
+        return tok.decode([int(t) for t in tokens], special=special)
+
+    def token_bos(self) -> int:
+        return -1 if self.tokenizer_.bos_id is None else self.tokenizer_.bos_id
+
+    def token_eos(self) -> int:
+        return -1 if self.tokenizer_.eos_id is None else self.tokenizer_.eos_id
+
+    def cancel(self) -> None:
+        """Stop the generation in progress (safe to call from another thread)."""
+        self._cancel.set()
+
+    def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,
+                 repeat_penalty: float = 1.0, reset: bool = True, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, penalty_last_n: int = 64, seed: Optional[int] = None,
+                 logit_bias: Optional[Dict[int, float]] = None) -> Iterator[int]:
+        """Yield sampled tokens forever (the caller stops); the prompt's prefix
+        already in the cache is reused rather than evaluated again."""
+        sampler = Sampler(SamplingParams(
+            temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, penalty_last_n=penalty_last_n,
+            logit_bias=logit_bias, seed=seed))
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token")
+        if reset:
+            tokens = tokens[self._reuse_prefix(tokens):]
+        while True:
+            self.eval(tokens)
+            token = sampler.sample(self.last_logits(), self.input_ids[: self.n_tokens])
+            yield token
+            tokens = [token]
+
+    def _reuse_prefix(self, tokens: List[int]) -> int:
+        """Keep the longest cached prefix of tokens (at least one token is left
+        to evaluate, for its logits); returns how many are kept."""
+        cached = self.input_ids[: self.n_tokens]
+        n = min(len(cached), len(tokens) - 1)
+        keep = 0
+        while keep < n and cached[keep] == tokens[keep]:
+            keep += 1
+        self.n_tokens = keep
+        return keep
+
+    def _check_prompt(self, tokens: List[int]) -> None:
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) >= self._n_ctx:
+            raise ContextFullError(f"the prompt has {len(tokens)} tokens but n_ctx is {self._n_ctx}: "
+                                   f"shorten it or create the Llama with a larger n_ctx")
+
+    def _stream_text(self, prompt_tokens: List[int], max_tokens: Optional[int], stop: List[str],
+                     sampling: dict, stop_token_ids: Sequence[int] = ()) -> Iterator[tuple]:
+        """Yield (text, None) deltas, then ("", finish_reason) once. Counts and
+        times go to self.last_timings."""
+        limit = self._n_ctx - len(prompt_tokens)
+        if max_tokens is not None and max_tokens > 0:
+            limit = min(limit, max_tokens)
+        tok = self.tokenizer_
+        decoder, matcher = StreamDecoder(tok, strip_leading_space=False), StopMatcher(stop)
+        stop_ids = set(stop_token_ids)
+        t0 = time.perf_counter()
+        reused = self._reuse_prefix(prompt_tokens)
+        timings = {"prompt_tokens": len(prompt_tokens) - reused, "generated_tokens": 0,
+                   "prompt_seconds": 0.0, "generation_seconds": 0.0}
+        self.last_timings = timings
+        finish = "length"
+        self._cancel.clear()  # cancel() stops the generation running when it is called
+        self._generating = True
+        tokens = self.generate(prompt_tokens[reused:], reset=False, **sampling)
+        try:
+            for token in tokens:
+                self._time_token(timings, time.perf_counter() - t0)
+                if self._cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if tok.is_eog(token) or token in stop_ids:
+                    finish = "stop"
+                    break
+                timings["generated_tokens"] += 1
+                text, stopped = matcher.push(decoder.push(token))
+                if text:
+                    yield text, None
+                if stopped:
+                    finish = "stop"
+                    break
+                if timings["generated_tokens"] >= limit or self.n_tokens >= self._n_ctx:
+                    break
+        except _Cancelled:
+            finish = "cancelled"
+        finally:
+            tokens.close()
+            self._generating = False
+            self._cancel.clear()
+        if finish != "stop":
+            tail, stopped = matcher.push(decoder.flush())
+            tail += "" if stopped else matcher.flush()
+            if tail:
+                yield tail, None
+        yield "", finish
+
+    @staticmethod
+    def _time_token(timings: dict, elapsed: float) -> None:
+        """The first token closes the prompt phase; later ones the generation phase."""
+        if timings["generated_tokens"] == 0 and timings["prompt_seconds"] == 0.0:
+            timings["prompt_seconds"] = elapsed
+        else:
+            timings["generation_seconds"] = elapsed - timings["prompt_seconds"]
+
+    def _sampling_args(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                       frequency_penalty, presence_penalty, seed, logit_bias) -> dict:
+        bias = None if logit_bias is None else {int(k): float(v) for k, v in logit_bias.items()}
+        return dict(temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                    repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                    presence_penalty=presence_penalty, seed=seed, logit_bias=bias)
+
+    def create_completion(self, prompt: Union[str, List[int]], max_tokens: Optional[int] = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,
+                          typical_p: float = 1.0, stop=None, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                          top_k: int = 40, stream: bool = False, seed: Optional[int] = None,
+                          logit_bias: Optional[Dict[int, float]] = None, echo: bool = False):
+        """Complete a prompt (text or token ids); an OpenAI-style dict, or with
+        stream=True an iterator of chunks. max_tokens None or <= 0: until the
+        context is full."""
+        tokens = (self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+                  if isinstance(prompt, str) else [int(t) for t in prompt])
+        sampling = self._sampling_args(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                                       frequency_penalty, presence_penalty, seed, logit_bias)
+        self._check_prompt(tokens)
+        parts = self._stream_text(tokens, max_tokens, normalize_stop(stop), sampling)
+        cid, created, model = new_id("cmpl"), now(), self.model_path
+        prefix = prompt if echo and isinstance(prompt, str) else ""
+        if stream:
+            return self._completion_chunks(parts, cid, created, model, prefix)
+        text, finish = self._collect(parts)
+        return completion_response(cid, model, created, prefix + text, finish, len(tokens),
+                                   self.last_timings["generated_tokens"])
+
+    __call__ = create_completion
+
+    @staticmethod
+    def _collect(parts) -> tuple:
+        pieces, finish = [], "length"
+        for text, reason in parts:
+            pieces.append(text)
+            finish = reason or finish
+        return "".join(pieces), finish
+
+    @staticmethod
+    def _completion_chunks(parts, cid, created, model, prefix):
+        if prefix:
+            yield completion_chunk(cid, model, created, prefix, None)
+        for text, reason in parts:
+            if text or reason:
+                yield completion_chunk(cid, model, created, text, reason)
+
+    def chat_formatter(self):
+        """The chat template: the GGUF's own, or the built-in named by chat_format."""
+        if self._chat_formatter is None:
+            self._chat_formatter = chat_format.from_metadata(self._typed_metadata, self.chat_format)
+        return self._chat_formatter
+
+    def create_chat_completion(self, messages: List[dict], temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                               typical_p: float = 1.0, stream: bool = False, stop=None,
+                               seed: Optional[int] = None, max_tokens: Optional[int] = None,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               repeat_penalty: float = 1.0,
+                               logit_bias: Optional[Dict[int, float]] = None):
+        """Reply to a conversation rendered with the model's chat template; an
+        OpenAI-style dict, or with stream=True an iterator of chunks."""
+        formatter = self.chat_formatter()
+        prompt = formatter.render(messages, add_generation_prompt=True)
+        tok = self.tokenizer_
+        bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
+        add_bos = tok.add_bos and not (bos_text and prompt.startswith(bos_text))
+        tokens = tok.encode(prompt, add_bos=add_bos, special=True)
+        stops = normalize_stop(stop) + list(formatter.stop_strings)
+        stop_ids = [ids[0] for ids in (tok.encode(s, add_bos=False, special=True) for s in formatter.stop_strings)
+                    if len(ids) == 1]
+        sampling = self._sampling_args(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                                       frequency_penalty, presence_penalty, seed, logit_bias)
+        self._check_prompt(tokens)
+        parts = self._stream_text(tokens, max_tokens, stops, sampling, stop_ids)
+        cid, created, model = new_id("chatcmpl"), now(), self.model_path
+        if stream:
+            return self._chat_chunks(parts, cid, created, model)
+        text, finish = self._collect(parts)
+        return chat_response(cid, model, created, text, finish, len(tokens),
+                             self.last_timings["generated_tokens"])
+
+    @staticmethod
+    def _chat_chunks(parts, cid, created, model):
+        yield chat_chunk(cid, model, created, {"role": "assistant"}, None)
+        for text, reason in parts:
+            if text:
+                yield chat_chunk(cid, model, created, {"content": text}, None)
+            if reason:
+                yield chat_chunk(cid, model, created, {}, reason)
 
     # ---- lifetime --------------------------------------------------------
     def close(self) -> None:

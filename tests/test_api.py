@@ -56,7 +56,7 @@ def test_last_logits_without_logits_all(model_path, llm):
     llm.eval(TOKENS)
     with Llama(str(model_path), n_ctx=64, n_threads=2, verbose=False) as last:
         last.eval(TOKENS)
-        np.testing.assert_array_equal(last.scores[len(TOKENS) - 1], llm.scores[len(TOKENS) - 1])
+        np.testing.assert_array_equal(last.last_logits(), llm.scores[len(TOKENS) - 1])
         assert len(last.eval_logits) == 1
 
 
