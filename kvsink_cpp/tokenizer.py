@@ -4,11 +4,12 @@
     ids = tok.encode("Hello world")          # BOS added when the vocab asks for it
     tok.decode(ids)                          # -> b"Hello world"
 
-Two vocab types, as in llama.cpp's src/llama-vocab.cpp:
+The vocab types of llama.cpp's src/llama-vocab.cpp that language models use:
 - "llama": SentencePiece (SPM) — pieces with scores, '▁' for spaces, byte fallback;
 - "gpt2": byte-level BPE — merges, with a pre-tokenizer (a list of split regexes)
-  chosen by `tokenizer.ggml.pre`.
-Both merge loops run in the Hugging Face `tokenizers` package (Rust); this module
+  chosen by `tokenizer.ggml.pre`;
+- "bert": WordPiece (embedding models).
+The merge loops run in the Hugging Face `tokenizers` package (Rust); this module
 does what llama.cpp does around them: special-token partitioning, the SPM space
 prefix, BOS/EOS, token attributes, end-of-generation tokens and detokenization.
 """
@@ -56,7 +57,7 @@ _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L
           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DEEPSEEK_LLM = [
     r"[\r\n]",
-    # \u escapes: these letters have canonical equivalents that editors silently normalize
+    # \u escapes for the letters that Unicode normalization (NFC) would silently replace
     "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝ\u1f5f-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌ\u1fd0-\u1fd3\u1fd6-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-\u212dℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
     r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
     r"\s+$",
@@ -67,6 +68,7 @@ _DEEPSEEK_CODER = [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-�
 _FALCON = [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"]
 _STARCODER = [r"\p{N}", _GPT2]
 _DEFAULT = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]
+_BLOOM = r" ?[^(\s|.,!?…。，、।۔،)]+"
 
 
 class _PreTokenizer:
@@ -79,22 +81,23 @@ class _PreTokenizer:
         self.ignore_merges = ignore_merges
 
 
+# tokenizer.ggml.pre -> pre-tokenizer, as llama_vocab::impl::load maps the names
 _LLAMA3_PRE = _PreTokenizer([_LLAMA3], add_bos=True, ignore_merges=True)
 _PRE_TOKENIZERS = {
     "default": _PreTokenizer(_DEFAULT),
-    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"], _LLAMA3_PRE),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                     "midm-2.0", "lfm2"], _LLAMA3_PRE),
     **dict.fromkeys(["dbrx", "smaug-bpe"], _PreTokenizer([_LLAMA3])),
     "deepseek-llm": _PreTokenizer(_DEEPSEEK_LLM),
     "deepseek-coder": _PreTokenizer(_DEEPSEEK_CODER),
     "falcon": _PreTokenizer(_FALCON),
     **dict.fromkeys(["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
-                     "minerva-7b"], _PreTokenizer(_STARCODER)),
-    **dict.fromkeys(["gpt-2", "phi-2", "jina-es", "jina-de", "jina-v1-en", "jina-v2-es",
-                     "jina-v2-de", "jina-v2-code", "roberta-bpe", "gigachat", "mpt", "olmo",
-                     "jais", "exaone4"], _PreTokenizer([_GPT2])),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], _PreTokenizer([_QWEN2])),
-    "chatglm-bpe": _PreTokenizer([_LLAMA3]),
-    "glm4": _PreTokenizer([_LLAMA3]),
+                     "minerva-7b", "mellum2"], _PreTokenizer(_STARCODER)),
+    **dict.fromkeys(["gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "a.x-4.0", "mellum",
+                     "mpt", "olmo", "jais", "exaone4", "trillion"], _PreTokenizer([_GPT2])),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "stablelm2", "megrez"],
+                    _PreTokenizer([_QWEN2])),
+    **dict.fromkeys(["poro-chat", "bloom", "gpt3-finnish"], _PreTokenizer([_BLOOM])),
 }
 
 
@@ -140,17 +143,31 @@ def _hf():
 
 # ---- the merge engines -----------------------------------------------------------------
 
-class _SpmEncoder:
+class _HfEncoder:
+    """Runs a Hugging Face tokenizer (model, pre-tokenizer, no added tokens) on raw text."""
+
+    def __init__(self, hf_tokenizer):
+        self._hf = hf_tokenizer
+
+    def encode(self, fragments: Sequence[str]) -> list[list[int]]:
+        # one call per fragment: the batch API would start a thread pool (and warn on fork)
+        return [self._hf.encode(f, add_special_tokens=False).ids for f in fragments]
+
+
+class _SpmEncoder(_HfEncoder):
     """llm_tokenizer_spm: over UTF-8 characters, repeatedly merge the adjacent pair whose
     concatenation is the highest-scoring vocab piece; characters left unknown become
     <0xNN> byte tokens. The loop is HF's BPE with one merge rule per way of splitting each
     piece in two, ranked by the piece's score (the same greedy order)."""
 
-    def __init__(self, tokens: list[str], scores: list[float], token_to_id: dict[str, int]):
+    def __init__(self, tokens: list[str], scores: list[float], token_to_id: dict[str, int],
+                 unk_id: Optional[int]):
         hf = _hf()
+        # <unk> only where a byte has no <0xNN> token (llama.cpp would fail there)
+        unk = tokens[unk_id] if unk_id is not None else None
         model = hf.models.BPE(vocab=token_to_id, merges=self._merges(tokens, scores, token_to_id),
-                              byte_fallback=True)
-        self._hf = hf.Tokenizer(model)  # no normalizer nor pre-tokenizer: one piece per call
+                              byte_fallback=True, unk_token=unk)
+        super().__init__(hf.Tokenizer(model))  # no pre-tokenizer: a fragment is one piece
 
     @staticmethod
     def _merges(tokens, scores, token_to_id) -> list[tuple[str, str]]:
@@ -163,12 +180,8 @@ class _SpmEncoder:
         ranked.sort()  # highest score first; a tie goes to the lower token id
         return [(tokens[i][:cut], tokens[i][cut:]) for _, i, cut in ranked]
 
-    def encode(self, pieces: Sequence[str]) -> list[list[int]]:
-        """Token ids of each piece (already escaped: ' ' -> '▁')."""
-        return [e.ids for e in self._hf.encode_batch_fast(list(pieces), add_special_tokens=False)]
 
-
-class _BpeEncoder:
+class _BpeEncoder(_HfEncoder):
     """llm_tokenizer_bpe: split with the pre-tokenizer's regexes, map bytes to GPT-2's
     alphabet, then merge by rank (HF's BPE; ignore_merges as llama.cpp's flag)."""
 
@@ -181,7 +194,7 @@ class _BpeEncoder:
         splits = [hf.pre_tokenizers.Split(hf.Regex(r), behavior="isolated") for r in pre.regexes]
         byte_level = hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tok.pre_tokenizer = hf.pre_tokenizers.Sequence([*splits, byte_level])
-        self._hf = tok
+        super().__init__(tok)
 
     @staticmethod
     def _merge_pairs(merges: Iterable[str], token_to_id) -> list[tuple[str, str]]:
@@ -197,8 +210,30 @@ class _BpeEncoder:
                 pairs.append((left, right))
         return pairs
 
-    def encode(self, pieces: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._hf.encode_batch_fast(list(pieces), add_special_tokens=False)]
+
+class _WpmEncoder(_HfEncoder):
+    """llm_tokenizer_wpm: BERT's normalizer (lower case, no accents) and punctuation split,
+    then the longest vocab piece at each position. The GGUF marks a word's first piece
+    with '▁' and leaves continuations bare, where HF writes "##" on continuations."""
+
+    def __init__(self, tokens: list[str], unk_id: Optional[int], lowercase: bool, strip_accents: bool):
+        hf = _hf()
+        vocab: dict[str, int] = {}
+        for token_id, piece in enumerate(tokens):
+            vocab.setdefault(self._hf_piece(piece), token_id)
+        unk = tokens[unk_id] if unk_id is not None else "[UNK]"
+        tok = hf.Tokenizer(hf.models.WordPiece(vocab=vocab, unk_token=unk, max_input_chars_per_word=100))
+        tok.normalizer = hf.normalizers.BertNormalizer(lowercase=lowercase, strip_accents=strip_accents)
+        tok.pre_tokenizer = hf.pre_tokenizers.BertPreTokenizer()
+        super().__init__(tok)
+
+    @staticmethod
+    def _hf_piece(piece: str) -> str:
+        if piece.startswith("\u2581"):
+            return piece[1:]
+        if piece.startswith("[") and piece.endswith("]"):
+            return piece  # [CLS], [unused0], ...: never a word piece
+        return "##" + piece
 
 
 # ---- special tokens found by their text, as llama.cpp's load() does --------------------
@@ -209,11 +244,11 @@ _EOT_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofte
 _EOM_TEXTS = ["<|eom_id|>"]
 _FIM_TEXTS = {
     "fim_pre": ["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
-                "▁<PRE>", "<|code_prefix|>"],
+                "▁<PRE>", "<|code_prefix|>", "<|prefix|>"],
     "fim_suf": ["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
-                "▁<SUF>", "<|code_suffix|>"],
+                "▁<SUF>", "<|code_suffix|>", "<|suffix|>"],
     "fim_mid": ["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
-                "▁<MID>", "<|code_middle|>"],
+                "▁<MID>", "<|code_middle|>", "<|middle|>"],
     "fim_pad": ["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"],
     "fim_rep": ["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"],
     "fim_sep": ["<|file_sep|>"],
@@ -229,14 +264,21 @@ _EOG_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
               "<|end_of_text|>", "<end_of_utterance>", "<｜end▁of▁sentence｜>"]
 
 
+# llama.cpp's default (bos, eos, unk, sep, pad) ids per vocab type, before the metadata's
+_DEFAULT_IDS = {"llama": (1, 2, 0, None, None), "gpt2": (11, 11, None, None, None),
+                "bert": (101, None, 100, 102, 0)}
+
+
 class Tokenizer:
     """A GGUF vocabulary: encode text to ids and ids back to bytes, like llama.cpp."""
 
     def __init__(self, metadata: dict):
         self.model: str = metadata.get("tokenizer.ggml.model", "")
-        if self.model not in ("llama", "gpt2"):
-            raise UnsupportedError(f"unsupported tokenizer.ggml.model {self.model!r} "
-                                   "(supported: 'llama' (SentencePiece), 'gpt2' (byte-level BPE))")
+        if self.model not in ("llama", "gpt2", "bert"):
+            raise UnsupportedError(f"unsupported tokenizer.ggml.model {self.model!r} (supported: "
+                                   "'llama' (SentencePiece), 'gpt2' (byte-level BPE), 'bert' (WordPiece))")
+        if "tokenizer.ggml.tokens" not in metadata:
+            raise GGUFFormatError("the GGUF has no vocabulary (tokenizer.ggml.tokens)")
         self._tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
         self.n_vocab = len(self._tokens)
         self._token_to_id = self._index(self._tokens)
@@ -279,8 +321,11 @@ class Tokenizer:
     def _read_flags(self, metadata: dict) -> None:
         """The per-vocab defaults of llama.cpp, then the metadata's overrides."""
         self._pre: Optional[_PreTokenizer] = None
+        self.add_sep = self.model == "bert"  # BERT ends a sequence with [SEP]
         if self.model == "llama":
             self.add_bos, self.add_eos, self.add_space_prefix = True, False, True
+        elif self.model == "bert":
+            self.add_bos, self.add_eos, self.add_space_prefix = True, False, False
         else:
             name = metadata.get("tokenizer.ggml.pre") or "default"
             self._pre = _PRE_TOKENIZERS.get(name)
@@ -291,6 +336,7 @@ class Tokenizer:
                                                   self.add_space_prefix))
         self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", self.add_bos))
         self.add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", self.add_eos))
+        self.add_sep = bool(metadata.get("tokenizer.ggml.add_sep_token", self.add_sep))
 
     def _special_id(self, metadata: dict, keys: Sequence[str], default: Optional[int]) -> Optional[int]:
         if default is not None and not 0 <= default < self.n_vocab:
@@ -302,11 +348,12 @@ class Tokenizer:
         return default
 
     def _read_special_ids(self, metadata: dict) -> None:
-        spm = self.model == "llama"
-        self.bos_id = self._special_id(metadata, ["bos_token_id"], 1 if spm else 11)
-        self.eos_id = self._special_id(metadata, ["eos_token_id"], 2 if spm else 11)
-        self.unk_id = self._special_id(metadata, ["unknown_token_id"], 0 if spm else None)
-        self.pad_id = self._special_id(metadata, ["padding_token_id"], None)
+        bos, eos, unk, sep, pad = _DEFAULT_IDS[self.model]
+        self.bos_id = self._special_id(metadata, ["cls_token_id", "bos_token_id"], bos)
+        self.eos_id = self._special_id(metadata, ["eos_token_id"], eos)
+        self.unk_id = self._special_id(metadata, ["unknown_token_id"], unk)
+        self.sep_id = self._special_id(metadata, ["seperator_token_id", "separator_token_id"], sep)
+        self.pad_id = self._special_id(metadata, ["padding_token_id"], pad)
         self.eot_id = self._special_id(metadata, ["eot_token_id"], None)
         self.eom_id = self._special_id(metadata, ["eom_token_id"], None)
         self._fim = {kind: self._special_id(metadata, keys, None) for kind, keys in _FIM_KEYS.items()}
@@ -363,7 +410,12 @@ class Tokenizer:
     def _build_encoder(self, metadata: dict):
         if self.model == "llama":
             scores = metadata.get("tokenizer.ggml.scores") or [0.0] * self.n_vocab
-            return _SpmEncoder(self._tokens, [float(s) for s in scores], self._token_to_id)
+            return _SpmEncoder(self._tokens, [float(s) for s in scores], self._token_to_id,
+                               self.unk_id)
+        if self.model == "bert":
+            lowercase = bool(metadata.get("tokenizer.ggml.normalizer.lowercase", True))
+            strip_accents = bool(metadata.get("tokenizer.ggml.normalizer.strip_accents", lowercase))
+            return _WpmEncoder(self._tokens, self.unk_id, lowercase, strip_accents)
         merges = metadata.get("tokenizer.ggml.merges")
         if merges is None:
             raise GGUFFormatError("BPE vocabulary without tokenizer.ggml.merges")
@@ -373,9 +425,10 @@ class Tokenizer:
 
     def encode(self, text: Union[str, bytes], add_bos: Optional[bool] = None,
                special: bool = False) -> list[int]:
-        """Token ids of text. add_bos: None = the vocab's default (and EOS when the vocab
-        adds it), False = neither. special: also match control-token texts in the input
-        (user-defined tokens are always matched, as in llama.cpp)."""
+        """Token ids of text. add_bos: None = the vocab's default (and EOS/SEP when the vocab
+        adds them), True = BOS as well, False = none of them. special: also match
+        control-token texts in the input (user-defined tokens are always matched, as in
+        llama.cpp)."""
         if isinstance(text, (bytes, bytearray, memoryview)):
             text = bytes(text).decode("utf-8", "replace")
         ids: list[int] = []
@@ -383,8 +436,9 @@ class Tokenizer:
             if self.bos_id is not None:
                 ids.append(self.bos_id)
         ids += self._encode_fragments(self._partition(text, special))
-        if add_bos is not False and self.add_eos and self.eos_id is not None:
-            ids.append(self.eos_id)
+        if add_bos is not False:
+            ids += [i for i, wanted in ((self.eos_id, self.add_eos), (self.sep_id, self.add_sep))
+                    if wanted and i is not None]
         return ids
 
     def _partition(self, text: str, special: bool) -> list[Union[str, int]]:
@@ -489,7 +543,7 @@ class Tokenizer:
         if attr & (_HIDDEN | TokenAttr.USER_DEFINED):
             return text.encode("utf-8")
         if attr & TokenAttr.NORMAL:
-            if self.model == "llama":
+            if self.model != "gpt2":  # SPM and WordPiece write spaces as '▁'
                 return text.replace("\u2581", " ").encode("utf-8")
             return _byte_level_decode(text)
         if attr & TokenAttr.BYTE:
