@@ -50,7 +50,12 @@ def _cmd_info(args) -> int:
         print(f"{'vocab:':<26}{meta.get('tokenizer.ggml.model', '?')} "
               f"({len(tokens) if tokens else '?'} tokens, pre-tokenizer "
               f"{meta.get('tokenizer.ggml.pre', 'default')})")
-        print(f"{'chat template:':<26}{'yes' if 'tokenizer.chat_template' in meta else 'no'}")
+        print(f"{'chat template:':<26}{'yes' if 'tokenizer.chat_template' in meta else 'no (chatml is used)'}")
+        profile = {k: v for k, v in meta.items() if k.startswith("kvsink.")}
+        if profile:
+            print(f"{'sink profile:':<26}" + ", ".join(f"{k[len('kvsink.'):]}={v}" for k, v in sorted(profile.items())))
+        else:
+            print(f"{'sink profile:':<26}none")
     return 0
 
 

@@ -54,6 +54,34 @@ def _kv_type(value, name: str, default: int) -> int:
                      f"{sorted(_KV_TYPES.values())}, got {value!r}")
 
 
+_LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+
+# llama-cpp-python constructor options that have no effect here (CPU only, as
+# llama.cpp's CPU build ignores n_gpu_layers; the file is always memory-mapped),
+# accepted so that code written for it runs. A value other than None means the
+# only setting we can honour.
+_IGNORED_OPTIONS = {
+    "n_gpu_layers": None, "split_mode": None, "main_gpu": None, "tensor_split": None,
+    "use_mmap": True, "use_mlock": None, "vocab_only": False, "kv_overrides": None,
+    "n_ubatch": None, "n_threads_batch": None, "offload_kqv": None, "flash_attn": None,
+    "last_n_tokens_size": None, "numa": None, "lora_path": None, "lora_base": None,
+    "rpc_servers": None, "op_offload": None, "swa_full": None, "no_perf": None,
+    "embedding": False, "chat_handler": None, "draft_model": None, "tokenizer": None,
+    "spm_infill": None, "rope_scaling_type": None, "pooling_type": None,
+}
+
+
+def _check_llama_cpp_options(options: dict) -> None:
+    """Accept llama-cpp-python's options that change nothing here; refuse the
+    rest by name rather than silently ignoring a setting the caller relies on."""
+    for name, value in options.items():
+        if name not in _IGNORED_OPTIONS:
+            raise TypeError(f"Llama() got an unexpected keyword argument {name!r}")
+        required = _IGNORED_OPTIONS[name]
+        if required is not None and value is not None and value != required:
+            raise ValueError(f"{name}={value!r} is not supported by kvsink_cpp (only {required!r})")
+
+
 class _Cancelled(Exception):
     """cancel() was called while a generation evaluated its prompt."""
 
@@ -82,10 +110,15 @@ class Llama:
         type_v=None,
         impl: str = "auto",
         chat_format: Optional[str] = None,
+        seed: Optional[int] = None,
+        **llama_cpp_options,
     ):
         self._model = None
         self._ctx = None
         chat_format_name = chat_format
+        _check_llama_cpp_options(llama_cpp_options)
+        # llama-cpp-python's seed is the default for sampling calls that give none
+        self.seed = None if seed is None or seed == _LLAMA_DEFAULT_SEED else seed
         self.model_path = os.fspath(model_path)
         self.verbose = verbose
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
@@ -349,7 +382,8 @@ class Llama:
         bias = None if logit_bias is None else {int(k): float(v) for k, v in logit_bias.items()}
         return dict(temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                     repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                    presence_penalty=presence_penalty, seed=seed, logit_bias=bias)
+                    presence_penalty=presence_penalty, seed=self.seed if seed is None else seed,
+                    logit_bias=bias)
 
     def create_completion(self, prompt: Union[str, List[int]], max_tokens: Optional[int] = 16,
                           temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,

@@ -122,6 +122,16 @@ def test_bad_arguments_raise_before_c(model_path):
         Llama(str(model_path), impl="cuda", verbose=False)
 
 
+def test_llama_cpp_python_options_are_accepted_or_refused_by_name(model_path):
+    with Llama(str(model_path), n_ctx=32, n_gpu_layers=-1, use_mmap=True, n_threads_batch=2,
+               seed=7, verbose=False) as llm:
+        assert llm.seed == 7
+    with pytest.raises(TypeError, match="no_such_option"):
+        Llama(str(model_path), no_such_option=1, verbose=False)
+    with pytest.raises(ValueError, match="embedding=True"):
+        Llama(str(model_path), embedding=True, verbose=False)
+
+
 def test_unsupported_architecture(tmp_path):
     path = synthetic.write_model(tmp_path / "gpt2.gguf", "gpt2", LEGACY)
     with pytest.raises(UnsupportedError, match="architecture 'gpt2'"):
