@@ -152,6 +152,15 @@ int32_t kvs_context_n_past(const kvs_context *ctx);
 kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past);
 kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                             int32_t logits_all, float *logits);
+
+typedef struct kvs_eval_trace {
+    float *hidden;
+    float *attn_mass;
+} kvs_eval_trace;
+
+kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                                  int32_t logits_all, float *logits,
+                                  const kvs_eval_trace *trace);
 """
 
 ffi = cffi.FFI()

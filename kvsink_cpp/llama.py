@@ -223,6 +223,35 @@ class Llama:
         self.input_ids[n_past:n_past + n] = batch
         self.n_tokens += n
 
+    def trace(self, tokens: Sequence[int]):
+        """Evaluate tokens from an empty cache, recording for calibration the
+        residual stream after every layer, (n_layer, n, n_embd), and the
+        attention probability each position receives, summed over heads and
+        queries, (n_layer, n)."""
+        ctx = self._require_context()
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        n, n_layer, n_embd = len(ids), lib.kvs_model_n_layer(self._model), self.n_embd()
+        if not 0 < n <= self._n_ctx:
+            raise ValueError(f"trace needs 1..n_ctx ({self._n_ctx}) tokens, got {n}")
+        hidden = np.empty((n_layer, n, n_embd), dtype=np.float32)
+        mass = np.zeros((n_layer, n), dtype=np.float32)
+        self.reset()
+        check(lib.kvs_context_set_n_past(ctx, 0))
+        for start in range(0, n, self.n_batch):
+            batch = ids[start:start + self.n_batch]
+            h = np.empty((n_layer, len(batch), n_embd), dtype=np.float32)
+            m = np.empty((n_layer, start + len(batch)), dtype=np.float32)
+            trace = ffi.new("kvs_eval_trace *", {"hidden": ffi.from_buffer("float[]", h, require_writable=True),
+                                                 "attn_mass": ffi.from_buffer("float[]", m, require_writable=True)})
+            out = self.scores[(start + len(batch) - 1) % len(self.scores):][:1]
+            check(lib.kvs_context_eval_trace(ctx, ffi.from_buffer("int32_t[]", batch), len(batch), 0,
+                                             ffi.from_buffer("float[]", out, require_writable=True), trace))
+            self.input_ids[start:start + len(batch)] = batch
+            self.n_tokens += len(batch)
+            hidden[:, start:start + len(batch)] = h
+            mass[:, : start + len(batch)] += m
+        return hidden, mass
+
     @property
     def eval_tokens(self) -> Deque[int]:
         return deque(self.input_ids[: self.n_tokens].tolist(), maxlen=self._n_ctx)

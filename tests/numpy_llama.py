@@ -63,10 +63,13 @@ class NumpyLlama:
         bias = name.replace(".weight", ".bias")
         return y + self.w[bias] if bias in self.w else y
 
-    def forward(self, tokens, kv_dtype=None):
+    def forward(self, tokens, kv_dtype=None, trace=None):
         """Logits (n_tokens, n_vocab) for a sequence starting at position 0.
 
         kv_dtype=np.float16 rounds the cached K (after RoPE) and V as an f16 cache does.
+        trace (a dict) receives "hidden" (n_layer, n, n_embd), the residual stream
+        after each layer, and "attn_mass" (n_layer, n), the attention probability
+        each position receives summed over heads and queries.
         """
         tokens = np.asarray(tokens)
         n = len(tokens)
@@ -88,6 +91,8 @@ class NumpyLlama:
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             scores /= scores.sum(axis=-1, keepdims=True)
             att = np.einsum("hqk,khd->qhd", scores, v).reshape(n, -1)
+            if trace is not None:
+                trace.setdefault("attn_mass", []).append(scores.sum(axis=(0, 1)))
             x = x + self._linear(att, p + "attn_output.weight")
             h = self._rmsnorm(x, self.w[p + "ffn_norm.weight"])
             gate = self._linear(h, p + "ffn_gate.weight")
@@ -95,5 +100,7 @@ class NumpyLlama:
             with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0, as it should
                 silu = gate / (1.0 + np.exp(-gate))
             x = x + self._linear(silu * up, p + "ffn_down.weight")
+            if trace is not None:
+                trace.setdefault("hidden", []).append(x.copy())
         x = self._rmsnorm(x, self.w["output_norm.weight"])
         return x @ self.output.astype(np.float64).T

@@ -81,6 +81,19 @@ def test_smollm2_scalar_kernels_match_numpy(smollm2_path, smollm2_reference):
     assert_logits_close(run_batched(smollm2_path, tokens[:16], n_threads=2, impl="scalar"), want[:16])
 
 
+@pytest.mark.parametrize("n_batch", [48, 20])
+def test_trace_matches_numpy(tmp_path, n_batch):
+    path = synthetic.write_qwen2_legacy(tmp_path / "model.gguf")
+    tokens = list(np.random.default_rng(3).integers(0, 320, size=48))
+    want = {}
+    NumpyLlama(path).forward(tokens, trace=want)
+    with Llama(str(path), n_ctx=64, n_batch=n_batch, n_threads=2, verbose=False) as llm:
+        hidden, mass = llm.trace(tokens)
+    want_hidden = np.stack(want["hidden"])
+    np.testing.assert_allclose(hidden, want_hidden, rtol=0, atol=1e-4 * np.abs(want_hidden).max())
+    np.testing.assert_allclose(mass, np.stack(want["attn_mass"]), rtol=1e-4, atol=1e-4)
+
+
 def test_tiny_llama_matches_numpy(tiny_llama_path):
     tokens = list(np.random.default_rng(1).integers(0, 32000, size=40))
     want = NumpyLlama(tiny_llama_path).forward(tokens)

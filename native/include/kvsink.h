@@ -211,6 +211,19 @@ KVS_API kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past);
 KVS_API kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                                     int32_t logits_all, float *logits);
 
+/* What kvs_context_eval_trace records for calibration (sink profiles); each
+ * pointer may be NULL. */
+typedef struct kvs_eval_trace {
+    float *hidden;      /* [n_layer][n_tokens][n_embd]: residual stream after each layer   */
+    float *attn_mass;   /* [n_layer][n_past + n_tokens]: attention probability each cached
+                           position receives, summed over heads and the batch's queries     */
+} kvs_eval_trace;
+
+/* kvs_context_eval that also fills a trace (slower; for calibration). */
+KVS_API kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                                          int32_t logits_all, float *logits,
+                                          const kvs_eval_trace *trace);
+
 #ifdef __cplusplus
 }
 #endif

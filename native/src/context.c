@@ -131,9 +131,23 @@ static kvs_status check_tokens(const kvs_context *ctx, const int32_t *tokens, in
 
 kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                             int32_t logits_all, float *logits) {
+    return kvs_context_eval_trace(ctx, tokens, n_tokens, logits_all, logits, NULL);
+}
+
+kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                                  int32_t logits_all, float *logits, const kvs_eval_trace *trace) {
     if (!ctx) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ctx must not be NULL");
     kvs_status st = check_tokens(ctx, tokens, n_tokens);
     if (st != KVS_OK) return st;
+    if (trace && trace->attn_mass) {
+        /* calibration only: decoding never takes this path, so it may allocate */
+        ctx->trace_mass = malloc((size_t)ctx->params.n_threads * (size_t)ctx->params.n_ctx * sizeof(float));
+        if (!ctx->trace_mass) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the attention trace");
+    }
+    ctx->trace = trace;
     kvs_llama_forward(ctx, tokens, n_tokens, logits_all, logits);
+    ctx->trace = NULL;
+    free(ctx->trace_mass);
+    ctx->trace_mass = NULL;
     return KVS_OK;
 }

@@ -23,6 +23,8 @@ struct kvs_context {
     float *hb;      /* [n_batch][n_ff] gate, then SwiGLU  */
     float *hb2;     /* [n_batch][n_ff] up                 */
     float *scores;  /* [n_threads][n_ctx] attention weights */
+    const kvs_eval_trace *trace; /* set only during kvs_context_eval_trace */
+    float *trace_mass;           /* [n_threads][n_ctx] per-thread attention mass, while tracing */
 };
 
 /* The llama-family forward pass over tokens at positions n_past.. (llama.c). */

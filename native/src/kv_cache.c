@@ -106,6 +106,7 @@ void kvs_kv_cache_attend(const kvs_kv_cache *cache, int32_t il, int32_t kv_head,
     const float inv_sum = (float)(1.0 / sum);
     memset(out, 0, (size_t)hd * sizeof *out);
     for (int32_t j = 0; j < n_keys; j++) {
-        axpy(hd, scores[j] * inv_sum, v + (size_t)j * v_stride, out);
+        scores[j] *= inv_sum;
+        axpy(hd, scores[j], v + (size_t)j * v_stride, out);
     }
 }

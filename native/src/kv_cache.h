@@ -24,8 +24,8 @@ int64_t kvs_kv_cache_bytes_per_token(const kvs_kv_cache *cache);
 void kvs_kv_cache_store(kvs_kv_cache *cache, int32_t il, int32_t pos, const float *k, const float *v);
 
 /* out (head_dim floats) = softmax(q . K[0..n_keys) * scale) . V[0..n_keys) for
- * one query head against KV head kv_head of layer il. scores: n_keys floats of
- * scratch. */
+ * one query head against KV head kv_head of layer il. scores (n_keys floats)
+ * receives the attention probabilities. */
 void kvs_kv_cache_attend(const kvs_kv_cache *cache, int32_t il, int32_t kv_head, const float *q,
                          int32_t n_keys, float scale, float *scores, float *out, int32_t impl);
 

@@ -29,6 +29,21 @@ static void attention_task(void *arg, int ith, int nth) {
         const int64_t off = t * q_dim + (int64_t)h * hp->head_dim;
         kvs_kv_cache_attend(ctx->kv, job->il, h / group, ctx->q + off, n_keys, scale, scores,
                             ctx->att + off, ctx->cpu.impl);
+        if (ctx->trace_mass) {
+            float *mass = ctx->trace_mass + (int64_t)ith * ctx->params.n_ctx;
+            for (int32_t j = 0; j < n_keys; j++) mass[j] += scores[j];
+        }
+    }
+}
+
+/* Sum the per-thread attention mass of layer il into the caller's trace. */
+static void collect_attention_mass(kvs_context *ctx, int32_t il, int32_t n_tokens) {
+    const int32_t n_keys = ctx->n_past + n_tokens;
+    float *dst = ctx->trace->attn_mass + (int64_t)il * n_keys;
+    memset(dst, 0, (size_t)n_keys * sizeof *dst);
+    for (int32_t t = 0; t < ctx->params.n_threads; t++) {
+        const float *src = ctx->trace_mass + (int64_t)t * ctx->params.n_ctx;
+        for (int32_t j = 0; j < n_keys; j++) dst[j] += src[j];
     }
 }
 
@@ -64,7 +79,11 @@ static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
         kvs_kv_cache_store(ctx->kv, il, ctx->n_past + t, k, v);
     }
     attention_job job = {ctx, il, n_tokens};
+    if (ctx->trace_mass) {
+        memset(ctx->trace_mass, 0, (size_t)ctx->params.n_threads * (size_t)ctx->params.n_ctx * sizeof(float));
+    }
     kvs_threadpool_run(ctx->cpu.pool, attention_task, &job);
+    if (ctx->trace_mass) collect_attention_mass(ctx, il, n_tokens);
     /* the output projection lands in xb, then joins the residual stream */
     kvs_matmul(&ctx->cpu, &l->wo, ctx->att, n_tokens, ctx->xb);
     for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];
@@ -97,9 +116,14 @@ static void output_logits(kvs_context *ctx, int32_t n_tokens, int32_t logits_all
 void kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                        int32_t logits_all, float *logits) {
     embed_tokens(ctx, tokens, n_tokens);
+    const int64_t n_embd = ctx->model->hp.n_embd;
     for (int32_t il = 0; il < ctx->model->hp.n_layer; il++) {
         attention_block(ctx, il, n_tokens);
         ffn_block(ctx, il, n_tokens);
+        if (ctx->trace && ctx->trace->hidden) {
+            memcpy(ctx->trace->hidden + (int64_t)il * n_tokens * n_embd, ctx->x,
+                   (size_t)n_tokens * (size_t)n_embd * sizeof(float));
+        }
     }
     if (logits) output_logits(ctx, n_tokens, logits_all, logits);
     ctx->n_past += n_tokens;
