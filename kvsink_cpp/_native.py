@@ -29,7 +29,9 @@ typedef enum kvs_status {
 } kvs_status;
 
 const char *kvs_last_error(void);
+
 const char *kvs_status_string(kvs_status status);
+
 int32_t kvs_abi_version(void);
 
 typedef enum kvs_type {
@@ -55,11 +57,15 @@ typedef enum kvs_impl {
 } kvs_impl;
 
 int32_t kvs_cpu_has_avx2(void);
+
 kvs_status kvs_type_layout(int32_t type, int64_t *block_elems, int64_t *block_bytes);
+
 const char *kvs_type_name(int32_t type);
+
 kvs_status kvs_dequantize(int32_t type, const void *src, int64_t n, float *dst);
+
 kvs_status kvs_vec_dot(int32_t type, int32_t impl, const void *row,
-                       const float *x, int64_t n, float *out);
+                               const float *x, int64_t n, float *out);
 
 typedef struct kvs_gguf kvs_gguf;
 
@@ -101,18 +107,24 @@ typedef struct kvs_gguf_tensor_info {
 
 kvs_status kvs_gguf_open(const char *path, kvs_gguf **out);
 void kvs_gguf_free(kvs_gguf *gguf);
+
 uint32_t kvs_gguf_version(const kvs_gguf *gguf);
 uint64_t kvs_gguf_alignment(const kvs_gguf *gguf);
 uint64_t kvs_gguf_data_offset(const kvs_gguf *gguf);
 uint64_t kvs_gguf_file_size(const kvs_gguf *gguf);
 int64_t kvs_gguf_n_kv(const kvs_gguf *gguf);
 int64_t kvs_gguf_n_tensors(const kvs_gguf *gguf);
+
 kvs_status kvs_gguf_kv(const kvs_gguf *gguf, int64_t index, kvs_gguf_kv_info *out);
+
 kvs_status kvs_gguf_kv_string(const kvs_gguf *gguf, int64_t index, uint64_t j,
-                              const char **str, uint64_t *len);
+                                      const char **str, uint64_t *len);
+
 int64_t kvs_gguf_find_key(const kvs_gguf *gguf, const char *key);
+
 kvs_status kvs_gguf_tensor(const kvs_gguf *gguf, int64_t index,
-                           kvs_gguf_tensor_info *out);
+                                   kvs_gguf_tensor_info *out);
+
 int64_t kvs_gguf_find_tensor(const kvs_gguf *gguf, const char *name);
 
 typedef struct kvs_model kvs_model;
@@ -122,16 +134,35 @@ typedef struct kvs_model_params {
 } kvs_model_params;
 
 kvs_model_params kvs_model_default_params(void);
+
 kvs_status kvs_model_load(const char *path, const kvs_model_params *params,
-                          kvs_model **out);
+                                  kvs_model **out);
 void kvs_model_free(kvs_model *model);
+
 const kvs_gguf *kvs_model_gguf(const kvs_model *model);
 int32_t kvs_model_n_vocab(const kvs_model *model);
 int32_t kvs_model_n_ctx_train(const kvs_model *model);
 int32_t kvs_model_n_embd(const kvs_model *model);
 int32_t kvs_model_n_layer(const kvs_model *model);
 
+int32_t kvs_model_has_sink_profile(const kvs_model *model);
+
 typedef struct kvs_context kvs_context;
+
+typedef enum kvs_kv_type {
+    KVS_KV_F32 = 0,
+    KVS_KV_F16 = 1,
+    KVS_KV_Q8 = 2,
+    KVS_KV_Q4 = 3,
+    KVS_KV_Q3 = 4,
+    KVS_KV_Q2 = 5
+} kvs_kv_type;
+
+typedef enum kvs_sink_policy {
+    KVS_SINKS_NONE = 0,
+    KVS_SINKS_PFN = 1,
+    KVS_SINKS_KVSINK = 2
+} kvs_sink_policy;
 
 typedef struct kvs_context_params {
     int32_t n_ctx;
@@ -140,18 +171,37 @@ typedef struct kvs_context_params {
     int32_t impl;
     int32_t type_k;
     int32_t type_v;
+    int32_t kv_block;
+    int32_t kv_recent;
+    int32_t kv_group;
+    int32_t kv_key_per_token;
+    int32_t sink_policy;
+    int32_t sink_pfn;
+    int32_t sink_capacity;
+    int32_t kv_ring;
 } kvs_context_params;
 
 kvs_context_params kvs_context_default_params(void);
 kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params,
-                              kvs_context **out);
+                                      kvs_context **out);
 void kvs_context_free(kvs_context *ctx);
+
 int32_t kvs_context_n_ctx(const kvs_context *ctx);
 int32_t kvs_context_n_batch(const kvs_context *ctx);
+
 int32_t kvs_context_n_past(const kvs_context *ctx);
+
 kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past);
+
+double kvs_context_kv_bytes_per_token(const kvs_context *ctx);
+
+int32_t kvs_context_n_sinks(const kvs_context *ctx);
+int32_t kvs_context_n_evicted(const kvs_context *ctx);
+
+void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *sink_predict_seconds);
+
 kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
-                            int32_t logits_all, float *logits);
+                                    int32_t logits_all, float *logits);
 
 typedef struct kvs_eval_trace {
     float *hidden;
@@ -159,8 +209,8 @@ typedef struct kvs_eval_trace {
 } kvs_eval_trace;
 
 kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
-                                  int32_t logits_all, float *logits,
-                                  const kvs_eval_trace *trace);
+                                          int32_t logits_all, float *logits,
+                                          const kvs_eval_trace *trace);
 """
 
 ffi = cffi.FFI()

@@ -37,21 +37,40 @@ def _format_array_item(value) -> str:
     return format_metadata_value(value)
 
 
-_KV_TYPES = {"f32": 0, "f16": 1}
+KV_TYPES = {"f32": 0, "f16": 1, "q8": 2, "q4": 3, "q3": 4, "q2": 5}
+# llama-cpp-python passes GGML type ids: F32, F16, Q8_0, Q4_0 map to ours
+_GGML_KV_TYPES = {0: 0, 1: 1, 8: 2, 2: 3}
+_KV_ALIASES = {"q8_0": "q8", "q4_0": "q4"}
 
 
 def _kv_type(value, name: str, default: int) -> int:
-    """A KV cache type given as a GGML type id (llama-cpp-python style) or a name."""
+    """A KV cache type given as a name ("q4") or a GGML type id (llama-cpp-python style)."""
     if value is None:
         return default
     if isinstance(value, str):
-        if value.lower() not in _KV_TYPES:
-            raise ValueError(f"{name} must be one of {sorted(_KV_TYPES)}, got {value!r}")
-        return _KV_TYPES[value.lower()]
-    if isinstance(value, int) and not isinstance(value, bool) and value in _KV_TYPES.values():
-        return value
-    raise ValueError(f"{name} must be one of {sorted(_KV_TYPES)} or their GGML ids "
-                     f"{sorted(_KV_TYPES.values())}, got {value!r}")
+        key = _KV_ALIASES.get(value.lower(), value.lower())
+        if key not in KV_TYPES:
+            raise ValueError(f"{name} must be one of {list(KV_TYPES)}, got {value!r}")
+        return KV_TYPES[key]
+    if isinstance(value, int) and not isinstance(value, bool) and value in _GGML_KV_TYPES:
+        return _GGML_KV_TYPES[value]
+    raise ValueError(f"{name} must be one of {list(KV_TYPES)} or a GGML type id of F32, F16, Q8_0, "
+                     f"Q4_0, got {value!r}")
+
+
+def parse_sinks(value) -> tuple:
+    """(policy, n) from "none", "pfn:N" or "kvsink"."""
+    text = "kvsink" if value is None else str(value).strip().lower()
+    if text == "none":
+        return lib.KVS_SINKS_NONE, 0
+    if text == "kvsink":
+        return lib.KVS_SINKS_KVSINK, 1
+    if text.startswith("pfn:") and text[4:].isdigit():
+        return lib.KVS_SINKS_PFN, int(text[4:])
+    raise ValueError(f"sinks must be none, pfn:N or kvsink, got {value!r}")
+
+
+_warned_no_profile: set = set()
 
 
 _LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -111,6 +130,10 @@ class Llama:
         impl: str = "auto",
         chat_format: Optional[str] = None,
         seed: Optional[int] = None,
+        sinks: Optional[str] = None,
+        kv_block: Optional[int] = None,
+        kv_recent: Optional[int] = None,
+        kv_ring: bool = False,
         **llama_cpp_options,
     ):
         self._model = None
@@ -147,6 +170,18 @@ class Llama:
         ctx_params.impl = impls[impl]
         ctx_params.type_k = _kv_type(type_k, "type_k", ctx_params.type_k)
         ctx_params.type_v = _kv_type(type_v, "type_v", ctx_params.type_v)
+        ctx_params.sink_policy, ctx_params.sink_pfn = parse_sinks(sinks)
+        for name, value in (("kv_block", kv_block), ("kv_recent", kv_recent)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if kv_block is not None:
+            ctx_params.kv_block = kv_block
+        if kv_recent is not None:
+            ctx_params.kv_recent = kv_recent
+        if kv_ring and logits_all:
+            raise ValueError("kv_ring cannot be combined with logits_all (scores has n_ctx rows)")
+        ctx_params.kv_ring = int(bool(kv_ring))
+        self.kv_ring = bool(kv_ring)
         ctx_ptr = ffi.new("kvs_context **")
         check(lib.kvs_context_create(self._model, ctx_params, ctx_ptr))
         self._ctx = ffi.gc(ctx_ptr[0], lib.kvs_context_free)
@@ -157,6 +192,8 @@ class Llama:
         self._n_ctx = lib.kvs_context_n_ctx(self._ctx)
         self._n_vocab = lib.kvs_model_n_vocab(self._model)
         self._typed_metadata = read_metadata(lib.kvs_model_gguf(self._model))
+        if ctx_params.sink_policy == lib.KVS_SINKS_KVSINK and not lib.kvs_model_has_sink_profile(self._model):
+            self._warn_no_profile()
         # llama-cpp-python reports metadata values as strings
         self.metadata = {k: format_metadata_value(v) for k, v in self._typed_metadata.items()}
         self.n_tokens = 0
@@ -175,6 +212,26 @@ class Llama:
             arch = self._typed_metadata.get("general.architecture", "?")
             print(f"kvsink_cpp: loaded {self.model_path} ({arch}, n_vocab {self._n_vocab}, "
                   f"n_ctx {self._n_ctx}, {n_threads} threads)", file=sys.stderr)
+
+    def _warn_no_profile(self) -> None:
+        """Say once per model file that kvsink fell back to pfn:1."""
+        if self.model_path in _warned_no_profile:
+            return
+        _warned_no_profile.add(self.model_path)
+        print(f"kvsink_cpp: {os.path.basename(self.model_path)} has no sink profile; sinks=kvsink falls "
+              f"back to pfn:1 (run `python -m kvsink_cpp profile` to calibrate one)", file=sys.stderr)
+
+    def kv_cache_bytes_per_token(self) -> float:
+        """KV cache bytes per token once quantized (all layers, K and V, scales included)."""
+        return lib.kvs_context_kv_bytes_per_token(self._require_context())
+
+    def kv_cache_stats(self) -> Dict[str, float]:
+        """Sink rows, evicted tokens and the time spent evaluating and predicting sinks."""
+        ctx = self._require_context()
+        eval_s, predict_s = ffi.new("double *"), ffi.new("double *")
+        lib.kvs_context_timings(ctx, eval_s, predict_s)
+        return {"n_sinks": lib.kvs_context_n_sinks(ctx), "n_evicted": lib.kvs_context_n_evicted(ctx),
+                "eval_seconds": eval_s[0], "sink_predict_seconds": predict_s[0]}
 
     # ---- sizes -----------------------------------------------------------
     def n_ctx(self) -> int:
@@ -197,19 +254,33 @@ class Llama:
         ids = np.ascontiguousarray(tokens, dtype=np.int32)
         if ids.ndim != 1:
             raise ValueError("tokens must be a flat sequence of ints")
-        if self.n_tokens + len(ids) > self._n_ctx:
+        if self.n_tokens + len(ids) > self._n_ctx and not self.kv_ring:
             raise ContextFullError(
                 f"{len(ids)} tokens do not fit: {self.n_tokens} of n_ctx {self._n_ctx} are in use")
         bad = np.flatnonzero((ids < 0) | (ids >= self._n_vocab))
         if bad.size:
             raise ValueError(f"token id {int(ids[bad[0]])} at index {int(bad[0])} is out of range "
                              f"[0, {self._n_vocab})")
-        # like llama-cpp-python: drop whatever the cache holds past n_tokens
+        # like llama-cpp-python: drop whatever the cache holds past n_tokens; a
+        # quantized cache may keep fewer (it cannot cut a block), so evaluate
+        # the dropped tokens again first
         check(lib.kvs_context_set_n_past(ctx, self.n_tokens))
+        kept = lib.kvs_context_n_past(ctx)
+        if kept < self.n_tokens:
+            ids = np.concatenate([self.input_ids[kept:self.n_tokens].astype(np.int32), ids])
+            self.n_tokens = kept
+        self._reserve_ids(self.n_tokens + len(ids))
         for start in range(0, len(ids), self.n_batch):
             if self._cancel.is_set() and self._generating:
                 raise _Cancelled()
             self._eval_batch(ctx, ids[start:start + self.n_batch])
+
+    def _reserve_ids(self, n: int) -> None:
+        """input_ids grows past n_ctx only with the ring buffer."""
+        if n > len(self.input_ids):
+            grown = np.zeros(max(n, 2 * len(self.input_ids)), dtype=np.intc)
+            grown[: self.n_tokens] = self.input_ids[: self.n_tokens]
+            self.input_ids = grown
 
     def _eval_batch(self, ctx, batch: np.ndarray) -> None:
         n_past, n = self.n_tokens, len(batch)
@@ -344,7 +415,7 @@ class Llama:
     def _check_prompt(self, tokens: List[int]) -> None:
         if not tokens:
             raise ValueError("the prompt is empty")
-        if len(tokens) >= self._n_ctx:
+        if len(tokens) >= self._n_ctx and not self.kv_ring:
             raise ContextFullError(f"the prompt has {len(tokens)} tokens but n_ctx is {self._n_ctx}: "
                                    f"shorten it or create the Llama with a larger n_ctx")
 
@@ -352,7 +423,8 @@ class Llama:
                      sampling: dict, stop_token_ids: Sequence[int] = ()) -> Iterator[tuple]:
         """Yield (text, None) deltas, then ("", finish_reason) once. Counts and
         times go to self.last_timings."""
-        limit = self._n_ctx - len(prompt_tokens)
+        # the ring buffer evicts old blocks, so only max_tokens bounds a reply
+        limit = float("inf") if self.kv_ring else self._n_ctx - len(prompt_tokens)
         if max_tokens is not None and max_tokens > 0:
             limit = min(limit, max_tokens)
         tok = self.tokenizer_
@@ -383,7 +455,7 @@ class Llama:
                 if stopped:
                     finish = "stop"
                     break
-                if timings["generated_tokens"] >= limit or self.n_tokens >= self._n_ctx:
+                if timings["generated_tokens"] >= limit or (self.n_tokens >= self._n_ctx and not self.kv_ring):
                     break
         except _Cancelled:
             finish = "cancelled"

@@ -66,7 +66,7 @@ class NumpyLlama:
     def forward(self, tokens, kv_dtype=None, trace=None):
         """Logits (n_tokens, n_vocab) for a sequence starting at position 0.
 
-        kv_dtype=np.float16 rounds the cached K (after RoPE) and V as an f16 cache does.
+        kv_dtype=np.float16 rounds the cached K (before RoPE) and V as an f16 cache does.
         trace (a dict) receives "hidden" (n_layer, n, n_embd), the residual stream
         after each layer, and "attn_mass" (n_layer, n), the attention probability
         each position receives summed over heads and queries.
@@ -83,9 +83,9 @@ class NumpyLlama:
             q = self._linear(h, p + "attn_q.weight").reshape(n, self.n_head, self.head_dim)
             k = self._linear(h, p + "attn_k.weight").reshape(n, self.n_head_kv, self.head_dim)
             v = self._linear(h, p + "attn_v.weight").reshape(n, self.n_head_kv, self.head_dim)
-            q, k = self._rope(q, pos), self._rope(k, pos)
-            if kv_dtype is not None:
+            if kv_dtype is not None:  # the cache keeps keys before RoPE
                 k, v = k.astype(kv_dtype).astype(np.float64), v.astype(kv_dtype).astype(np.float64)
+            q, k = self._rope(q, pos), self._rope(k, pos)
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
             scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(self.head_dim) + mask
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))

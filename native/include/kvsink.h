@@ -179,18 +179,47 @@ KVS_API int32_t kvs_model_n_vocab(const kvs_model *model);
 KVS_API int32_t kvs_model_n_ctx_train(const kvs_model *model);
 KVS_API int32_t kvs_model_n_embd(const kvs_model *model);
 KVS_API int32_t kvs_model_n_layer(const kvs_model *model);
+/* 1 when the GGUF carries a valid kvsink.* sink profile. */
+KVS_API int32_t kvs_model_has_sink_profile(const kvs_model *model);
 
 /* ---- contexts (a KV cache plus scratch; many per model) ----------------- */
 
 typedef struct kvs_context kvs_context;
+
+/* KV cache element types: F32/F16 rows, or integer blocks with fp16 scale and zero point. */
+typedef enum kvs_kv_type {
+    KVS_KV_F32 = 0,
+    KVS_KV_F16 = 1,
+    KVS_KV_Q8 = 2,
+    KVS_KV_Q4 = 3,
+    KVS_KV_Q3 = 4,
+    KVS_KV_Q2 = 5
+} kvs_kv_type;
+
+/* Which tokens keep exact fp16 K/V rows. */
+typedef enum kvs_sink_policy {
+    KVS_SINKS_NONE = 0,
+    KVS_SINKS_PFN = 1,    /* the first sink_pfn tokens                                   */
+    KVS_SINKS_KVSINK = 2  /* predicted from the model's sink profile; without one, pfn:1 */
+} kvs_sink_policy;
 
 typedef struct kvs_context_params {
     int32_t n_ctx;       /* KV cache capacity in tokens; 0 = the model's training context */
     int32_t n_batch;     /* most tokens per kvs_context_eval call                          */
     int32_t n_threads;   /* worker threads for matrix products, >= 1                       */
     int32_t impl;        /* kvs_impl: kernels to use                                       */
-    int32_t type_k;      /* KV cache key type: KVS_TYPE_F32 (exact, default) or KVS_TYPE_F16 */
-    int32_t type_v;      /* KV cache value type, as type_k                                 */
+    int32_t type_k;      /* kvs_kv_type of keys (default KVS_KV_F32: exact)                 */
+    int32_t type_v;      /* kvs_kv_type of values                                          */
+    int32_t kv_block;    /* tokens per quantized block: multiple of 8 in 8..64 (default 32) */
+    int32_t kv_recent;   /* newest tokens always kept unquantized (default 32)             */
+    int32_t kv_group;    /* channels per value group, and per key group when per token (32) */
+    int32_t kv_key_per_token; /* 0: keys quantized per channel across a block (KIVI, default);
+                                 1: per token in groups of kv_group channels                */
+    int32_t sink_policy; /* kvs_sink_policy (default KVS_SINKS_KVSINK)                      */
+    int32_t sink_pfn;    /* N of KVS_SINKS_PFN: the first N tokens are sinks               */
+    int32_t sink_capacity; /* rows of the exact sink table (default 64)                    */
+    int32_t kv_ring;     /* 1: when full, evict the oldest blocks and keep the sinks
+                            (StreamingLLM); 0 (default): eval fails with CONTEXT_FULL      */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);
@@ -200,10 +229,19 @@ KVS_API void kvs_context_free(kvs_context *ctx);
 
 KVS_API int32_t kvs_context_n_ctx(const kvs_context *ctx);
 KVS_API int32_t kvs_context_n_batch(const kvs_context *ctx);
-/* Tokens currently held in the KV cache (positions 0 .. n_past-1). */
+/* Tokens evaluated so far (positions 0 .. n_past-1; some may have been evicted). */
 KVS_API int32_t kvs_context_n_past(const kvs_context *ctx);
-/* Forget the cache from position n_past on (0 clears it); n_past <= current. */
+/* Forget the cache from position n_past on (0 clears it); n_past <= current.
+ * Quantized blocks are not cut: the cache may keep fewer tokens than asked
+ * (read kvs_context_n_past afterwards and evaluate the rest again). */
 KVS_API kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past);
+/* KV cache bytes per token once quantized (all layers, K and V, scales included). */
+KVS_API double kvs_context_kv_bytes_per_token(const kvs_context *ctx);
+/* Rows in the sink table, and non-sink tokens evicted by the ring buffer. */
+KVS_API int32_t kvs_context_n_sinks(const kvs_context *ctx);
+KVS_API int32_t kvs_context_n_evicted(const kvs_context *ctx);
+/* Seconds spent in kvs_context_eval, and in the sink predictor within it. */
+KVS_API void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *sink_predict_seconds);
 
 /* Run n_tokens (1 .. n_batch) at positions n_past .. n_past+n_tokens-1 and
  * append them to the cache. logits receives n_vocab floats per token when

@@ -4,6 +4,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "status.h"
@@ -17,8 +18,16 @@ kvs_context_params kvs_context_default_params(void) {
     params.n_threads = cpus > 0 ? (int32_t)(cpus < 16 ? cpus : 16) : 1;
     params.impl = KVS_IMPL_AUTO;
     /* exact by default: an f16 cache moves SmolLM2's logits by ~1e-3 of their range */
-    params.type_k = KVS_TYPE_F32;
-    params.type_v = KVS_TYPE_F32;
+    params.type_k = KVS_KV_F32;
+    params.type_v = KVS_KV_F32;
+    params.kv_block = 32;
+    params.kv_recent = 32;
+    params.kv_group = 32;
+    params.kv_key_per_token = 0;
+    params.sink_policy = KVS_SINKS_KVSINK;
+    params.sink_pfn = 1;
+    params.sink_capacity = 64;
+    params.kv_ring = 0;
     return params;
 }
 
@@ -38,7 +47,32 @@ static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
         break;
     default: return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown kernel implementation %d", p->impl);
     }
+    if (p->sink_policy < KVS_SINKS_NONE || p->sink_policy > KVS_SINKS_KVSINK) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown sink policy %d", p->sink_policy);
+    }
+    if (p->sink_pfn < 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink_pfn must be >= 0, got %d", p->sink_pfn);
     return KVS_OK;
+}
+
+static int is_float_type(int32_t type) { return type == KVS_KV_F32 || type == KVS_KV_F16; }
+
+static kvs_status create_cache(kvs_context *ctx) {
+    const kvs_context_params *p = &ctx->params;
+    /* a quantized cache runs the forward a block at a time, so a token's
+     * attention sees its predecessors quantized as decoding would */
+    ctx->ubatch = is_float_type(p->type_k) && is_float_type(p->type_v) ? p->n_batch
+                  : (p->kv_block < p->n_batch ? p->kv_block : p->n_batch);
+    kvs_kv_params kp = {p->type_k, p->type_v, p->kv_block, p->kv_recent, ctx->ubatch,
+                        p->sink_capacity, p->kv_key_per_token, p->kv_group, p->kv_ring};
+    ctx->sink_policy = p->sink_policy;
+    ctx->sink_pfn = p->sink_pfn;
+    if (p->sink_policy == KVS_SINKS_KVSINK && !ctx->model->profile.present) {
+        ctx->sink_policy = KVS_SINKS_PFN; /* no profile: keep position 0 exact, the one sink every model has */
+        ctx->sink_pfn = 1;
+    }
+    kvs_status st = kvs_kv_cache_create(&ctx->model->hp, ctx->model->rope_freqs, p->n_ctx, &kp, &ctx->kv);
+    if (st == KVS_OK) ctx->scratch_len = kvs_kv_cache_scratch_floats(ctx->kv);
+    return st;
 }
 
 /* One allocation per scratch buffer; sizes in floats. */
@@ -53,7 +87,7 @@ static kvs_status alloc_scratch(kvs_context *ctx) {
         {&ctx->x, nb * hp->n_embd}, {&ctx->xb, nb * hp->n_embd}, {&ctx->q, nb * q_dim},
         {&ctx->k, nb * kv_dim},     {&ctx->v, nb * kv_dim},      {&ctx->att, nb * q_dim},
         {&ctx->hb, nb * hp->n_ff},  {&ctx->hb2, nb * hp->n_ff},
-        {&ctx->scores, (int64_t)ctx->params.n_threads * ctx->params.n_ctx},
+        {&ctx->scores, (int64_t)ctx->params.n_threads * ctx->scratch_len},
         {&ctx->cpu.row_scratch, (int64_t)ctx->params.n_threads * row},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
@@ -73,8 +107,7 @@ kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params
     ctx->params = params ? *params : kvs_context_default_params();
     kvs_status st = resolve_params(model, &ctx->params);
     if (st == KVS_OK) st = kvs_threadpool_create(ctx->params.n_threads, &ctx->cpu.pool);
-    if (st == KVS_OK) st = kvs_kv_cache_create(&model->hp, ctx->params.n_ctx, ctx->params.type_k,
-                                                 ctx->params.type_v, &ctx->kv);
+    if (st == KVS_OK) st = create_cache(ctx);
     if (st == KVS_OK) st = alloc_scratch(ctx);
     if (st != KVS_OK) {
         kvs_context_free(ctx);
@@ -97,16 +130,22 @@ void kvs_context_free(kvs_context *ctx) {
 
 int32_t kvs_context_n_ctx(const kvs_context *ctx) { return ctx ? ctx->params.n_ctx : 0; }
 int32_t kvs_context_n_batch(const kvs_context *ctx) { return ctx ? ctx->params.n_batch : 0; }
-int32_t kvs_context_n_past(const kvs_context *ctx) { return ctx ? ctx->n_past : 0; }
+int32_t kvs_context_n_past(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_past(ctx->kv) : 0; }
+int32_t kvs_context_n_sinks(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_sinks(ctx->kv) : 0; }
+int32_t kvs_context_n_evicted(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_evicted(ctx->kv) : 0; }
+double kvs_context_kv_bytes_per_token(const kvs_context *ctx) {
+    return ctx ? kvs_kv_cache_bytes_per_token(ctx->kv) : 0.0;
+}
+
+void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *sink_predict_seconds) {
+    if (eval_seconds) *eval_seconds = ctx ? ctx->t_eval : 0.0;
+    if (sink_predict_seconds) *sink_predict_seconds = ctx ? ctx->t_predict : 0.0;
+}
 
 kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past) {
     if (!ctx) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ctx must not be NULL");
-    if (n_past < 0 || n_past > ctx->n_past) {
-        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_past %d is outside [0, %d] (tokens in the cache)",
-                        n_past, ctx->n_past);
-    }
-    ctx->n_past = n_past;
-    return KVS_OK;
+    int32_t kept;
+    return kvs_kv_cache_truncate(ctx->kv, n_past, &kept);
 }
 
 static kvs_status check_tokens(const kvs_context *ctx, const int32_t *tokens, int32_t n_tokens) {
@@ -115,10 +154,12 @@ static kvs_status check_tokens(const kvs_context *ctx, const int32_t *tokens, in
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_tokens must be in 1..n_batch (%d), got %d",
                         ctx->params.n_batch, n_tokens);
     }
-    if ((int64_t)ctx->n_past + n_tokens > ctx->params.n_ctx) {
+    const int32_t n_past = kvs_kv_cache_n_past(ctx->kv);
+    if (!ctx->params.kv_ring && (int64_t)n_past + n_tokens > ctx->params.n_ctx) {
         return kvs_fail(KVS_ERR_CONTEXT_FULL, "%d tokens do not fit: %d of n_ctx %d are in use",
-                        n_tokens, ctx->n_past, ctx->params.n_ctx);
+                        n_tokens, n_past, ctx->params.n_ctx);
     }
+
     const int32_t n_vocab = ctx->model->hp.n_vocab;
     for (int32_t i = 0; i < n_tokens; i++) {
         if (tokens[i] < 0 || tokens[i] >= n_vocab) {
@@ -127,6 +168,12 @@ static kvs_status check_tokens(const kvs_context *ctx, const int32_t *tokens, in
         }
     }
     return KVS_OK;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
@@ -139,15 +186,35 @@ kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32
     if (!ctx) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ctx must not be NULL");
     kvs_status st = check_tokens(ctx, tokens, n_tokens);
     if (st != KVS_OK) return st;
+    if (trace && (ctx->params.kv_ring || kvs_kv_cache_n_evicted(ctx->kv) > 0)) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "tracing needs a cache without eviction (kv_ring 0)");
+    }
     if (trace && trace->attn_mass) {
         /* calibration only: decoding never takes this path, so it may allocate */
-        ctx->trace_mass = malloc((size_t)ctx->params.n_threads * (size_t)ctx->params.n_ctx * sizeof(float));
+        ctx->trace_mass = malloc((size_t)ctx->params.n_threads * (size_t)ctx->scratch_len * sizeof(float));
         if (!ctx->trace_mass) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the attention trace");
     }
     ctx->trace = trace;
-    kvs_llama_forward(ctx, tokens, n_tokens, logits_all, logits);
+    ctx->trace_total = n_tokens;
+    ctx->trace_past0 = kvs_kv_cache_n_past(ctx->kv);
+    if (trace && trace->attn_mass) {
+        memset(trace->attn_mass, 0, (size_t)ctx->model->hp.n_layer * (size_t)(ctx->trace_past0 + n_tokens) * sizeof(float));
+    }
+    const double t0 = now_seconds();
+    for (int32_t start = 0; start < n_tokens && st == KVS_OK; start += ctx->ubatch) {
+        const int32_t n = n_tokens - start < ctx->ubatch ? n_tokens - start : ctx->ubatch;
+        const int last = start + n == n_tokens;
+        float *out = !logits ? NULL : logits_all ? logits + (int64_t)start * ctx->model->hp.n_vocab
+                                                 : (last ? logits : NULL);
+        st = kvs_kv_cache_begin(ctx->kv, n);
+        if (st != KVS_OK) break;
+        ctx->trace_start = start;
+        kvs_llama_forward(ctx, tokens + start, n, logits_all, out);
+        kvs_kv_cache_commit(ctx->kv);
+    }
+    ctx->t_eval += now_seconds() - t0;
     ctx->trace = NULL;
     free(ctx->trace_mass);
     ctx->trace_mass = NULL;
-    return KVS_OK;
+    return st;
 }

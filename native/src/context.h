@@ -12,7 +12,10 @@ struct kvs_context {
     kvs_context_params params;
     kvs_cpu cpu;
     kvs_kv_cache *kv;
-    int32_t n_past;
+    int32_t ubatch;         /* tokens per forward pass: a block for quantized caches */
+    int32_t sink_policy;    /* resolved: kvsink without a profile becomes pfn */
+    int32_t sink_pfn;
+    double t_eval, t_predict; /* seconds in eval and in the sink predictor */
     /* scratch for up to n_batch tokens */
     float *x;       /* [n_batch][n_embd] residual stream  */
     float *xb;      /* [n_batch][n_embd] normalized input */
@@ -22,12 +25,15 @@ struct kvs_context {
     float *att;     /* [n_batch][n_head * head_dim]       */
     float *hb;      /* [n_batch][n_ff] gate, then SwiGLU  */
     float *hb2;     /* [n_batch][n_ff] up                 */
-    float *scores;  /* [n_threads][n_ctx] attention weights */
+    float *scores;  /* [n_threads][scratch_len] attention scratch (kvs_kv_cache_scratch_floats) */
+    int64_t scratch_len;
     const kvs_eval_trace *trace; /* set only during kvs_context_eval_trace */
-    float *trace_mass;           /* [n_threads][n_ctx] per-thread attention mass, while tracing */
+    float *trace_mass;           /* [n_threads][scratch_len] per-thread attention mass, while tracing */
+    int32_t trace_start, trace_total, trace_past0; /* this forward's tokens within the traced call */
 };
 
-/* The llama-family forward pass over tokens at positions n_past.. (llama.c). */
+/* The llama-family forward pass over at most ubatch tokens appended to the
+ * cache at positions n_past.. (llama.c); the cache's append is begun. */
 void kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                        int32_t logits_all, float *logits);
 

@@ -19,4 +19,20 @@ void kvs_axpy_f16_avx2(int64_t n, float a, const void *x, float *y);
 /* The kernel for a row type (KVS_TYPE_F32/F16) and impl (SCALAR or AVX2). */
 kvs_axpy_fn kvs_axpy_kernel(int32_t type, int32_t impl);
 
+/* Attention scores of n keys held channel-major in kt (row stride `stride`),
+ * each rotated by its offset t inside the segment: out[t] = sum_d kt[d][t] *
+ * (qb[d] * cos_t[d][t] + wb[d] * sin_t[d][t]). RoPE at read time in one pass. */
+typedef void (*kvs_score_tile_fn)(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
+                                  const float *wb, const float *cos_t, const float *sin_t, float *out);
+void kvs_score_tile_scalar(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
+                           const float *wb, const float *cos_t, const float *sin_t, float *out);
+#if defined(KVS_HAVE_AVX2_BUILD)
+void kvs_score_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
+                         const float *wb, const float *cos_t, const float *sin_t, float *out);
+#endif
+
+/* Runs the kernel chosen by impl. */
+void kvs_kv_score_tile(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
+                       const float *wb, const float *cos_t, const float *sin_t, float *out, int32_t impl);
+
 #endif

@@ -1,5 +1,4 @@
-/* kv_cache.c - plain KV cache of f32 or f16 rows: layer-major, one row per
- * token holding all KV heads, so storing a token is one contiguous write. */
+/* kv_cache.c - the KVSink KV cache (see kv_cache.h for the design). */
 #include "kv_cache.h"
 
 #include <math.h>
@@ -8,105 +7,499 @@
 
 #include "formats.h"
 #include "kernels_kv.h"
+#include "kv_quant.h"
 #include "status.h"
 
 struct kvs_kv_cache {
-    int32_t n_layer, n_ctx, n_head_kv, head_dim;
-    int64_t row_len;              /* n_head_kv * head_dim elements */
-    int32_t type_k, type_v;       /* KVS_TYPE_F32 or KVS_TYPE_F16 */
-    size_t k_elem, v_elem;        /* bytes per element */
-    uint8_t *k;                   /* [n_layer][n_ctx][row_len] */
-    uint8_t *v;                   /* [n_layer][n_ctx][row_len] */
+    kvs_kv_params p;
+    int32_t n_layer, n_kv, hd, n_rot, neox;
+    int32_t kbits, vbits, B, G, Wcap, S, NB, P;
+    int32_t n_ctx;
+    size_t row_elem;               /* window and sink rows: 4 (f32) or 2 (f16) */
+    int64_t k_bytes, v_bytes;      /* one block of one (layer, head) */
+    uint8_t *win_k, *win_v;        /* [Wcap][n_layer][n_kv][hd] */
+    uint8_t *win_sink;             /* [Wcap] sink flags of window tokens */
+    uint8_t *sink_k, *sink_v;      /* [S][n_layer][n_kv][hd] */
+    int32_t *sink_pos;             /* [S] positions, increasing */
+    int32_t n_sinks;
+    uint8_t *blocks;               /* [NB][n_layer][n_kv] of (K bytes, V bytes) */
+    int32_t *block_start;          /* [NB] position of each block's first token */
+    uint64_t *block_mask;          /* [NB] bit t set: token t is read from the sink table */
+    int32_t first_block, n_blocks; /* ring of kept blocks */
+    int32_t n_past, n_new;         /* tokens appended; tokens of the append in progress */
+    int32_t win_start;             /* first position held in the window */
+    int32_t n_evicted;             /* non-sink tokens dropped by eviction */
+    int32_t frontier;              /* tokens before it are evicted or in the sink table */
+    float *rel_cos, *rel_sin;      /* [P][n_rot/2]: rotation by a distance */
+    float *blk_cos, *blk_sin;      /* [hd][B]: rotation by an offset inside a segment, per dim */
 };
 
-static size_t elem_size(int32_t type) {
-    return type == KVS_TYPE_F32 ? 4 : type == KVS_TYPE_F16 ? 2 : 0;
+/* ---- creation ----------------------------------------------------------- */
+
+static kvs_status check_params(const kvs_hparams *hp, const kvs_kv_params *p) {
+    if (kvs_kv_bits(p->type_k) < 0 || kvs_kv_bits(p->type_v) < 0) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown KV cache type (type_k %d, type_v %d)", p->type_k, p->type_v);
+    }
+    if (p->block < 8 || p->block > 64 || p->block % 8 != 0) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv_block must be a multiple of 8 in 8..64, got %d", p->block);
+    }
+    if (p->recent < 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv_recent must be >= 0, got %d", p->recent);
+    if (p->ubatch < 1) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ubatch must be positive");
+    if (p->sink_capacity < 0 || p->sink_capacity > 1 << 16) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink capacity must be in 0..65536, got %d", p->sink_capacity);
+    }
+    if (p->group < 1) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv group must be positive, got %d", p->group);
+    (void)hp;
+    return KVS_OK;
 }
 
-kvs_status kvs_kv_cache_create(const kvs_hparams *hp, int32_t n_ctx, int32_t type_k, int32_t type_v,
-                               kvs_kv_cache **out) {
-    *out = NULL;
-    if (!elem_size(type_k) || !elem_size(type_v)) {
-        return kvs_fail(KVS_ERR_UNSUPPORTED, "KV cache types must be F32 or F16 (got type ids %d, %d)",
-                        (int)type_k, (int)type_v);
+/* Bytes of one block of one (layer, head) for keys (is_key) or values. */
+static int64_t block_bytes(const kvs_kv_cache *c, int32_t type, int bits, int is_key) {
+    if (bits == 0) return (int64_t)c->B * c->hd * (type == KVS_KV_F32 ? 4 : 2);
+    if (is_key && !c->p.key_per_token) return (int64_t)c->hd * kvs_kv_group_bytes(bits, c->B);
+    return (int64_t)c->B * (c->hd / c->G) * kvs_kv_group_bytes(bits, c->G);
+}
+
+static double theta_of(const kvs_hparams *hp, const float *rope_freqs, int32_t i) {
+    double f = pow((double)hp->rope_freq_base, -2.0 * i / hp->n_rot) * hp->rope_freq_scale;
+    return rope_freqs ? f / rope_freqs[i] : f;
+}
+
+/* Pair of dimension d (< n_rot): its partner and whether d is the first of the pair. */
+static void rope_pair(const kvs_kv_cache *c, int32_t d, int32_t *i, int32_t *partner, int *first) {
+    const int32_t half = c->n_rot / 2;
+    if (c->neox) {
+        *first = d < half;
+        *i = *first ? d : d - half;
+        *partner = *first ? d + half : d - half;
+    } else {
+        *first = d % 2 == 0;
+        *i = d / 2;
+        *partner = *first ? d + 1 : d - 1;
     }
+}
+
+static void fill_rope_tables(kvs_kv_cache *c, const kvs_hparams *hp, const float *rope_freqs) {
+    const int32_t half = c->n_rot / 2;
+    for (int32_t dist = 0; dist < c->P; dist++) {
+        for (int32_t i = 0; i < half; i++) {
+            const double a = dist * theta_of(hp, rope_freqs, i);
+            c->rel_cos[(int64_t)dist * half + i] = (float)cos(a);
+            c->rel_sin[(int64_t)dist * half + i] = (float)sin(a);
+        }
+    }
+    for (int32_t d = 0; d < c->hd; d++) {
+        for (int32_t t = 0; t < c->B; t++) {
+            float cs = 1.0f, sn = 0.0f;
+            if (d < c->n_rot) {
+                int32_t i, partner;
+                int first;
+                rope_pair(c, d, &i, &partner, &first);
+                cs = (float)cos(t * theta_of(hp, rope_freqs, i));
+                sn = (float)sin(t * theta_of(hp, rope_freqs, i));
+            }
+            c->blk_cos[d * c->B + t] = cs;
+            c->blk_sin[d * c->B + t] = sn;
+        }
+    }
+}
+
+static kvs_status alloc_all(kvs_kv_cache *c) {
+    const size_t lh = (size_t)c->n_layer * c->n_kv, row = lh * c->hd * c->row_elem;
+    const size_t half = (size_t)(c->n_rot / 2);
+    struct { void **ptr; size_t n; } bufs[] = {
+        {(void **)&c->win_k, c->Wcap * row}, {(void **)&c->win_v, c->Wcap * row},
+        {(void **)&c->win_sink, (size_t)c->Wcap}, {(void **)&c->sink_k, (size_t)c->S * row + 1},
+        {(void **)&c->sink_v, (size_t)c->S * row + 1}, {(void **)&c->sink_pos, (size_t)c->S * 4 + 4},
+        {(void **)&c->blocks, (size_t)c->NB * lh * (size_t)(c->k_bytes + c->v_bytes)},
+        {(void **)&c->block_start, (size_t)c->NB * 4}, {(void **)&c->block_mask, (size_t)c->NB * 8},
+        {(void **)&c->rel_cos, (size_t)c->P * half * 4 + 4}, {(void **)&c->rel_sin, (size_t)c->P * half * 4 + 4},
+        {(void **)&c->blk_cos, (size_t)c->hd * c->B * 4}, {(void **)&c->blk_sin, (size_t)c->hd * c->B * 4},
+    };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        *bufs[i].ptr = calloc(1, bufs[i].n);
+        if (!*bufs[i].ptr) {
+            return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB for the KV cache",
+                            (double)bufs[i].n / (1 << 20));
+        }
+    }
+    return KVS_OK;
+}
+
+kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, int32_t n_ctx,
+                               const kvs_kv_params *params, kvs_kv_cache **out) {
+    *out = NULL;
+    kvs_status st = check_params(hp, params);
+    if (st != KVS_OK) return st;
     kvs_kv_cache *c = calloc(1, sizeof *c);
     if (!c) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache");
+    c->p = *params;
     c->n_layer = hp->n_layer;
+    c->n_kv = hp->n_head_kv;
+    c->hd = hp->head_dim;
+    c->n_rot = hp->n_rot;
+    c->neox = hp->rope_neox;
+    c->kbits = kvs_kv_bits(params->type_k);
+    c->vbits = kvs_kv_bits(params->type_v);
+    c->B = params->block;
+    /* groups must tile a head: fall back to the whole head when they do not */
+    c->G = c->hd % params->group == 0 ? params->group : c->hd;
+    c->Wcap = params->recent + c->B + params->ubatch;
+    c->S = params->sink_capacity;
     c->n_ctx = n_ctx;
-    c->n_head_kv = hp->n_head_kv;
-    c->head_dim = hp->head_dim;
-    c->row_len = (int64_t)hp->n_head_kv * hp->head_dim;
-    c->type_k = type_k;
-    c->type_v = type_v;
-    c->k_elem = elem_size(type_k);
-    c->v_elem = elem_size(type_v);
-    const size_t n = (size_t)c->n_layer * (size_t)n_ctx * (size_t)c->row_len;
-    c->k = malloc(n * c->k_elem);
-    c->v = malloc(n * c->v_elem);
-    if (!c->k || !c->v) {
-        const double mib = (double)n * (double)(c->k_elem + c->v_elem) / (1 << 20);
+    c->NB = (n_ctx + c->B - 1) / c->B;
+    c->P = c->S + c->NB * c->B + c->Wcap + 1;
+    c->row_elem = (params->type_k == KVS_KV_F32 || params->type_v == KVS_KV_F32) ? 4 : 2;
+    c->k_bytes = block_bytes(c, params->type_k, c->kbits, 1);
+    c->v_bytes = block_bytes(c, params->type_v, c->vbits, 0);
+    if ((st = alloc_all(c)) != KVS_OK) {
         kvs_kv_cache_free(c);
-        return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of KV cache for n_ctx %d", mib, n_ctx);
+        return st;
     }
+    fill_rope_tables(c, hp, rope_freqs);
     *out = c;
     return KVS_OK;
 }
 
-void kvs_kv_cache_free(kvs_kv_cache *cache) {
-    if (!cache) return;
-    free(cache->k);
-    free(cache->v);
-    free(cache);
+void kvs_kv_cache_free(kvs_kv_cache *c) {
+    if (!c) return;
+    void *bufs[] = {c->win_k, c->win_v, c->win_sink, c->sink_k, c->sink_v, c->sink_pos, c->blocks,
+                    c->block_start, c->block_mask, c->rel_cos, c->rel_sin, c->blk_cos, c->blk_sin};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free(c);
 }
 
-int64_t kvs_kv_cache_bytes_per_token(const kvs_kv_cache *cache) {
-    return (int64_t)cache->n_layer * cache->row_len * (int64_t)(cache->k_elem + cache->v_elem);
+double kvs_kv_cache_bytes_per_token(const kvs_kv_cache *c) {
+    return (double)(c->k_bytes + c->v_bytes) * c->n_layer * c->n_kv / c->B;
 }
 
-static size_t row_index(const kvs_kv_cache *c, int32_t il, int32_t pos) {
-    return ((size_t)il * (size_t)c->n_ctx + (size_t)pos) * (size_t)c->row_len;
+int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *c) {
+    return (int64_t)c->P + 2 * (int64_t)c->hd * c->B + 2 * c->hd + c->B;
 }
 
-static void store_row(void *dst, int32_t type, const float *src, int64_t n) {
-    if (type == KVS_TYPE_F32) {
-        memcpy(dst, src, (size_t)n * sizeof *src);
+int32_t kvs_kv_cache_n_past(const kvs_kv_cache *c) { return c->n_past; }
+int32_t kvs_kv_cache_n_sinks(const kvs_kv_cache *c) { return c->n_sinks; }
+int32_t kvs_kv_cache_n_evicted(const kvs_kv_cache *c) { return c->n_evicted; }
+
+/* ---- rows --------------------------------------------------------------- */
+
+static size_t row_index(const kvs_kv_cache *c, int32_t slot, int32_t il, int32_t h) {
+    return (((size_t)slot * c->n_layer + il) * c->n_kv + h) * c->hd;
+}
+
+static void put_row(const kvs_kv_cache *c, uint8_t *base, size_t index, const float *src) {
+    if (c->row_elem == 4) {
+        memcpy((float *)base + index, src, (size_t)c->hd * sizeof(float));
         return;
     }
-    kvs_half *h = dst;
-    for (int64_t i = 0; i < n; i++) h[i] = kvs_fp32_to_fp16(src[i]);
+    kvs_half *dst = (kvs_half *)base + index;
+    for (int32_t d = 0; d < c->hd; d++) dst[d] = kvs_fp32_to_fp16(src[d]);
 }
 
-void kvs_kv_cache_store(kvs_kv_cache *cache, int32_t il, int32_t pos, const float *k, const float *v) {
-    const size_t row = row_index(cache, il, pos);
-    store_row(cache->k + row * cache->k_elem, cache->type_k, k, cache->row_len);
-    store_row(cache->v + row * cache->v_elem, cache->type_v, v, cache->row_len);
-}
-
-void kvs_kv_cache_attend(const kvs_kv_cache *cache, int32_t il, int32_t kv_head, const float *q,
-                         int32_t n_keys, float scale, float *scores, float *out, int32_t impl) {
-    const int32_t hd = cache->head_dim;
-    const size_t first = row_index(cache, il, 0) + (size_t)kv_head * hd;
-    const uint8_t *k = cache->k + first * cache->k_elem;
-    const uint8_t *v = cache->v + first * cache->v_elem;
-    const size_t k_stride = (size_t)cache->row_len * cache->k_elem;
-    const size_t v_stride = (size_t)cache->row_len * cache->v_elem;
-    const kvs_vec_dot_fn dot = kvs_vec_dot_kernel(cache->type_k, impl);
-    const kvs_axpy_fn axpy = kvs_axpy_kernel(cache->type_v, impl);
-    float max_score = -INFINITY;
-    for (int32_t j = 0; j < n_keys; j++) {
-        scores[j] = dot(hd, k + (size_t)j * k_stride, q) * scale;
-        if (scores[j] > max_score) max_score = scores[j];
+static void get_row(const kvs_kv_cache *c, const uint8_t *base, size_t index, float *dst) {
+    if (c->row_elem == 4) {
+        memcpy(dst, (const float *)base + index, (size_t)c->hd * sizeof(float));
+        return;
     }
+    const kvs_half *src = (const kvs_half *)base + index;
+    for (int32_t d = 0; d < c->hd; d++) dst[d] = kvs_fp16_to_fp32(src[d]);
+}
+
+/* ---- appending ---------------------------------------------------------- */
+
+kvs_status kvs_kv_cache_begin(kvs_kv_cache *c, int32_t n) {
+    if (n < 1 || n > c->p.ubatch) {
+        return kvs_fail(KVS_ERR_INTERNAL, "append of %d tokens exceeds the cache's ubatch %d", n, c->p.ubatch);
+    }
+    if (!c->p.ring && (int64_t)c->n_past + n > c->n_ctx) {
+        return kvs_fail(KVS_ERR_CONTEXT_FULL, "%d tokens do not fit: %d of n_ctx %d are in use",
+                        n, c->n_past, c->n_ctx);
+    }
+    c->n_new = n;
+    for (int32_t t = 0; t < n; t++) c->win_sink[(c->n_past + t) % c->Wcap] = 0;
+    return KVS_OK;
+}
+
+void kvs_kv_cache_store(kvs_kv_cache *c, int32_t il, int32_t t, const float *k, const float *v) {
+    const int32_t slot = (c->n_past + t) % c->Wcap;
+    for (int32_t h = 0; h < c->n_kv; h++) {
+        put_row(c, c->win_k, row_index(c, slot, il, h), k + (int64_t)h * c->hd);
+        put_row(c, c->win_v, row_index(c, slot, il, h), v + (int64_t)h * c->hd);
+    }
+}
+
+void kvs_kv_cache_mark_sink(kvs_kv_cache *c, int32_t t) {
+    c->win_sink[(c->n_past + t) % c->Wcap] = 1;
+}
+
+/* Quantize (or copy) the B tokens of a window block for one (layer, head). */
+static void encode_block(const kvs_kv_cache *c, const float *tile, const uint8_t *skip, int32_t type,
+                         int bits, int is_key, uint8_t *out) {
+    const int32_t B = c->B, hd = c->hd, G = c->G;
+    if (bits == 0) {
+        for (int64_t i = 0; i < (int64_t)B * hd; i++) {
+            if (type == KVS_KV_F32) ((float *)out)[i] = tile[i];
+            else ((kvs_half *)out)[i] = kvs_fp32_to_fp16(tile[i]);
+        }
+        return;
+    }
+    if (is_key && !c->p.key_per_token) {
+        /* KIVI: one group per channel across the block's tokens */
+        const int64_t gb = kvs_kv_group_bytes(bits, B);
+        for (int32_t d = 0; d < hd; d++) kvs_kv_quantize_group(tile + d, hd, skip, B, bits, out + d * gb);
+        return;
+    }
+    const int64_t gb = kvs_kv_group_bytes(bits, G);
+    for (int32_t t = 0; t < B; t++) {
+        for (int32_t g = 0; g < hd / G; g++) {
+            kvs_kv_quantize_group(tile + (int64_t)t * hd + g * G, 1, NULL, G, bits,
+                                  out + ((int64_t)t * (hd / G) + g) * gb);
+        }
+    }
+}
+
+static uint8_t *block_data(const kvs_kv_cache *c, int32_t slot, int32_t il, int32_t h) {
+    return c->blocks + (((size_t)slot * c->n_layer + il) * c->n_kv + h) * (size_t)(c->k_bytes + c->v_bytes);
+}
+
+static void evict_oldest(kvs_kv_cache *c) {
+    const int32_t slot = c->first_block;
+    c->n_evicted += c->B - __builtin_popcountll(c->block_mask[slot]);
+    c->frontier = c->block_start[slot] + c->B;
+    c->first_block = (c->first_block + 1) % c->NB;
+    c->n_blocks--;
+}
+
+/* Move the window's oldest B tokens into a block; sinks go to the sink table. */
+static void commit_block(kvs_kv_cache *c) {
+    if (c->n_blocks == c->NB) evict_oldest(c);
+    const int32_t slot = (c->first_block + c->n_blocks) % c->NB, o0 = c->win_start;
+    uint8_t skip[64] = {0};
+    uint64_t mask = 0;
+    for (int32_t t = 0; t < c->B; t++) {
+        const int32_t ws = (o0 + t) % c->Wcap;
+        if (!c->win_sink[ws] || c->n_sinks >= c->S) continue;
+        const size_t row = (size_t)c->n_layer * c->n_kv * c->hd * c->row_elem;
+        memcpy(c->sink_k + c->n_sinks * row, c->win_k + (size_t)ws * row, row);
+        memcpy(c->sink_v + c->n_sinks * row, c->win_v + (size_t)ws * row, row);
+        c->sink_pos[c->n_sinks++] = o0 + t;
+        skip[t] = 1;
+        mask |= 1ull << t;
+    }
+    float tile[64 * 256];
+    const int32_t hd = c->hd;
+    for (int32_t il = 0; il < c->n_layer; il++) {
+        for (int32_t h = 0; h < c->n_kv; h++) {
+            uint8_t *dst = block_data(c, slot, il, h);
+            for (int32_t t = 0; t < c->B; t++) get_row(c, c->win_k, row_index(c, (o0 + t) % c->Wcap, il, h), tile + t * hd);
+            encode_block(c, tile, skip, c->p.type_k, c->kbits, 1, dst);
+            for (int32_t t = 0; t < c->B; t++) get_row(c, c->win_v, row_index(c, (o0 + t) % c->Wcap, il, h), tile + t * hd);
+            encode_block(c, tile, skip, c->p.type_v, c->vbits, 0, dst + c->k_bytes);
+        }
+    }
+    c->block_start[slot] = o0;
+    c->block_mask[slot] = mask;
+    c->n_blocks++;
+    c->win_start += c->B;
+}
+
+void kvs_kv_cache_commit(kvs_kv_cache *c) {
+    c->n_past += c->n_new;
+    c->n_new = 0;
+    while (c->n_past - c->win_start >= c->p.recent + c->B) commit_block(c);
+}
+
+kvs_status kvs_kv_cache_truncate(kvs_kv_cache *c, int32_t n_past, int32_t *kept) {
+    if (n_past < 0 || n_past > c->n_past) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_past %d is outside [0, %d] (tokens in the cache)", n_past, c->n_past);
+    }
+    if (n_past < c->win_start) {
+        /* quantized blocks cannot be cut: keep the blocks wholly before n_past,
+         * or nothing when none is left (evicted tokens cannot come back) */
+        while (c->n_blocks > 0 && c->block_start[(c->first_block + c->n_blocks - 1) % c->NB] + c->B > n_past) {
+            c->n_blocks--;
+        }
+        n_past = c->n_blocks > 0 ? c->block_start[(c->first_block + c->n_blocks - 1) % c->NB] + c->B : 0;
+        if (n_past == 0) c->first_block = c->n_evicted = c->frontier = 0;
+        c->win_start = n_past;
+        while (c->n_sinks > 0 && c->sink_pos[c->n_sinks - 1] >= n_past) c->n_sinks--;
+    }
+    c->n_past = n_past;
+    *kept = n_past;
+    return KVS_OK;
+}
+
+/* ---- attention ---------------------------------------------------------- */
+
+typedef struct attend_scratch {
+    float *scores;  /* [P] probabilities by cache position */
+    float *kt;      /* [hd][B] key tile, channel-major */
+    float *vt;      /* [B][hd] value tile, token-major; also key staging */
+    float *qb, *wb; /* [hd] query rotated to a segment, and its 90-degree partner */
+    float *seg;     /* [B] scores of one segment */
+} attend_scratch;
+
+/* Rotate q to a segment whose first key is `dist` positions before the query. */
+static void rotate_query(const kvs_kv_cache *c, const float *q, int32_t dist, float *qb, float *wb) {
+    const int32_t half = c->n_rot / 2;
+    const float *cs = c->rel_cos + (int64_t)dist * half, *sn = c->rel_sin + (int64_t)dist * half;
+    for (int32_t d = 0; d < c->hd; d++) {
+        qb[d] = q[d];
+        wb[d] = 0.0f;
+    }
+    for (int32_t d = 0; d < c->n_rot; d++) {
+        int32_t i, partner;
+        int first;
+        rope_pair(c, d, &i, &partner, &first);
+        if (first) {
+            qb[d] = q[d] * cs[i] - q[partner] * sn[i];
+            qb[partner] = q[d] * sn[i] + q[partner] * cs[i];
+        }
+    }
+    for (int32_t d = 0; d < c->n_rot; d++) {
+        int32_t i, partner;
+        int first;
+        rope_pair(c, d, &i, &partner, &first);
+        wb[d] = first ? qb[partner] : -qb[partner];
+    }
+}
+
+/* Key tile (channel-major, stride B) of a committed block. */
+static void load_block_keys(const kvs_kv_cache *c, const uint8_t *data, attend_scratch *s) {
+    const int32_t B = c->B, hd = c->hd, G = c->G;
+    if (c->kbits == 0) {
+        for (int32_t t = 0; t < B; t++) {
+            for (int32_t d = 0; d < hd; d++) {
+                const int64_t i = (int64_t)t * hd + d;
+                s->kt[d * B + t] = c->p.type_k == KVS_KV_F32 ? ((const float *)data)[i]
+                                                              : kvs_fp16_to_fp32(((const kvs_half *)data)[i]);
+            }
+        }
+        return;
+    }
+    if (!c->p.key_per_token) {
+        const int64_t gb = kvs_kv_group_bytes(c->kbits, B);
+        for (int32_t d = 0; d < hd; d++) kvs_kv_dequantize_group(data + d * gb, B, c->kbits, s->kt + d * B);
+        return;
+    }
+    const int64_t gb = kvs_kv_group_bytes(c->kbits, G);
+    for (int32_t t = 0; t < B; t++) {
+        for (int32_t g = 0; g < hd / G; g++) {
+            kvs_kv_dequantize_group(data + ((int64_t)t * (hd / G) + g) * gb, G, c->kbits, s->vt + (int64_t)t * hd + g * G);
+        }
+    }
+    for (int32_t t = 0; t < B; t++)
+        for (int32_t d = 0; d < hd; d++) s->kt[d * B + t] = s->vt[(int64_t)t * hd + d];
+}
+
+/* Value tile (token-major) of a committed block. */
+static void load_block_values(const kvs_kv_cache *c, const uint8_t *data, attend_scratch *s) {
+    const int32_t B = c->B, hd = c->hd, G = c->G;
+    if (c->vbits == 0) {
+        for (int64_t i = 0; i < (int64_t)B * hd; i++) {
+            s->vt[i] = c->p.type_v == KVS_KV_F32 ? ((const float *)data)[i] : kvs_fp16_to_fp32(((const kvs_half *)data)[i]);
+        }
+        return;
+    }
+    const int64_t gb = kvs_kv_group_bytes(c->vbits, G);
+    for (int32_t t = 0; t < B; t++) {
+        for (int32_t g = 0; g < hd / G; g++) {
+            kvs_kv_dequantize_group(data + ((int64_t)t * (hd / G) + g) * gb, G, c->vbits, s->vt + (int64_t)t * hd + g * G);
+        }
+    }
+}
+
+/* Scores of n keys (tile kt) at consecutive cache positions c0.., query at m. */
+static void score_segment(const kvs_kv_cache *c, const float *q, int32_t m, int32_t c0, int32_t n,
+                          uint64_t mask, float scale, attend_scratch *s, int32_t impl) {
+    rotate_query(c, q, m - c0, s->qb, s->wb);
+    kvs_kv_score_tile(n, c->hd, c->B, s->kt, s->qb, s->wb, c->blk_cos, c->blk_sin, s->seg, impl);
+    for (int32_t t = 0; t < n; t++) {
+        if (!(mask >> t & 1)) s->scores[c0 + t] = s->seg[t] * scale;
+    }
+}
+
+static void accumulate_values(const kvs_kv_cache *c, int32_t c0, int32_t n, uint64_t mask,
+                              const attend_scratch *s, float *out, int32_t impl) {
+    const kvs_axpy_fn axpy = kvs_axpy_kernel(KVS_TYPE_F32, impl);
+    for (int32_t t = 0; t < n; t++) {
+        if (!(mask >> t & 1)) axpy(c->hd, s->scores[c0 + t], s->vt + (int64_t)t * c->hd, out);
+    }
+}
+
+static int32_t sink_cache_pos(const kvs_kv_cache *c, int32_t i) {
+    return c->sink_pos[i] < c->frontier ? i : c->sink_pos[i] - c->n_evicted;
+}
+
+/* Window tokens from position o0, n of them, as a tile (keys) or rows (values). */
+static void load_window(const kvs_kv_cache *c, int32_t il, int32_t h, int32_t o0, int32_t n, int keys,
+                        attend_scratch *s) {
+    for (int32_t t = 0; t < n; t++) {
+        const size_t index = row_index(c, (o0 + t) % c->Wcap, il, h);
+        get_row(c, keys ? c->win_k : c->win_v, index, s->vt + (int64_t)t * c->hd);
+    }
+    if (!keys) return;
+    for (int32_t t = 0; t < n; t++)
+        for (int32_t d = 0; d < c->hd; d++) s->kt[d * c->B + t] = s->vt[(int64_t)t * c->hd + d];
+}
+
+static void load_sink(const kvs_kv_cache *c, int32_t il, int32_t h, int32_t i, int keys, attend_scratch *s) {
+    const size_t index = row_index(c, i, il, h);
+    get_row(c, keys ? c->sink_k : c->sink_v, index, s->vt);
+    if (keys) for (int32_t d = 0; d < c->hd; d++) s->kt[d * c->B] = s->vt[d];
+}
+
+/* One pass over [sink rows | blocks | window]: keys (pass 0) or values (pass 1). */
+static void visit_parts(const kvs_kv_cache *c, int32_t il, int32_t h, const float *q, int32_t m_orig,
+                        float scale, attend_scratch *s, float *out, int pass, int32_t impl) {
+    const int32_t m = m_orig - c->n_evicted;
+    for (int32_t i = 0; i < c->n_sinks; i++) {
+        const int32_t pos = sink_cache_pos(c, i);
+        load_sink(c, il, h, i, pass == 0, s);
+        if (pass == 0) score_segment(c, q, m, pos, 1, 0, scale, s, impl);
+        else accumulate_values(c, pos, 1, 0, s, out, impl);
+    }
+    for (int32_t b = 0; b < c->n_blocks; b++) {
+        const int32_t slot = (c->first_block + b) % c->NB;
+        const uint8_t *data = block_data(c, slot, il, h);
+        const int32_t c0 = c->block_start[slot] - c->n_evicted;
+        if (pass == 0) {
+            load_block_keys(c, data, s);
+            score_segment(c, q, m, c0, c->B, c->block_mask[slot], scale, s, impl);
+        } else {
+            load_block_values(c, data + c->k_bytes, s);
+            accumulate_values(c, c0, c->B, c->block_mask[slot], s, out, impl);
+        }
+    }
+    for (int32_t o0 = c->win_start; o0 <= m_orig; o0 += c->B) {
+        const int32_t n = m_orig + 1 - o0 < c->B ? m_orig + 1 - o0 : c->B;
+        load_window(c, il, h, o0, n, pass == 0, s);
+        if (pass == 0) score_segment(c, q, m, o0 - c->n_evicted, n, 0, scale, s, impl);
+        else accumulate_values(c, o0 - c->n_evicted, n, 0, s, out, impl);
+    }
+}
+
+int32_t kvs_kv_cache_attend(const kvs_kv_cache *c, int32_t il, int32_t kv_head, const float *q,
+                            int32_t t, float scale, float *scratch, float *out, int32_t impl) {
+    attend_scratch s;
+    s.scores = scratch;
+    s.kt = scratch + c->P;
+    s.vt = s.kt + (int64_t)c->hd * c->B;
+    s.qb = s.vt + (int64_t)c->hd * c->B;
+    s.wb = s.qb + c->hd;
+    s.seg = s.wb + c->hd;
+    const int32_t m_orig = c->n_past + t, n_keys = m_orig - c->n_evicted + 1;
+    visit_parts(c, il, kv_head, q, m_orig, scale, &s, out, 0, impl);
+    float max_score = -INFINITY;
+    for (int32_t j = 0; j < n_keys; j++) max_score = s.scores[j] > max_score ? s.scores[j] : max_score;
     double sum = 0.0;
     for (int32_t j = 0; j < n_keys; j++) {
-        scores[j] = expf(scores[j] - max_score);
-        sum += scores[j];
+        s.scores[j] = expf(s.scores[j] - max_score);
+        sum += s.scores[j];
     }
     const float inv_sum = (float)(1.0 / sum);
-    memset(out, 0, (size_t)hd * sizeof *out);
-    for (int32_t j = 0; j < n_keys; j++) {
-        scores[j] *= inv_sum;
-        axpy(hd, scores[j], v + (size_t)j * v_stride, out);
-    }
+    for (int32_t j = 0; j < n_keys; j++) s.scores[j] *= inv_sum;
+    memset(out, 0, (size_t)c->hd * sizeof *out);
+    visit_parts(c, il, kv_head, q, m_orig, scale, &s, out, 1, impl);
+    return n_keys;
 }

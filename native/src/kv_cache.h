@@ -1,6 +1,16 @@
-/* kv_cache.h - private: the KV cache interface the forward pass uses.
- * This implementation keeps plain f32 or f16 rows; the quantized KVSink cache
- * replaces it behind the same calls. */
+/* kv_cache.h - private: the KVSink KV cache.
+ *
+ * Per layer and KV head, tokens live in three places:
+ *   - an fp16 (f32 for exact caches) window of the newest tokens; when it holds
+ *     recent + block tokens, its oldest block of B tokens is committed;
+ *   - quantized blocks of B tokens (keys per channel across the block, KIVI;
+ *     values per token in groups of channels), kept in a ring: when every slot
+ *     is used the oldest block is evicted (StreamingLLM);
+ *   - a table of exact sink rows: a committed token predicted to be an
+ *     attention sink is copied here and masked out of its block.
+ * Keys are stored before RoPE and rotated when read, at their position in the
+ * cache, so evicting blocks keeps positions consistent without re-rotating.
+ */
 #ifndef KVS_KV_CACHE_H
 #define KVS_KV_CACHE_H
 
@@ -11,22 +21,46 @@
 
 typedef struct kvs_kv_cache kvs_kv_cache;
 
-/* Capacity n_ctx tokens for every layer; nothing is allocated afterwards. */
-kvs_status kvs_kv_cache_create(const kvs_hparams *hp, int32_t n_ctx, int32_t type_k, int32_t type_v,
-                               kvs_kv_cache **out);
+typedef struct kvs_kv_params {
+    int32_t type_k, type_v;  /* KVS_KV_* */
+    int32_t block;           /* tokens per quantized block (B), multiple of 8, <= 64 */
+    int32_t recent;          /* newest tokens always kept in the window */
+    int32_t ubatch;          /* most tokens appended between two commits */
+    int32_t sink_capacity;   /* rows in the sink table */
+    int32_t key_per_token;   /* 1: keys in per-token groups instead of per channel */
+    int32_t group;           /* channels per value (and per-token key) group */
+    int32_t ring;            /* 1: evict the oldest blocks when full; 0: refuse */
+} kvs_kv_params;
+
+kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, int32_t n_ctx,
+                               const kvs_kv_params *params, kvs_kv_cache **out);
 void kvs_kv_cache_free(kvs_kv_cache *cache);
 
-/* Bytes held per cached token (all layers, K and V). */
-int64_t kvs_kv_cache_bytes_per_token(const kvs_kv_cache *cache);
+/* KV bytes per token once quantized (blocks, scales included), all layers. */
+double kvs_kv_cache_bytes_per_token(const kvs_kv_cache *cache);
+/* Floats of per-thread scratch that kvs_kv_cache_attend needs. */
+int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *cache);
 
-/* Store one token's K and V rows (n_head_kv * head_dim floats each, K already
- * rotated) of layer il at position pos < n_ctx. */
-void kvs_kv_cache_store(kvs_kv_cache *cache, int32_t il, int32_t pos, const float *k, const float *v);
+int32_t kvs_kv_cache_n_past(const kvs_kv_cache *cache);
+int32_t kvs_kv_cache_n_sinks(const kvs_kv_cache *cache);
+int32_t kvs_kv_cache_n_evicted(const kvs_kv_cache *cache);
 
-/* out (head_dim floats) = softmax(q . K[0..n_keys) * scale) . V[0..n_keys) for
- * one query head against KV head kv_head of layer il. scores (n_keys floats)
- * receives the attention probabilities. */
-void kvs_kv_cache_attend(const kvs_kv_cache *cache, int32_t il, int32_t kv_head, const float *q,
-                         int32_t n_keys, float scale, float *scores, float *out, int32_t impl);
+/* Start appending n tokens (<= ubatch) at positions n_past..; CONTEXT_FULL
+ * when a non-ring cache has no room. */
+kvs_status kvs_kv_cache_begin(kvs_kv_cache *cache, int32_t n);
+/* Store token t (0 <= t < n) of layer il: pre-RoPE K and V, n_head_kv * head_dim each. */
+void kvs_kv_cache_store(kvs_kv_cache *cache, int32_t il, int32_t t, const float *k, const float *v);
+/* Mark token t of the tokens being appended as an attention sink. */
+void kvs_kv_cache_mark_sink(kvs_kv_cache *cache, int32_t t);
+/* Attention of one pre-RoPE query head of token t against KV head kv_head of
+ * layer il (causal). scratch: kvs_kv_cache_scratch_floats floats; its first
+ * floats receive the probabilities indexed by cache position; returns their count. */
+int32_t kvs_kv_cache_attend(const kvs_kv_cache *cache, int32_t il, int32_t kv_head, const float *q,
+                            int32_t t, float scale, float *scratch, float *out, int32_t impl);
+/* Finish the append: quantize blocks that left the recent window, evict if needed. */
+void kvs_kv_cache_commit(kvs_kv_cache *cache);
+/* Forget tokens from position n_past on; positions inside committed blocks
+ * round down to the block start. *kept receives the new n_past. */
+kvs_status kvs_kv_cache_truncate(kvs_kv_cache *cache, int32_t n_past, int32_t *kept);
 
 #endif

@@ -3,6 +3,7 @@
  * RMSNorm -> SwiGLU FFN -> residual, then the final norm and the logits. */
 #include <math.h>
 #include <string.h>
+#include <time.h>
 
 #include "context.h"
 
@@ -20,29 +21,28 @@ static void attention_task(void *arg, int ith, int nth) {
     const int64_t q_dim = (int64_t)hp->n_head * hp->head_dim;
     const int32_t group = hp->n_head / hp->n_head_kv;
     const float scale = 1.0f / sqrtf((float)hp->head_dim);
-    float *scores = ctx->scores + (int64_t)ith * ctx->params.n_ctx;
+    float *scratch = ctx->scores + (int64_t)ith * ctx->scratch_len;
     int64_t p0, p1;
     kvs_split_range((int64_t)job->n_tokens * hp->n_head, ith, nth, &p0, &p1);
     for (int64_t p = p0; p < p1; p++) {
         const int32_t t = (int32_t)(p / hp->n_head), h = (int32_t)(p % hp->n_head);
-        const int32_t n_keys = ctx->n_past + t + 1; /* causal: itself and everything before */
         const int64_t off = t * q_dim + (int64_t)h * hp->head_dim;
-        kvs_kv_cache_attend(ctx->kv, job->il, h / group, ctx->q + off, n_keys, scale, scores,
-                            ctx->att + off, ctx->cpu.impl);
+        /* the cache rotates q and the keys to their positions in the cache */
+        const int32_t n_keys = kvs_kv_cache_attend(ctx->kv, job->il, h / group, ctx->q + off, t, scale,
+                                                   scratch, ctx->att + off, ctx->cpu.impl);
         if (ctx->trace_mass) {
-            float *mass = ctx->trace_mass + (int64_t)ith * ctx->params.n_ctx;
-            for (int32_t j = 0; j < n_keys; j++) mass[j] += scores[j];
+            float *mass = ctx->trace_mass + (int64_t)ith * ctx->scratch_len;
+            for (int32_t j = 0; j < n_keys; j++) mass[j] += scratch[j];
         }
     }
 }
 
-/* Sum the per-thread attention mass of layer il into the caller's trace. */
+/* Add the per-thread attention mass of layer il to the caller's trace. */
 static void collect_attention_mass(kvs_context *ctx, int32_t il, int32_t n_tokens) {
-    const int32_t n_keys = ctx->n_past + n_tokens;
-    float *dst = ctx->trace->attn_mass + (int64_t)il * n_keys;
-    memset(dst, 0, (size_t)n_keys * sizeof *dst);
+    const int32_t n_keys = kvs_kv_cache_n_past(ctx->kv) + n_tokens;
+    float *dst = ctx->trace->attn_mass + (int64_t)il * (ctx->trace_past0 + ctx->trace_total);
     for (int32_t t = 0; t < ctx->params.n_threads; t++) {
-        const float *src = ctx->trace_mass + (int64_t)t * ctx->params.n_ctx;
+        const float *src = ctx->trace_mass + (int64_t)t * ctx->scratch_len;
         for (int32_t j = 0; j < n_keys; j++) dst[j] += src[j];
     }
 }
@@ -74,13 +74,11 @@ static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
         kvs_add_bias(q, l->bq, q_dim);
         kvs_add_bias(k, l->bk, kv_dim);
         kvs_add_bias(v, l->bv, kv_dim);
-        kvs_rope(q, hp->n_head, hp, m->rope_freqs, ctx->n_past + t);
-        kvs_rope(k, hp->n_head_kv, hp, m->rope_freqs, ctx->n_past + t);
-        kvs_kv_cache_store(ctx->kv, il, ctx->n_past + t, k, v);
+        kvs_kv_cache_store(ctx->kv, il, t, k, v); /* keys before RoPE: rotated when read */
     }
     attention_job job = {ctx, il, n_tokens};
     if (ctx->trace_mass) {
-        memset(ctx->trace_mass, 0, (size_t)ctx->params.n_threads * (size_t)ctx->params.n_ctx * sizeof(float));
+        memset(ctx->trace_mass, 0, (size_t)ctx->params.n_threads * (size_t)ctx->scratch_len * sizeof(float));
     }
     kvs_threadpool_run(ctx->cpu.pool, attention_task, &job);
     if (ctx->trace_mass) collect_attention_mass(ctx, il, n_tokens);
@@ -113,18 +111,50 @@ static void output_logits(kvs_context *ctx, int32_t n_tokens, int32_t logits_all
     kvs_matmul(&ctx->cpu, &m->output, ctx->xb, n_tokens - first, logits);
 }
 
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* KVSink's predictor: after the profile's layer, a token whose residual stream
+ * exceeds the threshold in an outlier channel is a sink (massive activation). */
+static void predict_sinks(kvs_context *ctx, int32_t n_tokens) {
+    const kvs_sink_profile *p = &ctx->model->profile;
+    const double t0 = now_seconds();
+    for (int32_t t = 0; t < n_tokens; t++) {
+        const float *x = ctx->x + (int64_t)t * ctx->model->hp.n_embd;
+        for (int32_t i = 0; i < p->n_channels; i++) {
+            if (fabsf(x[p->channels[i]]) > p->threshold) {
+                kvs_kv_cache_mark_sink(ctx->kv, t);
+                break;
+            }
+        }
+    }
+    ctx->t_predict += now_seconds() - t0;
+}
+
+/* Preserve-first-N: the first sink_pfn positions are sinks. */
+static void mark_first_tokens(kvs_context *ctx, int32_t n_tokens) {
+    const int32_t n_past = kvs_kv_cache_n_past(ctx->kv);
+    for (int32_t t = 0; t < n_tokens && n_past + t < ctx->sink_pfn; t++) kvs_kv_cache_mark_sink(ctx->kv, t);
+}
+
+static void trace_hidden(kvs_context *ctx, int32_t il, int32_t n_tokens) {
+    const int64_t n_embd = ctx->model->hp.n_embd;
+    float *dst = ctx->trace->hidden + ((int64_t)il * ctx->trace_total + ctx->trace_start) * n_embd;
+    memcpy(dst, ctx->x, (size_t)n_tokens * (size_t)n_embd * sizeof(float));
+}
+
 void kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                        int32_t logits_all, float *logits) {
     embed_tokens(ctx, tokens, n_tokens);
-    const int64_t n_embd = ctx->model->hp.n_embd;
+    if (ctx->sink_policy == KVS_SINKS_PFN) mark_first_tokens(ctx, n_tokens);
     for (int32_t il = 0; il < ctx->model->hp.n_layer; il++) {
         attention_block(ctx, il, n_tokens);
         ffn_block(ctx, il, n_tokens);
-        if (ctx->trace && ctx->trace->hidden) {
-            memcpy(ctx->trace->hidden + (int64_t)il * n_tokens * n_embd, ctx->x,
-                   (size_t)n_tokens * (size_t)n_embd * sizeof(float));
-        }
+        if (ctx->sink_policy == KVS_SINKS_KVSINK && il == ctx->model->profile.layer) predict_sinks(ctx, n_tokens);
+        if (ctx->trace && ctx->trace->hidden) trace_hidden(ctx, il, n_tokens);
     }
     if (logits) output_logits(ctx, n_tokens, logits_all, logits);
-    ctx->n_past += n_tokens;
 }

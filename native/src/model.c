@@ -219,6 +219,44 @@ static kvs_status bind_weights(kvs_model *m) {
     return KVS_OK;
 }
 
+/* ---- sink profile ------------------------------------------------------- */
+
+/* The kvsink.* keys, when present, must be complete and in range. */
+static kvs_status read_sink_profile(kvs_model *m) {
+    kvs_sink_profile *p = &m->profile;
+    if (kvs_gguf_find_key(m->gguf, "kvsink.layer") < 0) return KVS_OK;
+    uint32_t layer;
+    kvs_gguf_kv_info arr;
+    kvs_status st = kvs_gguf_get_u32(m->gguf, "kvsink.layer", &layer);
+    if (st == KVS_OK) st = kvs_gguf_get_f32(m->gguf, "kvsink.threshold", &p->threshold);
+    if (st == KVS_OK) st = kvs_gguf_get_array(m->gguf, "kvsink.channels", -1, &arr);
+    if (st != KVS_OK) return st;
+    if (layer >= (uint32_t)m->hp.n_layer) {
+        return kvs_fail(KVS_ERR_FORMAT, "kvsink.layer %u is not a layer (the model has %d)", layer, m->hp.n_layer);
+    }
+    if (arr.elem_type != KVS_GGUF_UINT32 && arr.elem_type != KVS_GGUF_INT32) {
+        return kvs_fail(KVS_ERR_FORMAT, "kvsink.channels must be an array of 32-bit integers");
+    }
+    if (arr.count < 1 || arr.count > (uint64_t)m->hp.n_embd || !(p->threshold > 0.0f) || !isfinite(p->threshold)) {
+        return kvs_fail(KVS_ERR_FORMAT, "kvsink profile needs 1..n_embd channels and a positive threshold");
+    }
+    p->channels = malloc(arr.count * sizeof *p->channels);
+    if (!p->channels) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the sink profile");
+    for (uint64_t i = 0; i < arr.count; i++) {
+        int32_t c;
+        memcpy(&c, (const uint8_t *)arr.data + 4 * i, 4);
+        if (c < 0 || c >= m->hp.n_embd) {
+            return kvs_fail(KVS_ERR_FORMAT, "kvsink.channels[%llu] = %d is not a channel (n_embd %d)",
+                            (unsigned long long)i, c, m->hp.n_embd);
+        }
+        p->channels[i] = c;
+    }
+    p->n_channels = (int32_t)arr.count;
+    p->layer = (int32_t)layer;
+    p->present = 1;
+    return KVS_OK;
+}
+
 /* ---- public API --------------------------------------------------------- */
 
 kvs_model_params kvs_model_default_params(void) {
@@ -236,6 +274,7 @@ kvs_status kvs_model_load(const char *path, const kvs_model_params *params, kvs_
     if (st == KVS_OK) st = read_arch(m);
     if (st == KVS_OK) st = read_hparams(m);
     if (st == KVS_OK) st = bind_weights(m);
+    if (st == KVS_OK) st = read_sink_profile(m);
     if (st != KVS_OK) {
         kvs_model_free(m);
         return st;
@@ -249,6 +288,7 @@ void kvs_model_free(kvs_model *model) {
     for (int32_t i = 0; i < model->n_owned; i++) free(model->owned[i]);
     free(model->owned);
     free(model->layers);
+    free(model->profile.channels);
     kvs_gguf_free(model->gguf);
     free(model);
 }
@@ -258,3 +298,4 @@ int32_t kvs_model_n_vocab(const kvs_model *model) { return model ? model->hp.n_v
 int32_t kvs_model_n_ctx_train(const kvs_model *model) { return model ? model->hp.n_ctx_train : 0; }
 int32_t kvs_model_n_embd(const kvs_model *model) { return model ? model->hp.n_embd : 0; }
 int32_t kvs_model_n_layer(const kvs_model *model) { return model ? model->hp.n_layer : 0; }
+int32_t kvs_model_has_sink_profile(const kvs_model *model) { return model ? model->profile.present : 0; }

@@ -35,6 +35,16 @@ typedef struct kvs_tensor {
     int64_t row_bytes;
 } kvs_tensor;
 
+/* KVSink's sink profile (GGUF kvsink.* metadata): after layer `layer`, a token
+ * is a sink when |hidden[c]| > threshold for any c in channels. */
+typedef struct kvs_sink_profile {
+    int32_t present;
+    int32_t layer;
+    int32_t n_channels;
+    int32_t *channels;
+    float threshold;
+} kvs_sink_profile;
+
 typedef struct kvs_layer {
     const float *attn_norm;   /* [n_embd] */
     kvs_tensor wq;            /* [n_embd] -> [n_head * head_dim]    */
@@ -57,6 +67,7 @@ struct kvs_model {
     kvs_tensor output;        /* [n_embd] -> [n_vocab]; tok_embd when tied */
     const float *rope_freqs;  /* [n_rot/2] Llama 3.1 frequency factors, or NULL */
     kvs_layer *layers;        /* [n_layer] */
+    kvs_sink_profile profile;
     float **owned;            /* f32 copies of small vectors (norms, biases) */
     int32_t n_owned;
 };

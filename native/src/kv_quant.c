@@ -1,0 +1,72 @@
+/* kv_quant.c - scalar quantize/dequantize of KV cache groups. */
+#include "kv_quant.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "formats.h"
+
+int kvs_kv_bits(int32_t type) {
+    switch (type) {
+    case KVS_KV_F32: case KVS_KV_F16: return 0;
+    case KVS_KV_Q8: return 8;
+    case KVS_KV_Q4: return 4;
+    case KVS_KV_Q3: return 3;
+    case KVS_KV_Q2: return 2;
+    default: return -1;
+    }
+}
+
+static void put_bits(uint8_t *packed, int64_t i, int bits, unsigned q) {
+    const int64_t bit = i * bits;
+    unsigned v = (unsigned)packed[bit / 8] | ((unsigned)packed[bit / 8 + 1] << 8);
+    v |= q << (bit % 8);
+    packed[bit / 8] = (uint8_t)v;
+    packed[bit / 8 + 1] = (uint8_t)(v >> 8);
+}
+
+static unsigned get_bits(const uint8_t *packed, int64_t i, int bits, int64_t n_bytes) {
+    const int64_t bit = i * bits, byte = bit / 8;
+    unsigned v = packed[byte];
+    if (byte + 1 < n_bytes) v |= (unsigned)packed[byte + 1] << 8;
+    return (v >> (bit % 8)) & ((1u << bits) - 1);
+}
+
+void kvs_kv_quantize_group(const float *x, int64_t stride, const uint8_t *skip, int64_t n, int bits,
+                           uint8_t *out) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (skip && skip[i]) continue;
+        const float v = x[i * stride];
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    if (lo > hi) lo = hi = 0.0f; /* every entry skipped */
+    const int levels = (1 << bits) - 1;
+    /* quantize with the fp16-rounded scale and zero the reader will see */
+    const kvs_half zero_h = kvs_fp32_to_fp16(lo);
+    const kvs_half scale_h = kvs_fp32_to_fp16((hi - lo) / (float)levels);
+    const float zero = kvs_fp16_to_fp32(zero_h), scale = kvs_fp16_to_fp32(scale_h);
+    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    memcpy(out, &scale_h, 2);
+    memcpy(out + 2, &zero_h, 2);
+    uint8_t *packed = out + 4;
+    /* one spare byte lets put_bits write 16 bits; the group owns it or the next group overwrites */
+    memset(packed, 0, (size_t)((n * bits + 7) / 8));
+    for (int64_t i = 0; i < n; i++) {
+        float q = (skip && skip[i]) ? 0.0f : roundf((x[i * stride] - zero) * inv);
+        q = q < 0.0f ? 0.0f : q > (float)levels ? (float)levels : q;
+        const int64_t bit = i * bits;
+        if (bit / 8 + 1 < (n * bits + 7) / 8) put_bits(packed, i, bits, (unsigned)q);
+        else packed[bit / 8] |= (uint8_t)((unsigned)q << (bit % 8));
+    }
+}
+
+void kvs_kv_dequantize_group(const uint8_t *in, int64_t n, int bits, float *y) {
+    kvs_half scale_h, zero_h;
+    memcpy(&scale_h, in, 2);
+    memcpy(&zero_h, in + 2, 2);
+    const float scale = kvs_fp16_to_fp32(scale_h), zero = kvs_fp16_to_fp32(zero_h);
+    const int64_t n_bytes = (n * bits + 7) / 8;
+    for (int64_t i = 0; i < n; i++) y[i] = (float)get_bits(in + 4, i, bits, n_bytes) * scale + zero;
+}
