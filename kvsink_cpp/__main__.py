@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-p", "--prompt", required=True, help="prompt text")
     _add_runtime_args(gen, n_predict_default=128)
     gen.set_defaults(func=_cmd_generate)
+    from .profile import add_profile_parser
+    add_profile_parser(sub)
     return parser
 
 

@@ -217,9 +217,10 @@ def test_quantized_cache_options(smollm2_path):
         pytest.skip("quantized KV cache not built yet")
     f16 = perplexity(smollm2_path, PARAGRAPH, n_ctx=64, n_chunks=2, n_threads=2, progress=False,
                      type_k="f16", type_v="f16", sinks="none")
+    # no fp16 recent window, so that the scored positions read quantized blocks
     q4 = perplexity(smollm2_path, PARAGRAPH, n_ctx=64, n_chunks=2, n_threads=2, progress=False,
-                    kl_divergence=True, type_k="q4", type_v="q4", sinks="pfn:1", kv_block=32, kv_recent=32)
-    assert q4["sinks"] == "pfn:1" and q4["kv_block"] == 32 and q4["kv_recent"] == 32
+                    kl_divergence=True, type_k="q4", type_v="q4", sinks="pfn:1", kv_block=32, kv_recent=0)
+    assert q4["sinks"] == "pfn:1" and q4["kv_block"] == 32 and q4["kv_recent"] == 0
     assert math.isfinite(q4["ppl"]) and q4["kl_mean"] > 0 and 0 < q4["top1_agreement"] <= 1
     assert q4["ref_ppl"] == pytest.approx(f16["ppl"], rel=1e-9)
     assert q4["kv_bytes_per_token"] < f16["kv_bytes_per_token"]

@@ -1,6 +1,7 @@
 """Sink-profile calibration and the GGUF copy that carries it (kvsink_cpp/profile.py)."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ from gguf import GGMLQuantizationType as T
 
 from kvsink_cpp import Llama
 from kvsink_cpp.gguf_file import GGUFFile
-from kvsink_cpp.profile import (NoSinkProfileError, SinkProfile, _best_threshold, _label_sinks, calibrate,
-                                main, read_profile, run_calibration, write_profile)
+from kvsink_cpp import profile as profile_module
+from kvsink_cpp.profile import (NoSinkProfileError, SinkProfile, _best_threshold, _emergence, _label_sinks,
+                                add_profile_parser,
+                                calibrate, main, read_profile, run_calibration, write_profile)
 
 import synthetic
 
@@ -49,13 +52,30 @@ def test_best_threshold_maximizes_f1_when_no_cut_is_clean():
 def test_ground_truth_is_the_attention_share_far_above_typical():
     n, n_head = 128, 4
     queries = n - np.arange(n)
-    share = np.full(n, 0.01)
-    share[[0, 40]] = [0.5, 0.4]
+    special = {0: 0.5, 40: 0.4, 90: 0.15}      # 90: far above typical, but not a sink's share
+    share = np.zeros(n)
+    share[list(special)] = list(special.values())
+    others = share == 0                         # share the rest: every query's attention sums to 1
+    share[others] = (n - (share * queries).sum()) / queries[others].sum()
     mass = np.tile(share * n_head * queries, (3, 1))
-    is_sink, labelled, ratio = _label_sinks(mass)
+    is_sink, labelled, got = _label_sinks(mass)
     assert np.flatnonzero(is_sink).tolist() == [0, 40]
     assert labelled[: n - 31].all() and not labelled[n - 31:].any()
-    assert ratio[0] == pytest.approx(50.0)
+    np.testing.assert_allclose(got, share)
+
+
+def test_emergence_is_the_first_persistent_massive_layer_on_sinks():
+    rng = np.random.default_rng(0)
+    habs = np.abs(rng.normal(size=(10, 200, 64))).astype(np.float32)
+    is_sink = np.zeros(200, bool)
+    is_sink[[0, 100]] = True
+    habs[1:4, 50, 9] = 5000.0           # short-lived, on a non-sink: not the emergence
+    habs[2:4, 0, 11] = 5000.0           # short-lived, on a sink: not the emergence either
+    habs[3:, 0, 7] = habs[3:, 100, 7] = 3000.0
+    habs[3:, 0, 20] = 900.0             # massive on one sink of two: still an outlier channel
+    habs[3:, 100, 30] = 900.0
+    assert _emergence(habs, is_sink) == (3, [7, 20, 30])
+    assert _emergence(habs[:, :, :7], is_sink) == (None, [])
 
 
 # ---- metadata, on a small synthetic GGUF -------------------------------------
@@ -111,6 +131,23 @@ def test_random_weights_get_no_profile(tmp_path, write):
     tokens = np.random.default_rng(0).integers(0, 320, size=512).tolist()
     with pytest.raises(NoSinkProfileError, match="no sink profile"):
         calibrate(path, tokens=tokens, progress=False, n_threads=2)
+
+
+def test_profile_subcommand_registers():
+    parser = argparse.ArgumentParser()
+    add_profile_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["profile", "in.gguf", "out.gguf", "--text", "t.txt", "--tokens", "500", "-t", "3"])
+    assert (args.model, args.output, args.text, args.tokens, args.threads) == ("in.gguf", "out.gguf", "t.txt", 500, 3)
+    assert callable(args.func)
+
+
+def test_command_without_a_profile_writes_nothing(synthetic_path, tmp_path, monkeypatch, capsys):
+    def no_profile(*args, **kwargs):
+        raise NoSinkProfileError("no attention sinks")
+    monkeypatch.setattr(profile_module, "run_calibration", no_profile)
+    out = tmp_path / "out.gguf"
+    assert main([str(synthetic_path), str(out)]) == 2
+    assert "no sink profile" in capsys.readouterr().err and not out.exists()
 
 
 def test_convert_script_runs():
@@ -189,3 +226,17 @@ def test_smollm2_copy_runs_the_same(smollm2_path, smollm2_profiled):
             llm.eval(tokens)
             logits.append(llm.last_logits().copy())
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_smollm2_command_reports_and_writes(smollm2_path, smollm2_calibration, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(profile_module, "run_calibration", lambda *args, **kwargs: smollm2_calibration)
+    out = tmp_path / "out.gguf"
+    assert main([str(smollm2_path), str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    p = smollm2_calibration.profile
+    assert f"emergence layer:   {p.layer}" in text and f"precision {p.precision:.3f}" in text
+    assert "segment 0 position    0" in text
+    with GGUFFile(str(out)) as f:
+        assert read_profile(f.metadata) == p

@@ -71,7 +71,8 @@ static kvs_status create_cache(kvs_context *ctx) {
         ctx->sink_pfn = 1;
     }
     kvs_status st = kvs_kv_cache_create(&ctx->model->hp, ctx->model->rope_freqs, p->n_ctx, &kp, &ctx->kv);
-    if (st == KVS_OK) ctx->scratch_len = kvs_kv_cache_scratch_floats(ctx->kv);
+    const int32_t group = ctx->model->hp.n_head / ctx->model->hp.n_head_kv;
+    if (st == KVS_OK) ctx->scratch_len = kvs_kv_cache_scratch_floats(ctx->kv, ATTN_TOKENS * group);
     return st;
 }
 

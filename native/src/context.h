@@ -32,6 +32,9 @@ struct kvs_context {
     int32_t trace_start, trace_total, trace_past0; /* this forward's tokens within the traced call */
 };
 
+/* Tokens per attention task (with the query heads of one KV head). */
+#define ATTN_TOKENS 16
+
 /* The llama-family forward pass over at most ubatch tokens appended to the
  * cache at positions n_past.. (llama.c); the cache's append is begun. */
 void kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,

@@ -33,6 +33,17 @@ void kvs_kv_score_tile(int32_t n, int32_t hd, int32_t stride, const float *kt, c
     kvs_score_tile_scalar(n, hd, stride, kt, qb, wb, cos_t, sin_t, out);
 }
 
+void kvs_f16_to_f32_scalar(int64_t n, const kvs_half *src, float *dst) {
+    for (int64_t i = 0; i < n; i++) dst[i] = kvs_fp16_to_fp32(src[i]);
+}
+
+kvs_f16_to_f32_fn kvs_f16_to_f32_kernel(int32_t impl) {
+#if defined(KVS_HAVE_AVX2_BUILD)
+    if (impl == KVS_IMPL_AVX2) return kvs_f16_to_f32_avx2;
+#endif
+    return kvs_f16_to_f32_scalar;
+}
+
 kvs_axpy_fn kvs_axpy_kernel(int32_t type, int32_t impl) {
     const int f16 = type == KVS_TYPE_F16;
 #if defined(KVS_HAVE_AVX2_BUILD)

@@ -31,6 +31,14 @@ void kvs_score_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt,
                          const float *wb, const float *cos_t, const float *sin_t, float *out);
 #endif
 
+/* f16 -> f32 conversion of n values. */
+typedef void (*kvs_f16_to_f32_fn)(int64_t n, const kvs_half *src, float *dst);
+void kvs_f16_to_f32_scalar(int64_t n, const kvs_half *src, float *dst);
+#if defined(KVS_HAVE_AVX2_BUILD)
+void kvs_f16_to_f32_avx2(int64_t n, const kvs_half *src, float *dst);
+#endif
+kvs_f16_to_f32_fn kvs_f16_to_f32_kernel(int32_t impl);
+
 /* Runs the kernel chosen by impl. */
 void kvs_kv_score_tile(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
                        const float *wb, const float *cos_t, const float *sin_t, float *out, int32_t impl);

@@ -46,3 +46,9 @@ void kvs_score_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt,
         out[t] = acc;
     }
 }
+
+void kvs_f16_to_f32_avx2(int64_t n, const kvs_half *src, float *dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = _cvtsh_ss(src[i]);
+}

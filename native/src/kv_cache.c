@@ -173,9 +173,6 @@ double kvs_kv_cache_bytes_per_token(const kvs_kv_cache *c) {
     return (double)(c->k_bytes + c->v_bytes) * c->n_layer * c->n_kv / c->B;
 }
 
-int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *c) {
-    return (int64_t)c->P + 2 * (int64_t)c->hd * c->B + 2 * c->hd + c->B;
-}
 
 int32_t kvs_kv_cache_n_past(const kvs_kv_cache *c) { return c->n_past; }
 int32_t kvs_kv_cache_n_sinks(const kvs_kv_cache *c) { return c->n_sinks; }
@@ -329,177 +326,203 @@ kvs_status kvs_kv_cache_truncate(kvs_kv_cache *c, int32_t n_past, int32_t *kept)
     return KVS_OK;
 }
 
-/* ---- attention ---------------------------------------------------------- */
+/* ---- attention ----------------------------------------------------------
+ * All queries of a KV head (its query heads, a range of the appended tokens)
+ * go together, so each block is dequantized once per pass, not per query. */
+
+typedef struct segment {
+    int kind;          /* 0 sink row, 1 block, 2 window run */
+    int32_t index;     /* sink row, block slot, or first window position */
+    int32_t c0;        /* cache position of the first token */
+    int32_t n;         /* tokens */
+    uint64_t mask;     /* tokens read from the sink table instead */
+} segment;
+
+/* Segment k of [sink rows | blocks | window up to position last]; 0 past the end. */
+static int get_segment(const kvs_kv_cache *c, int32_t k, int32_t last, segment *sg) {
+    if (k < c->n_sinks) {
+        *sg = (segment){0, k, c->sink_pos[k] < c->frontier ? k : c->sink_pos[k] - c->n_evicted, 1, 0};
+        return 1;
+    }
+    k -= c->n_sinks;
+    if (k < c->n_blocks) {
+        const int32_t slot = (c->first_block + k) % c->NB;
+        *sg = (segment){1, slot, c->block_start[slot] - c->n_evicted, c->B, c->block_mask[slot]};
+        return 1;
+    }
+    k -= c->n_blocks;
+    const int32_t o0 = c->win_start + k * c->B;
+    if (o0 > last) return 0;
+    const int32_t n = last + 1 - o0 < c->B ? last + 1 - o0 : c->B;
+    *sg = (segment){2, o0, o0 - c->n_evicted, n, 0};
+    return 1;
+}
 
 typedef struct attend_scratch {
-    float *scores;  /* [P] probabilities by cache position */
+    float *scores;  /* [n_queries][P] probabilities by cache position */
     float *kt;      /* [hd][B] key tile, channel-major */
     float *vt;      /* [B][hd] value tile, token-major; also key staging */
     float *qb, *wb; /* [hd] query rotated to a segment, and its 90-degree partner */
     float *seg;     /* [B] scores of one segment */
 } attend_scratch;
 
+int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *c, int32_t max_queries) {
+    return (int64_t)max_queries * c->P + 2 * (int64_t)c->hd * c->B + 2 * c->hd + c->B;
+}
+
 /* Rotate q to a segment whose first key is `dist` positions before the query. */
 static void rotate_query(const kvs_kv_cache *c, const float *q, int32_t dist, float *qb, float *wb) {
     const int32_t half = c->n_rot / 2;
     const float *cs = c->rel_cos + (int64_t)dist * half, *sn = c->rel_sin + (int64_t)dist * half;
-    for (int32_t d = 0; d < c->hd; d++) {
+    const int32_t step = c->neox ? 1 : 2, stride = c->neox ? half : 1;
+    for (int32_t d = c->n_rot; d < c->hd; d++) {
         qb[d] = q[d];
         wb[d] = 0.0f;
     }
-    for (int32_t d = 0; d < c->n_rot; d++) {
-        int32_t i, partner;
-        int first;
-        rope_pair(c, d, &i, &partner, &first);
-        if (first) {
-            qb[d] = q[d] * cs[i] - q[partner] * sn[i];
-            qb[partner] = q[d] * sn[i] + q[partner] * cs[i];
-        }
-    }
-    for (int32_t d = 0; d < c->n_rot; d++) {
-        int32_t i, partner;
-        int first;
-        rope_pair(c, d, &i, &partner, &first);
-        wb[d] = first ? qb[partner] : -qb[partner];
+    for (int32_t i = 0; i < half; i++) {
+        const int32_t a = i * step, b = a + stride;
+        qb[a] = q[a] * cs[i] - q[b] * sn[i];
+        qb[b] = q[a] * sn[i] + q[b] * cs[i];
+        wb[a] = qb[b];
+        wb[b] = -qb[a];
     }
 }
 
-/* Key tile (channel-major, stride B) of a committed block. */
-static void load_block_keys(const kvs_kv_cache *c, const uint8_t *data, attend_scratch *s) {
-    const int32_t B = c->B, hd = c->hd, G = c->G;
-    if (c->kbits == 0) {
-        for (int32_t t = 0; t < B; t++) {
-            for (int32_t d = 0; d < hd; d++) {
-                const int64_t i = (int64_t)t * hd + d;
-                s->kt[d * B + t] = c->p.type_k == KVS_KV_F32 ? ((const float *)data)[i]
-                                                              : kvs_fp16_to_fp32(((const kvs_half *)data)[i]);
-            }
-        }
-        return;
-    }
-    if (!c->p.key_per_token) {
-        const int64_t gb = kvs_kv_group_bytes(c->kbits, B);
-        for (int32_t d = 0; d < hd; d++) kvs_kv_dequantize_group(data + d * gb, B, c->kbits, s->kt + d * B);
-        return;
-    }
-    const int64_t gb = kvs_kv_group_bytes(c->kbits, G);
-    for (int32_t t = 0; t < B; t++) {
-        for (int32_t g = 0; g < hd / G; g++) {
-            kvs_kv_dequantize_group(data + ((int64_t)t * (hd / G) + g) * gb, G, c->kbits, s->vt + (int64_t)t * hd + g * G);
-        }
-    }
-    for (int32_t t = 0; t < B; t++)
-        for (int32_t d = 0; d < hd; d++) s->kt[d * B + t] = s->vt[(int64_t)t * hd + d];
+static void f16_row_to_f32(const kvs_half *src, int64_t n, float *dst, int32_t impl) {
+    kvs_f16_to_f32_kernel(impl)(n, src, dst);
 }
 
-/* Value tile (token-major) of a committed block. */
-static void load_block_values(const kvs_kv_cache *c, const uint8_t *data, attend_scratch *s) {
-    const int32_t B = c->B, hd = c->hd, G = c->G;
-    if (c->vbits == 0) {
-        for (int64_t i = 0; i < (int64_t)B * hd; i++) {
-            s->vt[i] = c->p.type_v == KVS_KV_F32 ? ((const float *)data)[i] : kvs_fp16_to_fp32(((const kvs_half *)data)[i]);
-        }
-        return;
-    }
-    const int64_t gb = kvs_kv_group_bytes(c->vbits, G);
-    for (int32_t t = 0; t < B; t++) {
-        for (int32_t g = 0; g < hd / G; g++) {
-            kvs_kv_dequantize_group(data + ((int64_t)t * (hd / G) + g) * gb, G, c->vbits, s->vt + (int64_t)t * hd + g * G);
-        }
-    }
+static void get_row_fast(const kvs_kv_cache *c, const uint8_t *base, size_t index, float *dst, int32_t impl) {
+    if (c->row_elem == 4) memcpy(dst, (const float *)base + index, (size_t)c->hd * sizeof(float));
+    else f16_row_to_f32((const kvs_half *)base + index, c->hd, dst, impl);
 }
 
-/* Scores of n keys (tile kt) at consecutive cache positions c0.., query at m. */
-static void score_segment(const kvs_kv_cache *c, const float *q, int32_t m, int32_t c0, int32_t n,
-                          uint64_t mask, float scale, attend_scratch *s, int32_t impl) {
-    rotate_query(c, q, m - c0, s->qb, s->wb);
-    kvs_kv_score_tile(n, c->hd, c->B, s->kt, s->qb, s->wb, c->blk_cos, c->blk_sin, s->seg, impl);
-    for (int32_t t = 0; t < n; t++) {
-        if (!(mask >> t & 1)) s->scores[c0 + t] = s->seg[t] * scale;
-    }
-}
-
-static void accumulate_values(const kvs_kv_cache *c, int32_t c0, int32_t n, uint64_t mask,
-                              const attend_scratch *s, float *out, int32_t impl) {
-    const kvs_axpy_fn axpy = kvs_axpy_kernel(KVS_TYPE_F32, impl);
-    for (int32_t t = 0; t < n; t++) {
-        if (!(mask >> t & 1)) axpy(c->hd, s->scores[c0 + t], s->vt + (int64_t)t * c->hd, out);
-    }
-}
-
-static int32_t sink_cache_pos(const kvs_kv_cache *c, int32_t i) {
-    return c->sink_pos[i] < c->frontier ? i : c->sink_pos[i] - c->n_evicted;
-}
-
-/* Window tokens from position o0, n of them, as a tile (keys) or rows (values). */
-static void load_window(const kvs_kv_cache *c, int32_t il, int32_t h, int32_t o0, int32_t n, int keys,
-                        attend_scratch *s) {
-    for (int32_t t = 0; t < n; t++) {
-        const size_t index = row_index(c, (o0 + t) % c->Wcap, il, h);
-        get_row(c, keys ? c->win_k : c->win_v, index, s->vt + (int64_t)t * c->hd);
-    }
-    if (!keys) return;
+static void transpose_to_kt(const kvs_kv_cache *c, int32_t n, attend_scratch *s) {
     for (int32_t t = 0; t < n; t++)
         for (int32_t d = 0; d < c->hd; d++) s->kt[d * c->B + t] = s->vt[(int64_t)t * c->hd + d];
 }
 
-static void load_sink(const kvs_kv_cache *c, int32_t il, int32_t h, int32_t i, int keys, attend_scratch *s) {
-    const size_t index = row_index(c, i, il, h);
-    get_row(c, keys ? c->sink_k : c->sink_v, index, s->vt);
-    if (keys) for (int32_t d = 0; d < c->hd; d++) s->kt[d * c->B] = s->vt[d];
+/* Raw (f32/f16) block rows into vt, token-major. */
+static void load_raw_rows(const kvs_kv_cache *c, const uint8_t *data, int32_t type, attend_scratch *s, int32_t impl) {
+    if (type == KVS_KV_F32) memcpy(s->vt, data, (size_t)c->B * c->hd * sizeof(float));
+    else f16_row_to_f32((const kvs_half *)data, (int64_t)c->B * c->hd, s->vt, impl);
 }
 
-/* One pass over [sink rows | blocks | window]: keys (pass 0) or values (pass 1). */
-static void visit_parts(const kvs_kv_cache *c, int32_t il, int32_t h, const float *q, int32_t m_orig,
-                        float scale, attend_scratch *s, float *out, int pass, int32_t impl) {
-    const int32_t m = m_orig - c->n_evicted;
-    for (int32_t i = 0; i < c->n_sinks; i++) {
-        const int32_t pos = sink_cache_pos(c, i);
-        load_sink(c, il, h, i, pass == 0, s);
-        if (pass == 0) score_segment(c, q, m, pos, 1, 0, scale, s, impl);
-        else accumulate_values(c, pos, 1, 0, s, out, impl);
-    }
-    for (int32_t b = 0; b < c->n_blocks; b++) {
-        const int32_t slot = (c->first_block + b) % c->NB;
-        const uint8_t *data = block_data(c, slot, il, h);
-        const int32_t c0 = c->block_start[slot] - c->n_evicted;
-        if (pass == 0) {
-            load_block_keys(c, data, s);
-            score_segment(c, q, m, c0, c->B, c->block_mask[slot], scale, s, impl);
-        } else {
-            load_block_values(c, data + c->k_bytes, s);
-            accumulate_values(c, c0, c->B, c->block_mask[slot], s, out, impl);
+static void load_groups(const kvs_kv_cache *c, const uint8_t *data, int bits, attend_scratch *s) {
+    const int64_t gb = kvs_kv_group_bytes(bits, c->G);
+    for (int32_t t = 0; t < c->B; t++) {
+        for (int32_t g = 0; g < c->hd / c->G; g++) {
+            kvs_kv_dequantize_group(data + ((int64_t)t * (c->hd / c->G) + g) * gb, c->G, bits,
+                                    s->vt + (int64_t)t * c->hd + g * c->G);
         }
     }
-    for (int32_t o0 = c->win_start; o0 <= m_orig; o0 += c->B) {
-        const int32_t n = m_orig + 1 - o0 < c->B ? m_orig + 1 - o0 : c->B;
-        load_window(c, il, h, o0, n, pass == 0, s);
-        if (pass == 0) score_segment(c, q, m, o0 - c->n_evicted, n, 0, scale, s, impl);
-        else accumulate_values(c, o0 - c->n_evicted, n, 0, s, out, impl);
+}
+
+/* Key tile (channel-major, stride B) of a segment. */
+static void load_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s, int32_t impl) {
+    if (sg->kind == 0 || sg->kind == 2) {
+        const uint8_t *base = sg->kind == 0 ? c->sink_k : c->win_k;
+        for (int32_t t = 0; t < sg->n; t++) {
+            const int32_t slot = sg->kind == 0 ? sg->index : (sg->index + t) % c->Wcap;
+            get_row_fast(c, base, row_index(c, slot, il, h), s->vt + (int64_t)t * c->hd, impl);
+        }
+        transpose_to_kt(c, sg->n, s);
+        return;
+    }
+    const uint8_t *data = block_data(c, sg->index, il, h);
+    if (c->kbits == 0) {
+        load_raw_rows(c, data, c->p.type_k, s, impl);
+        transpose_to_kt(c, c->B, s);
+    } else if (!c->p.key_per_token) {
+        const int64_t gb = kvs_kv_group_bytes(c->kbits, c->B);
+        for (int32_t d = 0; d < c->hd; d++) kvs_kv_dequantize_group(data + d * gb, c->B, c->kbits, s->kt + d * c->B);
+    } else {
+        load_groups(c, data, c->kbits, s);
+        transpose_to_kt(c, c->B, s);
     }
 }
 
-int32_t kvs_kv_cache_attend(const kvs_kv_cache *c, int32_t il, int32_t kv_head, const float *q,
-                            int32_t t, float scale, float *scratch, float *out, int32_t impl) {
-    attend_scratch s;
-    s.scores = scratch;
-    s.kt = scratch + c->P;
-    s.vt = s.kt + (int64_t)c->hd * c->B;
-    s.qb = s.vt + (int64_t)c->hd * c->B;
-    s.wb = s.qb + c->hd;
-    s.seg = s.wb + c->hd;
-    const int32_t m_orig = c->n_past + t, n_keys = m_orig - c->n_evicted + 1;
-    visit_parts(c, il, kv_head, q, m_orig, scale, &s, out, 0, impl);
+/* Value rows (token-major) of a segment. */
+static void load_values(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s, int32_t impl) {
+    if (sg->kind == 0 || sg->kind == 2) {
+        const uint8_t *base = sg->kind == 0 ? c->sink_v : c->win_v;
+        for (int32_t t = 0; t < sg->n; t++) {
+            const int32_t slot = sg->kind == 0 ? sg->index : (sg->index + t) % c->Wcap;
+            get_row_fast(c, base, row_index(c, slot, il, h), s->vt + (int64_t)t * c->hd, impl);
+        }
+        return;
+    }
+    const uint8_t *data = block_data(c, sg->index, il, h) + c->k_bytes;
+    if (c->vbits == 0) load_raw_rows(c, data, c->p.type_v, s, impl);
+    else load_groups(c, data, c->vbits, s);
+}
+
+/* Keys of a segment that query position m_orig may see (causal inside the window). */
+static int32_t visible(const segment *sg, int32_t m_orig) {
+    if (sg->kind != 2) return sg->n;
+    const int32_t n = m_orig + 1 - sg->index;
+    return n < 0 ? 0 : n < sg->n ? n : sg->n;
+}
+
+static void softmax_in_place(float *p, int32_t n) {
     float max_score = -INFINITY;
-    for (int32_t j = 0; j < n_keys; j++) max_score = s.scores[j] > max_score ? s.scores[j] : max_score;
+    for (int32_t j = 0; j < n; j++) max_score = p[j] > max_score ? p[j] : max_score;
     double sum = 0.0;
-    for (int32_t j = 0; j < n_keys; j++) {
-        s.scores[j] = expf(s.scores[j] - max_score);
-        sum += s.scores[j];
+    for (int32_t j = 0; j < n; j++) {
+        p[j] = expf(p[j] - max_score);
+        sum += p[j];
     }
     const float inv_sum = (float)(1.0 / sum);
-    for (int32_t j = 0; j < n_keys; j++) s.scores[j] *= inv_sum;
-    memset(out, 0, (size_t)c->hd * sizeof *out);
-    visit_parts(c, il, kv_head, q, m_orig, scale, &s, out, 1, impl);
-    return n_keys;
+    for (int32_t j = 0; j < n; j++) p[j] *= inv_sum;
+}
+
+void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float *scratch, int32_t impl) {
+    attend_scratch s;
+    const int32_t n_q = (job->t1 - job->t0) * job->n_heads, hd = c->hd;
+    s.scores = scratch;
+    s.kt = scratch + (int64_t)n_q * c->P;
+    s.vt = s.kt + (int64_t)hd * c->B;
+    s.qb = s.vt + (int64_t)hd * c->B;
+    s.wb = s.qb + hd;
+    s.seg = s.wb + hd;
+    const int32_t last = c->n_past + job->t1 - 1;
+    const kvs_axpy_fn axpy = kvs_axpy_kernel(KVS_TYPE_F32, impl);
+    segment sg;
+    for (int32_t k = 0; get_segment(c, k, last, &sg); k++) {
+        load_keys(c, job->il, job->kv_head, &sg, &s, impl);
+        for (int32_t t = job->t0; t < job->t1; t++) {
+            const int32_t m_orig = c->n_past + t, n = visible(&sg, m_orig);
+            for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
+                const float *q = job->q + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
+                float *scores = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
+                rotate_query(c, q, m_orig - c->n_evicted - sg.c0, s.qb, s.wb);
+                kvs_kv_score_tile(n, hd, c->B, s.kt, s.qb, s.wb, c->blk_cos, c->blk_sin, s.seg, impl);
+                for (int32_t i = 0; i < n; i++) {
+                    if (!(sg.mask >> i & 1)) scores[sg.c0 + i] = s.seg[i] * job->scale;
+                }
+            }
+        }
+    }
+    for (int32_t t = job->t0; t < job->t1; t++) {
+        const int32_t n_keys = c->n_past + t - c->n_evicted + 1;
+        for (int32_t j = 0; j < job->n_heads; j++) {
+            float *scores = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
+            softmax_in_place(scores, n_keys);
+            if (job->mass) for (int32_t i = 0; i < n_keys; i++) job->mass[i] += scores[i];
+            memset(job->out + t * job->q_stride + (int64_t)(job->h0 + j) * hd, 0, (size_t)hd * sizeof(float));
+        }
+    }
+    for (int32_t k = 0; get_segment(c, k, last, &sg); k++) {
+        load_values(c, job->il, job->kv_head, &sg, &s, impl);
+        for (int32_t t = job->t0; t < job->t1; t++) {
+            const int32_t n = visible(&sg, c->n_past + t);
+            for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
+                const float *p = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P + sg.c0;
+                float *out = job->out + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
+                for (int32_t i = 0; i < n; i++) {
+                    if (!(sg.mask >> i & 1)) axpy(hd, p[i], s.vt + (int64_t)i * hd, out);
+                }
+            }
+        }
+    }
 }

@@ -38,8 +38,8 @@ void kvs_kv_cache_free(kvs_kv_cache *cache);
 
 /* KV bytes per token once quantized (blocks, scales included), all layers. */
 double kvs_kv_cache_bytes_per_token(const kvs_kv_cache *cache);
-/* Floats of per-thread scratch that kvs_kv_cache_attend needs. */
-int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *cache);
+/* Floats of per-thread scratch kvs_kv_cache_attend needs for max_queries queries. */
+int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *cache, int32_t max_queries);
 
 int32_t kvs_kv_cache_n_past(const kvs_kv_cache *cache);
 int32_t kvs_kv_cache_n_sinks(const kvs_kv_cache *cache);
@@ -52,11 +52,20 @@ kvs_status kvs_kv_cache_begin(kvs_kv_cache *cache, int32_t n);
 void kvs_kv_cache_store(kvs_kv_cache *cache, int32_t il, int32_t t, const float *k, const float *v);
 /* Mark token t of the tokens being appended as an attention sink. */
 void kvs_kv_cache_mark_sink(kvs_kv_cache *cache, int32_t t);
-/* Attention of one pre-RoPE query head of token t against KV head kv_head of
- * layer il (causal). scratch: kvs_kv_cache_scratch_floats floats; its first
- * floats receive the probabilities indexed by cache position; returns their count. */
-int32_t kvs_kv_cache_attend(const kvs_kv_cache *cache, int32_t il, int32_t kv_head, const float *q,
-                            int32_t t, float scale, float *scratch, float *out, int32_t impl);
+/* Attention for the query heads h0..h0+n_heads-1 (all sharing KV head
+ * kv_head) of the appended tokens t0..t1-1 in layer il, causal. */
+typedef struct kvs_attend_job {
+    int32_t il, kv_head;
+    int32_t t0, t1;         /* tokens of the append in progress */
+    int32_t h0, n_heads;    /* query heads */
+    const float *q;         /* pre-RoPE queries: token t, head h at q + t*q_stride + h*head_dim */
+    int64_t q_stride;
+    float scale;
+    float *out;             /* same layout as q */
+    float *mass;            /* NULL, or += attention probability per cache position */
+} kvs_attend_job;
+
+void kvs_kv_cache_attend(const kvs_kv_cache *cache, const kvs_attend_job *job, float *scratch, int32_t impl);
 /* Finish the append: quantize blocks that left the recent window, evict if needed. */
 void kvs_kv_cache_commit(kvs_kv_cache *cache);
 /* Forget tokens from position n_past on; positions inside committed blocks

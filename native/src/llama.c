@@ -13,27 +13,23 @@ typedef struct attention_job {
     int32_t n_tokens;
 } attention_job;
 
-/* Each (token, query head) pair is independent: split the pairs over threads. */
+/* Tasks are (KV head, run of ATTN_TOKENS tokens): the query heads sharing a
+ * KV head read each dequantized block together. Interleaved over threads,
+ * since later tokens see more keys. */
 static void attention_task(void *arg, int ith, int nth) {
     const attention_job *job = arg;
     kvs_context *ctx = job->ctx;
     const kvs_hparams *hp = &ctx->model->hp;
-    const int64_t q_dim = (int64_t)hp->n_head * hp->head_dim;
     const int32_t group = hp->n_head / hp->n_head_kv;
-    const float scale = 1.0f / sqrtf((float)hp->head_dim);
+    const int32_t n_runs = (job->n_tokens + ATTN_TOKENS - 1) / ATTN_TOKENS;
     float *scratch = ctx->scores + (int64_t)ith * ctx->scratch_len;
-    int64_t p0, p1;
-    kvs_split_range((int64_t)job->n_tokens * hp->n_head, ith, nth, &p0, &p1);
-    for (int64_t p = p0; p < p1; p++) {
-        const int32_t t = (int32_t)(p / hp->n_head), h = (int32_t)(p % hp->n_head);
-        const int64_t off = t * q_dim + (int64_t)h * hp->head_dim;
-        /* the cache rotates q and the keys to their positions in the cache */
-        const int32_t n_keys = kvs_kv_cache_attend(ctx->kv, job->il, h / group, ctx->q + off, t, scale,
-                                                   scratch, ctx->att + off, ctx->cpu.impl);
-        if (ctx->trace_mass) {
-            float *mass = ctx->trace_mass + (int64_t)ith * ctx->scratch_len;
-            for (int32_t j = 0; j < n_keys; j++) mass[j] += scratch[j];
-        }
+    for (int32_t task = ith; task < n_runs * hp->n_head_kv; task += nth) {
+        const int32_t kv_head = task % hp->n_head_kv, run = task / hp->n_head_kv;
+        const int32_t t1 = (run + 1) * ATTN_TOKENS < job->n_tokens ? (run + 1) * ATTN_TOKENS : job->n_tokens;
+        kvs_attend_job aj = {job->il, kv_head, run * ATTN_TOKENS, t1, kv_head * group, group,
+                             ctx->q, (int64_t)hp->n_head * hp->head_dim, 1.0f / sqrtf((float)hp->head_dim),
+                             ctx->att, ctx->trace_mass ? ctx->trace_mass + (int64_t)ith * ctx->scratch_len : NULL};
+        kvs_kv_cache_attend(ctx->kv, &aj, scratch, ctx->cpu.impl);
     }
 }
 
