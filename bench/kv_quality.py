@@ -34,7 +34,7 @@ from tqdm import tqdm
 from llama_cpp_env import run_worker
 from kvsink_cpp.errors import KvsinkError
 from kvsink_cpp.perplexity import (REFERENCE_KV, PerplexityStats, chunk_logprobs, chunk_tokens, count_chunks,
-                                   kv_bytes_per_token, log_softmax, open_llama, scored_targets, vocab_bos)
+                                   log_softmax, open_llama, scored_targets, vocab_bos)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TEXT = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -101,7 +101,7 @@ def open_ours(configs: List[Config], model: str, n_ctx: int, n_threads: int) -> 
             c.error = f"{type(exc).__name__}: {exc}"
             print(f"{c.name}: not available ({c.error})", file=sys.stderr)
             continue
-        c.kv_bytes = kv_bytes_per_token(contexts[c.name])
+        c.kv_bytes = contexts[c.name].kv_cache_bytes_per_token()
     return contexts
 
 
@@ -181,11 +181,10 @@ def print_table(report: dict) -> None:
         if "error" in r:
             print(f"| {name} | not available: {r['error'][:80]} | | | | | |")
             continue
-        own_kl = f"{r['kl_vs_own_f16']:.5f} ± {r['kl_vs_own_f16_error']:.5f}" if "kl_vs_own_f16" in r else "—"
+        own_kl = f"{r['kl_vs_own_f16']:.4g} ± {r['kl_vs_own_f16_error']:.2g}" if "kl_vs_own_f16" in r else "—"
         own_top1 = f"{100 * r['top1_vs_own_f16']:.2f}%" if "top1_vs_own_f16" in r else "—"
-        size = "—" if r["kv_bytes_per_token"] is None else f"{r['kv_bytes_per_token']:,.0f}"
-        print(f"| {name} | {r['ppl']:.4f} ± {r['ppl_error']:.4f} | {r['kl_mean']:.5f} ± {r['kl_error']:.5f} | "
-              f"{100 * r['top1_agreement']:.2f}% | {own_kl} | {own_top1} | {size} |")
+        print(f"| {name} | {r['ppl']:.4f} ± {r['ppl_error']:.4f} | {r['kl_mean']:.4g} ± {r['kl_error']:.2g} | "
+              f"{100 * r['top1_agreement']:.2f}% | {own_kl} | {own_top1} | {r['kv_bytes_per_token']:,.0f} |")
 
 
 def parse_args(argv=None):
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
         chunks = np.stack([chunk_tokens(tokens, args.ctx_size, i, vocab_bos(ref_llm)) for i in range(n)])
         contexts = open_ours(configs, args.model, args.ctx_size, args.threads)
         if REFERENCE in (c.name for c in configs):
-            next(c for c in configs if c.name == REFERENCE).kv_bytes = kv_bytes_per_token(ref_llm)
+            next(c for c in configs if c.name == REFERENCE).kv_bytes = ref_llm.kv_cache_bytes_per_token()
         elements = kv_elements_per_token(ref_llm.metadata)
         for c in configs:
             if c.llama_cpp:

@@ -22,7 +22,6 @@ uncertainty and the top-1 agreement ("same top p") follow llama.cpp.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .errors import KvsinkError, UnsupportedError
+from .errors import KvsinkError
 from .llama import Llama
 
 # The cache every setting is compared with (llama.cpp's default KV cache).
@@ -194,31 +193,12 @@ def perplexity_of_tokens(llm: Llama, tokens: Sequence[int], n_ctx: Optional[int]
 
 # ---- models and text -------------------------------------------------------
 
-def _accepted_kv_options(kv: dict) -> dict:
-    """kv without sinks="none" when this build's Llama has no `sinks` option:
-    a cache without sink support keeps no sink rows, which is what "none" asks."""
-    if kv.get("sinks") == "none" and "sinks" not in inspect.signature(Llama.__init__).parameters:
-        kv = {k: v for k, v in kv.items() if k != "sinks"}
-    return kv
-
-
 def open_llama(model_path, n_ctx: int, n_threads: Optional[int] = None, n_batch: int = 512, **kv) -> Llama:
-    """A context that keeps every position's logits, with the given KV cache options."""
-    kv = _accepted_kv_options({k: v for k, v in kv.items() if v is not None})
-    try:
-        return Llama(os.fspath(model_path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
-                     logits_all=True, verbose=False, **kv)
-    except TypeError as exc:
-        if not kv:
-            raise
-        raise UnsupportedError(f"this build of kvsink_cpp does not take the KV cache options "
-                               f"{kv}: {exc}") from exc
-
-
-def kv_bytes_per_token(llm: Llama) -> Optional[float]:
-    """KV cache bytes per cached token (all layers, K+V), when the build reports it."""
-    report = getattr(llm, "kv_cache_bytes_per_token", None)
-    return float(report()) if report is not None else None
+    """A context that keeps every position's logits, with the given KV cache options
+    (None = the runtime default)."""
+    kv = {k: v for k, v in kv.items() if v is not None}
+    return Llama(os.fspath(model_path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
+                 logits_all=True, verbose=False, **kv)
 
 
 def vocab_bos(llm: Llama) -> Optional[int]:
@@ -250,7 +230,7 @@ def perplexity(model_path, text, n_ctx: int = 512, n_chunks: Optional[int] = Non
             reference = stack.enter_context(open_llama(model_path, n_ctx, n_threads, n_batch, **REFERENCE_KV))
         result = perplexity_of_tokens(llm, tokens, n_ctx, n_chunks, vocab_bos(llm), reference, progress)
         result.update({"model": os.fspath(model_path), **{k: kv_options.get(k) for k in KV_OPTIONS},
-                       "kv_bytes_per_token": kv_bytes_per_token(llm)})
+                       "kv_bytes_per_token": llm.kv_cache_bytes_per_token()})
         if kl_divergence:
             result["reference"] = dict(REFERENCE_KV)
     return result
@@ -313,8 +293,8 @@ def run_perplexity_command(args) -> int:
 def _print_report(r: dict) -> None:
     """Human-readable figures; the last line is llama.cpp's final estimate."""
     kv = ", ".join(f"{k}={r[k]}" for k in KV_OPTIONS if r[k] is not None) or "default"
-    size = "" if r["kv_bytes_per_token"] is None else f", {r['kv_bytes_per_token']:,.0f} KV bytes/token"
-    print(f"{r['n_chunks']} chunks of {r['n_ctx']} tokens, {r['n_tokens_scored']} scored; KV cache {kv}{size}")
+    print(f"{r['n_chunks']} chunks of {r['n_ctx']} tokens, {r['n_tokens_scored']} scored; "
+          f"KV cache {kv}, {r['kv_bytes_per_token']:,.0f} bytes/token")
     if "kl_mean" in r:
         print(f"Mean PPL(f16 cache): {r['ref_ppl']:.4f} +/- {r['ref_ppl_error']:.5f}")
         print(f"Mean    KLD: {r['kl_mean']:10.6f} +/- {r['kl_error']:10.6f}")

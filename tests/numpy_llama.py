@@ -104,3 +104,45 @@ class NumpyLlama:
                 trace.setdefault("hidden", []).append(x.copy())
         x = self._rmsnorm(x, self.w["output_norm.weight"])
         return x @ self.output.astype(np.float64).T
+
+    def forward_cached(self, tokens, sim, ubatch):
+        """Logits of tokens evaluated ubatch at a time against a cache whose
+        arithmetic `sim` models (tests/kv_sim.py): the KVSink cache's reference."""
+        tokens = np.asarray(tokens)
+        n = len(tokens)
+        group = self.n_head // self.n_head_kv
+        keys = [np.zeros((0, self.n_head_kv, self.head_dim)) for _ in range(self.n_layer)]
+        values = [np.zeros((0, self.n_head_kv, self.head_dim)) for _ in range(self.n_layer)]
+        logits = []
+        for u0 in range(0, n, ubatch):
+            ids = tokens[u0:u0 + ubatch]
+            m = len(ids)
+            pos = np.arange(u0, u0 + m, dtype=np.float64)
+            x = self.w["token_embd.weight"][ids].astype(np.float64)
+            for il in range(self.n_layer):
+                p = f"blk.{il}."
+                h = self._rmsnorm(x, self.w[p + "attn_norm.weight"])
+                q = self._linear(h, p + "attn_q.weight").reshape(m, self.n_head, self.head_dim)
+                k = self._linear(h, p + "attn_k.weight").reshape(m, self.n_head_kv, self.head_dim)
+                v = self._linear(h, p + "attn_v.weight").reshape(m, self.n_head_kv, self.head_dim)
+                keys[il] = np.concatenate([keys[il], k])
+                values[il] = np.concatenate([values[il], v])
+                k_all, v_all = sim.effective(keys[il], values[il])
+                q = self._rope(q, pos)
+                k_all = self._rope(k_all, np.arange(u0 + m, dtype=np.float64))
+                k_all, v_all = np.repeat(k_all, group, axis=1), np.repeat(v_all, group, axis=1)
+                scores = np.einsum("qhd,khd->hqk", q, k_all) / np.sqrt(self.head_dim)
+                scores = scores + np.where(np.arange(u0 + m)[None, :] > pos[:, None], -np.inf, 0.0)
+                scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+                scores /= scores.sum(axis=-1, keepdims=True)
+                att = np.einsum("hqk,khd->qhd", scores, v_all).reshape(m, -1)
+                x = x + self._linear(att, p + "attn_output.weight")
+                h = self._rmsnorm(x, self.w[p + "ffn_norm.weight"])
+                gate = self._linear(h, p + "ffn_gate.weight")
+                up = self._linear(h, p + "ffn_up.weight")
+                with np.errstate(over="ignore"):
+                    silu = gate / (1.0 + np.exp(-gate))
+                x = x + self._linear(silu * up, p + "ffn_down.weight")
+            logits.append(self._rmsnorm(x, self.w["output_norm.weight"]) @ self.output.astype(np.float64).T)
+            sim.commit(u0 + m)
+        return np.concatenate(logits)

@@ -5,6 +5,17 @@
 #include <string.h>
 
 #include "formats.h"
+#include "status.h"
+
+kvs_status kvs_kv_roundtrip(int32_t kv_type, const float *x, int64_t n, float *y) {
+    const int bits = kvs_kv_bits(kv_type);
+    if (bits <= 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv type %d is not an integer KV type", (int)kv_type);
+    if (!x || !y || n < 1 || n > 4096) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "need 1..4096 values and buffers");
+    uint8_t buf[4 + 4096];
+    kvs_kv_quantize_group(x, 1, NULL, n, bits, buf);
+    kvs_kv_dequantize_group(buf, n, bits, y);
+    return KVS_OK;
+}
 
 int kvs_kv_bits(int32_t type) {
     switch (type) {

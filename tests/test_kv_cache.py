@@ -1,0 +1,176 @@
+"""The KVSink KV cache: integer groups, fused attention over sink rows,
+quantized blocks and the fp16 window, sink policies and ring eviction."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvsink_cpp import Llama
+from kvsink_cpp._native import check, ffi, lib
+
+import synthetic
+from kv_sim import BITS, KVSinkSim, quantize_group
+from numpy_llama import NumpyLlama
+
+KV_IDS = {"q8": lib.KVS_KV_Q8, "q4": lib.KVS_KV_Q4, "q3": lib.KVS_KV_Q3, "q2": lib.KVS_KV_Q2}
+
+
+def roundtrip(kind, x):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty_like(x)
+    check(lib.kvs_kv_roundtrip(KV_IDS[kind], ffi.from_buffer("float[]", x), len(x),
+                               ffi.from_buffer("float[]", y, require_writable=True)))
+    return y
+
+
+@pytest.mark.parametrize("kind", list(KV_IDS))
+@pytest.mark.parametrize("n", [8, 32, 64])
+def test_group_roundtrip_error_is_within_half_a_step(kind, n):
+    rng = np.random.default_rng(n)
+    for scale in (1e-3, 1.0, 300.0):
+        x = (rng.normal(size=n) * scale).astype(np.float32)
+        y = roundtrip(kind, x)
+        step = (x.max() - x.min()) / ((1 << BITS[kind]) - 1)
+        # half a step, plus fp16 rounding of the scale and zero point
+        bound = 0.5 * step * (1 + 2e-3) + 1e-3 * np.abs(x).max() + 1e-7
+        assert np.abs(y - x).max() <= bound
+        np.testing.assert_array_equal(y, quantize_group(x, BITS[kind]))  # the numpy model is exact
+
+
+def test_constant_group_is_exact_up_to_fp16():
+    x = np.full(32, 3.25, np.float32)
+    np.testing.assert_array_equal(roundtrip("q2", x), x)
+
+
+def test_roundtrip_rejects_float_types():
+    with pytest.raises(ValueError, match="not an integer KV type"):
+        check(lib.kvs_kv_roundtrip(lib.KVS_KV_F16, ffi.new("float[]", 4), 4, ffi.new("float[]", 4)))
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    path = synthetic.write_qwen2_legacy(tmp_path_factory.mktemp("kv") / "qwen2.gguf")
+    return path, NumpyLlama(path)
+
+
+CASES = [("q4", "q4", "pfn:2"), ("q2", "q3", "pfn:1"), ("q8", "q2", "none"), ("f16", "q4", "pfn:3")]
+
+
+@pytest.mark.parametrize("type_k,type_v,sinks", CASES)
+def test_attention_over_sinks_blocks_and_window_matches_numpy(qwen, type_k, type_v, sinks):
+    path, ref = qwen
+    tokens = list(np.random.default_rng(4).integers(0, 320, size=60))
+    block, recent = 8, 8
+    n_sinks = 0 if sinks == "none" else int(sinks[4:])
+    sim = KVSinkSim(type_k, type_v, block, recent, group=32, sinks=set(range(n_sinks)))
+    want = ref.forward_cached(tokens, sim, ubatch=block)
+    with Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False,
+               type_k=type_k, type_v=type_v, sinks=sinks, kv_block=block, kv_recent=recent) as llm:
+        llm.eval(tokens)
+        got = llm.scores[:60].copy()
+        assert llm.kv_cache_stats()["n_sinks"] == n_sinks
+    tol = 1e-3 * np.abs(want).max()
+    assert np.abs(got - want).max() <= tol
+    # the quantization is real: an exact cache gives other logits
+    exact = ref.forward(tokens)
+    assert np.abs(exact - want).max() > 10 * np.abs(got - want).max()
+
+
+def test_sink_rows_are_kept_exact(qwen):
+    """With sinks, the sink tokens' K/V are fp16 rows; without, they are quantized."""
+    path, ref = qwen
+    tokens = list(np.random.default_rng(5).integers(0, 320, size=48))
+    results = {}
+    for sinks in ("pfn:4", "none"):
+        sim = KVSinkSim("q2", "q2", 8, 8, 32, sinks=set(range(4)) if sinks != "none" else set())
+        want = ref.forward_cached(tokens, sim, ubatch=8)
+        with Llama(str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False, type_k="q2", type_v="q2",
+                   sinks=sinks, kv_block=8, kv_recent=8) as llm:
+            llm.eval(tokens)
+            results[sinks] = (llm.scores[:48].copy(), want)
+    for got, want in results.values():
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    assert np.abs(results["pfn:4"][0] - results["none"][0]).max() > 1e-3
+
+
+def test_cache_bytes_per_token(qwen):
+    path, _ = qwen
+    sizes = {}
+    for kind in ("f32", "f16", "q8", "q4", "q3", "q2"):
+        with Llama(str(path), n_ctx=64, verbose=False, type_k=kind, type_v=kind) as llm:
+            sizes[kind] = llm.kv_cache_bytes_per_token()
+    # 2 layers x 2 KV heads x 64 dims, K and V
+    assert sizes["f32"] == 2 * 2 * 64 * 2 * 4 and sizes["f16"] == 2 * 2 * 64 * 2 * 2
+    per_value = {k: sizes[k] / (2 * 2 * 64 * 2) for k in ("q8", "q4", "q3", "q2")}
+    assert per_value == {"q8": 9 / 8 + 0.0, "q4": 5 / 8, "q3": 4 / 8, "q2": 3 / 8}
+
+
+@pytest.mark.parametrize("type_kv", ["f32", "q4"])
+def test_eviction_keeps_sinks_and_positions(qwen, type_kv):
+    """After the ring evicts, the next token's logits equal a fresh evaluation of
+    exactly the tokens the cache kept (sinks first), at their cache positions."""
+    path, _ = qwen
+    rng = np.random.default_rng(6)
+    tokens = [int(t) for t in rng.integers(0, 320, size=70)]
+    kw = dict(n_ctx=32, n_batch=8, n_threads=2, verbose=False, kv_block=8, kv_recent=8, type_k=type_kv,
+              type_v=type_kv)
+    with Llama(str(path), sinks="pfn:2", kv_ring=True, **kw) as llm:
+        llm.eval(tokens)
+        stats = llm.kv_cache_stats()
+        assert stats["n_evicted"] > 0 and stats["n_sinks"] == 2
+        ring_logits = llm.last_logits().copy()
+    # kept: the 2 sinks, then every token after the evicted ones
+    kept = tokens[:2] + tokens[2 + stats["n_evicted"]:]
+    assert len(kept) <= 32 + 8 + 8 + 2
+    kw.update(n_ctx=64)
+    with Llama(str(path), sinks="pfn:2", **kw) as fresh:
+        fresh.eval(kept)
+        want = fresh.last_logits()
+    if type_kv == "f32":
+        np.testing.assert_allclose(ring_logits, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    else:  # blocks formed at other times quantize differently; close, not equal
+        assert np.abs(ring_logits - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_ring_generation_continues_past_n_ctx(qwen):
+    path, _ = qwen
+    with Llama(str(path), n_ctx=32, n_threads=2, verbose=False, type_k="q4", type_v="q4", kv_block=8,
+               kv_recent=8, kv_ring=True) as llm:
+        llm.eval(list(range(1, 200)))
+        assert llm.n_tokens == 199
+        assert np.isfinite(llm.last_logits()).all()
+        assert llm.kv_cache_stats()["n_evicted"] > 150
+
+
+def test_without_ring_a_full_cache_is_an_error(qwen):
+    from kvsink_cpp import ContextFullError
+    path, _ = qwen
+    with Llama(str(path), n_ctx=32, verbose=False, type_k="q4", type_v="q4") as llm:
+        with pytest.raises(ContextFullError):
+            llm.eval(list(range(1, 40)))
+
+
+def test_prefix_reuse_inside_a_committed_block_evaluates_the_rest_again(qwen):
+    """f32 blocks are exact, so re-evaluating from the block start must give the
+    fresh result (a quantized block would depend on when it was formed)."""
+    type_kv = "f32"
+    path, _ = qwen
+    tokens = list(range(3, 60))
+    kw = dict(n_ctx=64, n_threads=2, verbose=False, type_k=type_kv, type_v=type_kv, kv_block=8, kv_recent=8,
+              logits_all=True)
+    with Llama(str(path), **kw) as llm, Llama(str(path), **kw) as fresh:
+        llm.eval(tokens)
+        llm.n_tokens = 13  # inside a committed block: the cache keeps 8 and re-evaluates 8..12
+        llm.eval([7, 8, 9])
+        assert llm.n_tokens == 16 and list(llm.eval_tokens) == tokens[:13] + [7, 8, 9]
+        fresh.eval(tokens[:13] + [7, 8, 9])
+        want = fresh.scores[13:16]
+        np.testing.assert_allclose(llm.scores[13:16], want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_bad_cache_options(qwen):
+    path, _ = qwen
+    for kwargs, pattern in (({"type_k": "q5"}, "type_k"), ({"sinks": "first"}, "sinks"),
+                            ({"kv_block": 12}, "kv_block"), ({"kv_recent": -1}, "kv_recent")):
+        with pytest.raises(ValueError, match=pattern):
+            Llama(str(path), verbose=False, **kwargs)
