@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
     from .profile import add_profile_parser
     add_profile_parser(sub)
+    from .perplexity import add_perplexity_parser
+    add_perplexity_parser(sub)
     return parser
 
 

@@ -180,8 +180,9 @@ def perplexity_of_tokens(llm: Llama, tokens: Sequence[int], n_ctx: Optional[int]
         for i in bar:
             chunk = chunk_tokens(tokens, n_ctx, i, bos_id)
             targets = scored_targets(chunk)
-            ref = chunk_logprobs(reference, chunk) if reference is not None else None
-            if ref is not None:
+            ref = None
+            if reference is not None:
+                ref = chunk_logprobs(reference, chunk)
                 ref_stats.add(ref, targets)
             stats.add(chunk_logprobs(llm, chunk), targets, ref)
             bar.set_postfix_str(stats.postfix())
