@@ -135,3 +135,15 @@ def test_generate_cli_streams_a_completion(smollm2_path):
                           "-p", PROMPT, "-n", "8", "--temp", "0"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(PROMPT + " Paris")
+
+
+def test_chat_runs_far_past_n_ctx(smollm2_path):
+    """A conversation several times the context: the ring buffer and the dropped
+    turns keep it going, nothing fails."""
+    questions = "".join(f"Tell me one fact about the number {n}.\n" for n in range(6))
+    run = subprocess.run([sys.executable, "-m", "kvsink_cpp", "chat", str(smollm2_path), "--temp", "0",
+                          "-n", "48", "-c", "96", "-ctk", "q4", "-ctv", "q4"],
+                         input=questions + "/stats\n", capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert len([line for line in run.stdout.splitlines() if line.strip()]) >= 6
+    assert "Traceback" not in run.stderr
