@@ -63,6 +63,23 @@ class NumpyLlama:
         bias = name.replace(".weight", ".bias")
         return y + self.w[bias] if bias in self.w else y
 
+    def _qkv(self, x, p):
+        """Pre-RoPE q, k, v of layer prefix p: (n, heads, head_dim)."""
+        n = len(x)
+        h = self._rmsnorm(x, self.w[p + "attn_norm.weight"])
+        q = self._linear(h, p + "attn_q.weight").reshape(n, self.n_head, self.head_dim)
+        k = self._linear(h, p + "attn_k.weight").reshape(n, self.n_head_kv, self.head_dim)
+        v = self._linear(h, p + "attn_v.weight").reshape(n, self.n_head_kv, self.head_dim)
+        return q, k, v
+
+    def _ffn(self, x, p):
+        h = self._rmsnorm(x, self.w[p + "ffn_norm.weight"])
+        gate = self._linear(h, p + "ffn_gate.weight")
+        up = self._linear(h, p + "ffn_up.weight")
+        with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0, as it should
+            silu = gate / (1.0 + np.exp(-gate))
+        return self._linear(silu * up, p + "ffn_down.weight")
+
     def forward(self, tokens, kv_dtype=None, trace=None):
         """Logits (n_tokens, n_vocab) for a sequence starting at position 0.
 
@@ -79,10 +96,7 @@ class NumpyLlama:
         group = self.n_head // self.n_head_kv
         for il in range(self.n_layer):
             p = f"blk.{il}."
-            h = self._rmsnorm(x, self.w[p + "attn_norm.weight"])
-            q = self._linear(h, p + "attn_q.weight").reshape(n, self.n_head, self.head_dim)
-            k = self._linear(h, p + "attn_k.weight").reshape(n, self.n_head_kv, self.head_dim)
-            v = self._linear(h, p + "attn_v.weight").reshape(n, self.n_head_kv, self.head_dim)
+            q, k, v = self._qkv(x, p)
             if kv_dtype is not None:  # the cache keeps keys before RoPE
                 k, v = k.astype(kv_dtype).astype(np.float64), v.astype(kv_dtype).astype(np.float64)
             q, k = self._rope(q, pos), self._rope(k, pos)
@@ -94,12 +108,7 @@ class NumpyLlama:
             if trace is not None:
                 trace.setdefault("attn_mass", []).append(scores.sum(axis=(0, 1)))
             x = x + self._linear(att, p + "attn_output.weight")
-            h = self._rmsnorm(x, self.w[p + "ffn_norm.weight"])
-            gate = self._linear(h, p + "ffn_gate.weight")
-            up = self._linear(h, p + "ffn_up.weight")
-            with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0, as it should
-                silu = gate / (1.0 + np.exp(-gate))
-            x = x + self._linear(silu * up, p + "ffn_down.weight")
+            x = x + self._ffn(x, p)
             if trace is not None:
                 trace.setdefault("hidden", []).append(x.copy())
         x = self._rmsnorm(x, self.w["output_norm.weight"])
@@ -121,10 +130,7 @@ class NumpyLlama:
             x = self.w["token_embd.weight"][ids].astype(np.float64)
             for il in range(self.n_layer):
                 p = f"blk.{il}."
-                h = self._rmsnorm(x, self.w[p + "attn_norm.weight"])
-                q = self._linear(h, p + "attn_q.weight").reshape(m, self.n_head, self.head_dim)
-                k = self._linear(h, p + "attn_k.weight").reshape(m, self.n_head_kv, self.head_dim)
-                v = self._linear(h, p + "attn_v.weight").reshape(m, self.n_head_kv, self.head_dim)
+                q, k, v = self._qkv(x, p)
                 keys[il] = np.concatenate([keys[il], k])
                 values[il] = np.concatenate([values[il], v])
                 k_all, v_all = sim.effective(keys[il], values[il])
@@ -137,12 +143,7 @@ class NumpyLlama:
                 scores /= scores.sum(axis=-1, keepdims=True)
                 att = np.einsum("hqk,khd->qhd", scores, v_all).reshape(m, -1)
                 x = x + self._linear(att, p + "attn_output.weight")
-                h = self._rmsnorm(x, self.w[p + "ffn_norm.weight"])
-                gate = self._linear(h, p + "ffn_gate.weight")
-                up = self._linear(h, p + "ffn_up.weight")
-                with np.errstate(over="ignore"):
-                    silu = gate / (1.0 + np.exp(-gate))
-                x = x + self._linear(silu * up, p + "ffn_down.weight")
+                x = x + self._ffn(x, p)
             logits.append(self._rmsnorm(x, self.w["output_norm.weight"]) @ self.output.astype(np.float64).T)
             sim.commit(u0 + m)
         return np.concatenate(logits)
