@@ -147,7 +147,7 @@ int32_t kvs_model_n_layer(const kvs_model *model);
 
 int32_t kvs_model_has_sink_profile(const kvs_model *model);
 
-kvs_status kvs_kv_roundtrip(int32_t kv_type, const float *x, int64_t n, float *y);
+kvs_status kvs_kv_roundtrip(int32_t kv_type, int32_t impl, const float *x, int64_t n, float *y);
 
 typedef struct kvs_context kvs_context;
 

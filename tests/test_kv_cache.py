@@ -15,10 +15,10 @@ from numpy_llama import NumpyLlama
 KV_IDS = {"q8": lib.KVS_KV_Q8, "q4": lib.KVS_KV_Q4, "q3": lib.KVS_KV_Q3, "q2": lib.KVS_KV_Q2}
 
 
-def roundtrip(kind, x):
+def roundtrip(kind, x, impl=lib.KVS_IMPL_SCALAR):
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.empty_like(x)
-    check(lib.kvs_kv_roundtrip(KV_IDS[kind], ffi.from_buffer("float[]", x), len(x),
+    check(lib.kvs_kv_roundtrip(KV_IDS[kind], impl, ffi.from_buffer("float[]", x), len(x),
                                ffi.from_buffer("float[]", y, require_writable=True)))
     return y
 
@@ -37,6 +37,16 @@ def test_group_roundtrip_error_is_within_half_a_step(kind, n):
         np.testing.assert_array_equal(y, quantize_group(x, BITS[kind]))  # the numpy model is exact
 
 
+@pytest.mark.parametrize("kind", list(KV_IDS))
+def test_avx2_dequantization_equals_scalar(kind):
+    if not lib.kvs_cpu_has_avx2():
+        pytest.skip("CPU lacks AVX2 (or the library was built without the AVX2 kernels)")
+    rng = np.random.default_rng(7)
+    for n in (8, 32, 64, 40):
+        x = rng.normal(size=n).astype(np.float32) * 5
+        np.testing.assert_array_equal(roundtrip(kind, x, lib.KVS_IMPL_AVX2), roundtrip(kind, x))
+
+
 def test_constant_group_is_exact_up_to_fp16():
     x = np.full(32, 3.25, np.float32)
     np.testing.assert_array_equal(roundtrip("q2", x), x)
@@ -44,7 +54,7 @@ def test_constant_group_is_exact_up_to_fp16():
 
 def test_roundtrip_rejects_float_types():
     with pytest.raises(ValueError, match="not an integer KV type"):
-        check(lib.kvs_kv_roundtrip(lib.KVS_KV_F16, ffi.new("float[]", 4), 4, ffi.new("float[]", 4)))
+        check(lib.kvs_kv_roundtrip(lib.KVS_KV_F16, 0, ffi.new("float[]", 4), 4, ffi.new("float[]", 4)))
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +63,19 @@ def qwen(tmp_path_factory):
     return path, NumpyLlama(path)
 
 
-CASES = [("q4", "q4", "pfn:2"), ("q2", "q3", "pfn:1"), ("q8", "q2", "none"), ("f16", "q4", "pfn:3")]
+CASES = [("q4", "q4", "pfn:2", "auto"), ("q2", "q3", "pfn:1", "auto"), ("q8", "q2", "none", "auto"),
+         ("f16", "q4", "pfn:3", "auto"), ("q4", "q2", "pfn:2", "scalar")]
 
 
-@pytest.mark.parametrize("type_k,type_v,sinks", CASES)
-def test_attention_over_sinks_blocks_and_window_matches_numpy(qwen, type_k, type_v, sinks):
+@pytest.mark.parametrize("type_k,type_v,sinks,impl", CASES)
+def test_attention_over_sinks_blocks_and_window_matches_numpy(qwen, type_k, type_v, sinks, impl):
     path, ref = qwen
     tokens = list(np.random.default_rng(4).integers(0, 320, size=60))
     block, recent = 8, 8
     n_sinks = 0 if sinks == "none" else int(sinks[4:])
     sim = KVSinkSim(type_k, type_v, block, recent, group=32, sinks=set(range(n_sinks)))
     want = ref.forward_cached(tokens, sim, ubatch=block)
-    with Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False,
+    with Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False, impl=impl,
                type_k=type_k, type_v=type_v, sinks=sinks, kv_block=block, kv_recent=recent) as llm:
         llm.eval(tokens)
         got = llm.scores[:60].copy()

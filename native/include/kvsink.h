@@ -185,8 +185,8 @@ KVS_API int32_t kvs_model_has_sink_profile(const kvs_model *model);
 /* ---- contexts (a KV cache plus scratch; many per model) ----------------- */
 
 /* Quantize n values as one KV cache group of kv_type (kvs_kv_type; Q types
- * only) and dequantize them into y: the round trip the cache applies. */
-KVS_API kvs_status kvs_kv_roundtrip(int32_t kv_type, const float *x, int64_t n, float *y);
+ * only) and dequantize them into y with impl's kernels: the cache's round trip. */
+KVS_API kvs_status kvs_kv_roundtrip(int32_t kv_type, int32_t impl, const float *x, int64_t n, float *y);
 
 typedef struct kvs_context kvs_context;
 

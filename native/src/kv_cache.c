@@ -408,12 +408,12 @@ static void load_raw_rows(const kvs_kv_cache *c, const uint8_t *data, int32_t ty
     else f16_row_to_f32((const kvs_half *)data, (int64_t)c->B * c->hd, s->vt, impl);
 }
 
-static void load_groups(const kvs_kv_cache *c, const uint8_t *data, int bits, attend_scratch *s) {
+static void load_groups(const kvs_kv_cache *c, const uint8_t *data, int bits, attend_scratch *s, int32_t impl) {
     const int64_t gb = kvs_kv_group_bytes(bits, c->G);
     for (int32_t t = 0; t < c->B; t++) {
         for (int32_t g = 0; g < c->hd / c->G; g++) {
-            kvs_kv_dequantize_group(data + ((int64_t)t * (c->hd / c->G) + g) * gb, c->G, bits,
-                                    s->vt + (int64_t)t * c->hd + g * c->G);
+            kvs_kv_dequantize_group_impl(data + ((int64_t)t * (c->hd / c->G) + g) * gb, c->G, bits,
+                                         s->vt + (int64_t)t * c->hd + g * c->G, impl);
         }
     }
 }
@@ -435,9 +435,9 @@ static void load_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segmen
         transpose_to_kt(c, c->B, s);
     } else if (!c->p.key_per_token) {
         const int64_t gb = kvs_kv_group_bytes(c->kbits, c->B);
-        for (int32_t d = 0; d < c->hd; d++) kvs_kv_dequantize_group(data + d * gb, c->B, c->kbits, s->kt + d * c->B);
+        for (int32_t d = 0; d < c->hd; d++) kvs_kv_dequantize_group_impl(data + d * gb, c->B, c->kbits, s->kt + d * c->B, impl);
     } else {
-        load_groups(c, data, c->kbits, s);
+        load_groups(c, data, c->kbits, s, impl);
         transpose_to_kt(c, c->B, s);
     }
 }
@@ -454,7 +454,7 @@ static void load_values(const kvs_kv_cache *c, int32_t il, int32_t h, const segm
     }
     const uint8_t *data = block_data(c, sg->index, il, h) + c->k_bytes;
     if (c->vbits == 0) load_raw_rows(c, data, c->p.type_v, s, impl);
-    else load_groups(c, data, c->vbits, s);
+    else load_groups(c, data, c->vbits, s, impl);
 }
 
 /* Keys of a segment that query position m_orig may see (causal inside the window). */

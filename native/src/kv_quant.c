@@ -7,14 +7,23 @@
 #include "formats.h"
 #include "status.h"
 
-kvs_status kvs_kv_roundtrip(int32_t kv_type, const float *x, int64_t n, float *y) {
+kvs_status kvs_kv_roundtrip(int32_t kv_type, int32_t impl, const float *x, int64_t n, float *y) {
     const int bits = kvs_kv_bits(kv_type);
     if (bits <= 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv type %d is not an integer KV type", (int)kv_type);
     if (!x || !y || n < 1 || n > 4096) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "need 1..4096 values and buffers");
     uint8_t buf[4 + 4096];
+    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "this CPU (or build) has no AVX2");
     kvs_kv_quantize_group(x, 1, NULL, n, bits, buf);
-    kvs_kv_dequantize_group(buf, n, bits, y);
+    kvs_kv_dequantize_group_impl(buf, n, bits, y, impl == KVS_IMPL_AUTO && kvs_avx2_available() ? KVS_IMPL_AVX2 : impl);
     return KVS_OK;
+}
+
+void kvs_kv_dequantize_group_impl(const uint8_t *in, int64_t n, int bits, float *y, int32_t impl) {
+#if defined(KVS_HAVE_AVX2_BUILD)
+    if (impl == KVS_IMPL_AVX2 && kvs_kv_dequantize_group_avx2(in, n, bits, y)) return;
+#endif
+    (void)impl;
+    kvs_kv_dequantize_group(in, n, bits, y);
 }
 
 int kvs_kv_bits(int32_t type) {

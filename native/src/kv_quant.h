@@ -24,4 +24,12 @@ void kvs_kv_quantize_group(const float *x, int64_t stride, const uint8_t *skip, 
 /* Dequantize a group of n values into y (contiguous). Scalar reference. */
 void kvs_kv_dequantize_group(const uint8_t *in, int64_t n, int bits, float *y);
 
+#if defined(KVS_HAVE_AVX2_BUILD)
+/* The AVX2 twin; returns 0 (and does nothing) for shapes it does not cover. */
+int kvs_kv_dequantize_group_avx2(const uint8_t *in, int64_t n, int bits, float *y);
+#endif
+
+/* The twin chosen by impl (kvs_impl), falling back to the scalar code. */
+void kvs_kv_dequantize_group_impl(const uint8_t *in, int64_t n, int bits, float *y, int32_t impl);
+
 #endif
