@@ -230,8 +230,11 @@ def perplexity(model_path, text, n_ctx: int = 512, n_chunks: Optional[int] = Non
         if kl_divergence:
             reference = stack.enter_context(open_llama(model_path, n_ctx, n_threads, n_batch, **REFERENCE_KV))
         result = perplexity_of_tokens(llm, tokens, n_ctx, n_chunks, vocab_bos(llm), reference, progress)
+        stats = llm.kv_cache_stats()
         result.update({"model": os.fspath(model_path), **{k: kv_options.get(k) for k in KV_OPTIONS},
-                       "kv_bytes_per_token": llm.kv_cache_bytes_per_token()})
+                       "kv_bytes_per_token": llm.kv_cache_bytes_per_token(),
+                       "eval_seconds": stats["eval_seconds"],
+                       "sink_predict_seconds": stats["sink_predict_seconds"]})
         if kl_divergence:
             result["reference"] = dict(REFERENCE_KV)
     return result
@@ -296,6 +299,8 @@ def _print_report(r: dict) -> None:
     kv = ", ".join(f"{k}={r[k]}" for k in KV_OPTIONS if r[k] is not None) or "default"
     print(f"{r['n_chunks']} chunks of {r['n_ctx']} tokens, {r['n_tokens_scored']} scored; "
           f"KV cache {kv}, {r['kv_bytes_per_token']:,.0f} bytes/token")
+    if r.get("eval_seconds"):
+        print(f"evaluation {r['eval_seconds']:.1f} s, of which sink prediction {1e3 * r['sink_predict_seconds']:.2f} ms")
     if "kl_mean" in r:
         print(f"Mean PPL(f16 cache): {r['ref_ppl']:.4f} +/- {r['ref_ppl_error']:.5f}")
         print(f"Mean    KLD: {r['kl_mean']:10.6f} +/- {r['kl_error']:10.6f}")
