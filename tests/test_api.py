@@ -56,7 +56,8 @@ def test_last_logits_without_logits_all(model_path, llm):
     llm.eval(TOKENS)
     with Llama(str(model_path), n_ctx=64, n_threads=2, verbose=False) as last:
         last.eval(TOKENS)
-        np.testing.assert_array_equal(last.last_logits(), llm.scores[len(TOKENS) - 1])
+        want = llm.scores[len(TOKENS) - 1]  # one token or a batch: other kernels, same values
+        np.testing.assert_allclose(last.last_logits(), want, rtol=0, atol=1e-5 * np.abs(want).max())
         assert len(last.eval_logits) == 1
 
 

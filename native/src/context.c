@@ -89,7 +89,7 @@ static kvs_status alloc_scratch(kvs_context *ctx) {
         {&ctx->k, nb * kv_dim},     {&ctx->v, nb * kv_dim},      {&ctx->att, nb * q_dim},
         {&ctx->hb, nb * hp->n_ff},  {&ctx->hb2, nb * hp->n_ff},
         {&ctx->scores, (int64_t)ctx->params.n_threads * ctx->scratch_len},
-        {&ctx->cpu.row_scratch, (int64_t)ctx->params.n_threads * row},
+        {&ctx->cpu.row_scratch, (int64_t)ctx->params.n_threads * MATMUL_ROWS * row},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         *bufs[i].ptr = malloc((size_t)bufs[i].n * sizeof(float));

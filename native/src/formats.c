@@ -383,6 +383,27 @@ kvs_vec_dot_fn kvs_vec_dot_kernel(int32_t type, int32_t impl) {
     }
 }
 
+void kvs_dot_f32_4x2_scalar(int64_t n, const float *w, const float *x, float *out) {
+    for (int r = 0; r < 4; r++) {
+        for (int t = 0; t < 2; t++) {
+            double acc = 0.0;
+            for (int64_t i = 0; i < n; i++) acc += (double)w[r * n + i] * x[t * n + i];
+            out[2 * r + t] = (float)acc;
+        }
+    }
+}
+
+void kvs_dot_f32_4x2(int64_t n, const float *w, const float *x, float *out, int32_t impl) {
+#if defined(KVS_HAVE_AVX2_BUILD)
+    if (impl != KVS_IMPL_SCALAR && kvs_avx2_available()) {
+        kvs_dot_f32_4x2_avx2(n, w, x, out);
+        return;
+    }
+#endif
+    (void)impl;
+    kvs_dot_f32_4x2_scalar(n, w, x, out);
+}
+
 float kvs_dot_f32(int64_t n, const float *a, const float *b, int32_t impl) {
 #if defined(KVS_HAVE_AVX2_BUILD)
     /* No error channel here: AVX2 requested but missing falls back to scalar. */

@@ -29,6 +29,11 @@ kvs_vec_dot_fn kvs_vec_dot_kernel(int32_t type, int32_t impl);
 /* Plain f32 dot product, used by attention and batched products. */
 float kvs_dot_f32(int64_t n, const float *a, const float *b, int32_t impl);
 
+/* out[2*r + t] = dot(w + r*n, x + t*n) for 4 rows r and 2 tokens t: the
+ * register tile of batched products (each load feeds several FMAs). */
+void kvs_dot_f32_4x2(int64_t n, const float *w, const float *x, float *out, int32_t impl);
+void kvs_dot_f32_4x2_scalar(int64_t n, const float *w, const float *x, float *out);
+
 /* fp16/bf16 conversions (exact, portable). */
 float kvs_fp16_to_fp32(kvs_half h);
 kvs_half kvs_fp32_to_fp16(float f);

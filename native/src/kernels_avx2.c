@@ -356,3 +356,32 @@ float kvs_vec_dot_q6_k_avx2(int64_t n, const void *row, const float *x) {
 }
 
 #endif /* KVS_HAVE_AVX2_BUILD */
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 4 weight rows x 2 tokens: 8 accumulators, 6 loads per 8 FMAs. */
+void kvs_dot_f32_4x2_avx2(int64_t n, const float *w, const float *x, float *out) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + n + i);
+        for (int r = 0; r < 4; r++) {
+            const __m256 wr = _mm256_loadu_ps(w + r * n + i);
+            acc[2 * r] = _mm256_fmadd_ps(wr, x0, acc[2 * r]);
+            acc[2 * r + 1] = _mm256_fmadd_ps(wr, x1, acc[2 * r + 1]);
+        }
+    }
+    for (int k = 0; k < 8; k++) out[k] = hsum256(acc[k]);
+    for (; i < n; i++) {
+        for (int r = 0; r < 4; r++) {
+            out[2 * r] += w[r * n + i] * x[i];
+            out[2 * r + 1] += w[r * n + i] * x[n + i];
+        }
+    }
+}

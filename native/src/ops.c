@@ -23,17 +23,35 @@ static void matmul_one_token(const matmul_job *job, int64_t r0, int64_t r1) {
     }
 }
 
-/* Many tokens: dequantize each weight row once, then dot it with every token. */
+/* Many tokens: dequantize MATMUL_ROWS weight rows at a time, then take every
+ * token against all of them, so each token's activations are read once per
+ * row tile (from L1) instead of once per row. */
 static void matmul_many_tokens(const matmul_job *job, int ith, int64_t r0, int64_t r1) {
     const kvs_tensor *w = job->w;
     const kvs_type_kernels *kernels = kvs_type_kernels_find(w->type);
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
-    float *row = job->cpu->row_scratch + (int64_t)ith * job->cpu->row_scratch_len;
+    float *rows = job->cpu->row_scratch + (int64_t)ith * job->cpu->row_scratch_len * MATMUL_ROWS;
     const uint8_t *base = w->data;
-    for (int64_t r = r0; r < r1; r++) {
-        kernels->dequantize(base + r * w->row_bytes, row, n_in);
-        for (int64_t t = 0; t < job->n_tokens; t++) {
-            job->y[t * n_out + r] = kvs_dot_f32(n_in, row, job->x + t * n_in, job->cpu->impl);
+    for (int64_t tile = r0; tile < r1; tile += MATMUL_ROWS) {
+        const int64_t n_rows = r1 - tile < MATMUL_ROWS ? r1 - tile : MATMUL_ROWS;
+        for (int64_t r = 0; r < n_rows; r++) kernels->dequantize(base + (tile + r) * w->row_bytes, rows + r * n_in, n_in);
+        for (int64_t t = 0; t < job->n_tokens; t += 2) {
+            int64_t r = 0;
+            if (t + 1 < job->n_tokens) {
+                for (; r + 4 <= n_rows; r += 4) {
+                    float out[8];
+                    kvs_dot_f32_4x2(n_in, rows + r * n_in, job->x + t * n_in, out, job->cpu->impl);
+                    for (int k = 0; k < 4; k++) {
+                        job->y[t * n_out + tile + r + k] = out[2 * k];
+                        job->y[(t + 1) * n_out + tile + r + k] = out[2 * k + 1];
+                    }
+                }
+            }
+            for (int64_t tt = t; tt < t + 2 && tt < job->n_tokens; tt++) {
+                for (int64_t rr = r; rr < n_rows; rr++) {
+                    job->y[tt * n_out + tile + rr] = kvs_dot_f32(n_in, rows + rr * n_in, job->x + tt * n_in, job->cpu->impl);
+                }
+            }
         }
     }
 }

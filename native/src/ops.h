@@ -9,11 +9,14 @@
 #include "model.h"
 #include "threadpool.h"
 
+/* Weight rows dequantized together by a batched matrix product. */
+#define MATMUL_ROWS 16
+
 /* What every op needs from the context: threads, kernels, per-thread scratch. */
 typedef struct kvs_cpu {
     kvs_threadpool *pool;
     int32_t impl;          /* kvs_impl resolved: SCALAR or AVX2 */
-    float *row_scratch;    /* n_threads x row_scratch_len floats */
+    float *row_scratch;    /* n_threads x MATMUL_ROWS x row_scratch_len floats */
     int64_t row_scratch_len;
 } kvs_cpu;
 
