@@ -10,6 +10,9 @@
 #include "kv_quant.h"
 #include "status.h"
 
+/* Largest head the block commit's stack tile holds. */
+#define KV_MAX_HEAD_DIM 512
+
 struct kvs_kv_cache {
     kvs_kv_params p;
     int32_t n_layer, n_kv, hd, n_rot, neox;
@@ -49,7 +52,10 @@ static kvs_status check_params(const kvs_hparams *hp, const kvs_kv_params *p) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink capacity must be in 0..65536, got %d", p->sink_capacity);
     }
     if (p->group < 1) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv group must be positive, got %d", p->group);
-    (void)hp;
+    if (hp->head_dim > KV_MAX_HEAD_DIM) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "head_dim %d is larger than the KV cache supports (%d)",
+                        hp->head_dim, KV_MAX_HEAD_DIM);
+    }
     return KVS_OK;
 }
 
@@ -283,7 +289,7 @@ static void commit_block(kvs_kv_cache *c) {
         skip[t] = 1;
         mask |= 1ull << t;
     }
-    float tile[64 * 256];
+    float tile[64 * KV_MAX_HEAD_DIM]; /* kv_block <= 64, checked at creation */
     const int32_t hd = c->hd;
     for (int32_t il = 0; il < c->n_layer; il++) {
         for (int32_t h = 0; h < c->n_kv; h++) {
