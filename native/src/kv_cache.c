@@ -199,13 +199,9 @@ static void put_row(const kvs_kv_cache *c, uint8_t *base, size_t index, const fl
     for (int32_t d = 0; d < c->hd; d++) dst[d] = kvs_fp32_to_fp16(src[d]);
 }
 
-static void get_row(const kvs_kv_cache *c, const uint8_t *base, size_t index, float *dst) {
-    if (c->row_elem == 4) {
-        memcpy(dst, (const float *)base + index, (size_t)c->hd * sizeof(float));
-        return;
-    }
-    const kvs_half *src = (const kvs_half *)base + index;
-    for (int32_t d = 0; d < c->hd; d++) dst[d] = kvs_fp16_to_fp32(src[d]);
+static void get_row(const kvs_kv_cache *c, const uint8_t *base, size_t index, float *dst, int32_t impl) {
+    if (c->row_elem == 4) memcpy(dst, (const float *)base + index, (size_t)c->hd * sizeof(float));
+    else kvs_f16_to_f32_kernel(impl)(c->hd, (const kvs_half *)base + index, dst);
 }
 
 /* ---- appending ---------------------------------------------------------- */
@@ -294,9 +290,9 @@ static void commit_block(kvs_kv_cache *c) {
     for (int32_t il = 0; il < c->n_layer; il++) {
         for (int32_t h = 0; h < c->n_kv; h++) {
             uint8_t *dst = block_data(c, slot, il, h);
-            for (int32_t t = 0; t < c->B; t++) get_row(c, c->win_k, row_index(c, (o0 + t) % c->Wcap, il, h), tile + t * hd);
+            for (int32_t t = 0; t < c->B; t++) get_row(c, c->win_k, row_index(c, (o0 + t) % c->Wcap, il, h), tile + t * hd, KVS_IMPL_SCALAR);
             encode_block(c, tile, skip, c->p.type_k, c->kbits, 1, dst);
-            for (int32_t t = 0; t < c->B; t++) get_row(c, c->win_v, row_index(c, (o0 + t) % c->Wcap, il, h), tile + t * hd);
+            for (int32_t t = 0; t < c->B; t++) get_row(c, c->win_v, row_index(c, (o0 + t) % c->Wcap, il, h), tile + t * hd, KVS_IMPL_SCALAR);
             encode_block(c, tile, skip, c->p.type_v, c->vbits, 0, dst + c->k_bytes);
         }
     }
@@ -394,13 +390,14 @@ static void rotate_query(const kvs_kv_cache *c, const float *q, int32_t dist, fl
     }
 }
 
-static void f16_row_to_f32(const kvs_half *src, int64_t n, float *dst, int32_t impl) {
-    kvs_f16_to_f32_kernel(impl)(n, src, dst);
-}
-
-static void get_row_fast(const kvs_kv_cache *c, const uint8_t *base, size_t index, float *dst, int32_t impl) {
-    if (c->row_elem == 4) memcpy(dst, (const float *)base + index, (size_t)c->hd * sizeof(float));
-    else f16_row_to_f32((const kvs_half *)base + index, c->hd, dst, impl);
+/* Sink-table or window rows of a segment into vt, token-major. */
+static void load_row_segment(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, int keys,
+                             attend_scratch *s, int32_t impl) {
+    const uint8_t *base = sg->kind == 0 ? (keys ? c->sink_k : c->sink_v) : (keys ? c->win_k : c->win_v);
+    for (int32_t t = 0; t < sg->n; t++) {
+        const int32_t slot = sg->kind == 0 ? sg->index : (sg->index + t) % c->Wcap;
+        get_row(c, base, row_index(c, slot, il, h), s->vt + (int64_t)t * c->hd, impl);
+    }
 }
 
 static void transpose_to_kt(const kvs_kv_cache *c, int32_t n, attend_scratch *s) {
@@ -411,7 +408,7 @@ static void transpose_to_kt(const kvs_kv_cache *c, int32_t n, attend_scratch *s)
 /* Raw (f32/f16) block rows into vt, token-major. */
 static void load_raw_rows(const kvs_kv_cache *c, const uint8_t *data, int32_t type, attend_scratch *s, int32_t impl) {
     if (type == KVS_KV_F32) memcpy(s->vt, data, (size_t)c->B * c->hd * sizeof(float));
-    else f16_row_to_f32((const kvs_half *)data, (int64_t)c->B * c->hd, s->vt, impl);
+    else kvs_f16_to_f32_kernel(impl)((int64_t)c->B * c->hd, (const kvs_half *)data, s->vt);
 }
 
 static void load_groups(const kvs_kv_cache *c, const uint8_t *data, int bits, attend_scratch *s, int32_t impl) {
@@ -426,12 +423,8 @@ static void load_groups(const kvs_kv_cache *c, const uint8_t *data, int bits, at
 
 /* Key tile (channel-major, stride B) of a segment. */
 static void load_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s, int32_t impl) {
-    if (sg->kind == 0 || sg->kind == 2) {
-        const uint8_t *base = sg->kind == 0 ? c->sink_k : c->win_k;
-        for (int32_t t = 0; t < sg->n; t++) {
-            const int32_t slot = sg->kind == 0 ? sg->index : (sg->index + t) % c->Wcap;
-            get_row_fast(c, base, row_index(c, slot, il, h), s->vt + (int64_t)t * c->hd, impl);
-        }
+    if (sg->kind != 1) {
+        load_row_segment(c, il, h, sg, 1, s, impl);
         transpose_to_kt(c, sg->n, s);
         return;
     }
@@ -450,12 +443,8 @@ static void load_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segmen
 
 /* Value rows (token-major) of a segment. */
 static void load_values(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s, int32_t impl) {
-    if (sg->kind == 0 || sg->kind == 2) {
-        const uint8_t *base = sg->kind == 0 ? c->sink_v : c->win_v;
-        for (int32_t t = 0; t < sg->n; t++) {
-            const int32_t slot = sg->kind == 0 ? sg->index : (sg->index + t) % c->Wcap;
-            get_row_fast(c, base, row_index(c, slot, il, h), s->vt + (int64_t)t * c->hd, impl);
-        }
+    if (sg->kind != 1) {
+        load_row_segment(c, il, h, sg, 0, s, impl);
         return;
     }
     const uint8_t *data = block_data(c, sg->index, il, h) + c->k_bytes;
