@@ -113,7 +113,8 @@ class Llama:
     """A loaded model plus one context (its KV cache), as in llama-cpp-python.
 
     `eval(tokens)` appends tokens to the context; `scores[i]` holds the logits
-    after token i (every row when `logits_all`, else the last row of each eval).
+    after token i when `logits_all`; otherwise its only row holds the logits
+    after the last evaluated token (`last_logits()`).
     """
 
     def __init__(
@@ -204,9 +205,10 @@ class Llama:
         self._chat_formatter = None
         self.chat_format = chat_format_name
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
-        # as llama-cpp-python: n_ctx rows with logits_all, else n_batch rows reused
-        # as a ring (the last token's logits are at row (n_tokens - 1) % n_batch)
-        rows = self._n_ctx if self.logits_all else self.n_batch
+        # n_ctx rows with logits_all (as llama-cpp-python), else one row holding
+        # the last token's logits: n_batch rows of a 49k vocabulary would be
+        # ~100 MB of resident memory for nothing
+        rows = self._n_ctx if self.logits_all else 1
         self.scores = np.zeros((rows, self._n_vocab), dtype=np.single)
         if verbose:
             arch = self._typed_metadata.get("general.architecture", "?")
