@@ -1,5 +1,7 @@
 """Logits of kvsink_cpp and llama.cpp on the same GGUF and the same token ids,
-each compared with an exact float64 numpy forward pass (tests/numpy_llama.py).
+each compared with an exact float64 numpy forward pass (tests/numpy_llama.py):
+our exact path (f32 activations), with an f16 cache, and our fast path (8-bit
+activations, matmul="q8").
 
     python bench/compare_logits.py [-m MODEL] [-n 96] [-t 2] [--json]
 
@@ -59,7 +61,9 @@ def main() -> int:
 
     results = {"model": model, "n_tokens": len(tokens)}
     exact = NumpyLlama(model).forward(tokens)
-    for label, kw in (("kvsink_cpp", {}), ("kvsink_cpp f16 KV", {"type_k": "f16", "type_v": "f16"})):
+    runs = (("kvsink_cpp", {"matmul": "f32"}), ("kvsink_cpp f16 KV", {"matmul": "f32", "type_k": "f16", "type_v": "f16"}),
+            ("kvsink_cpp q8 matmul", {"matmul": "q8"}))
+    for label, kw in runs:
         with Llama(model, n_ctx=len(tokens), n_batch=len(tokens), n_threads=args.threads,
                    logits_all=True, verbose=False, **kw) as llm:
             llm.eval(tokens)

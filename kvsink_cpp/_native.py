@@ -14,7 +14,7 @@ import cffi
 
 from .errors import raise_for_status
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 CDEF = """
 typedef enum kvs_status {
@@ -66,6 +66,16 @@ kvs_status kvs_dequantize(int32_t type, const void *src, int64_t n, float *dst);
 
 kvs_status kvs_vec_dot(int32_t type, int32_t impl, const void *row,
                                const float *x, int64_t n, float *out);
+
+typedef enum kvs_matmul_mode {
+    KVS_MATMUL_F32 = 0,
+    KVS_MATMUL_Q8 = 1
+} kvs_matmul_mode;
+
+kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int8_t *q, float *d);
+
+kvs_status kvs_vec_dot_q8(int32_t type, int32_t impl, const void *row,
+                                  const float *x, int64_t n, float *out);
 
 typedef struct kvs_gguf kvs_gguf;
 
@@ -181,6 +191,7 @@ typedef struct kvs_context_params {
     int32_t sink_pfn;
     int32_t sink_capacity;
     int32_t kv_ring;
+    int32_t matmul;
 } kvs_context_params;
 
 kvs_context_params kvs_context_default_params(void);

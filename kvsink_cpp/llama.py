@@ -58,6 +58,19 @@ def _kv_type(value, name: str, default: int) -> int:
                      f"Q4_0, got {value!r}")
 
 
+MATMUL_MODES = {"f32": "KVS_MATMUL_F32", "q8": "KVS_MATMUL_Q8"}
+
+
+def _matmul_mode(value, default: int) -> int:
+    """"f32" (exact activations, the reference) or "q8" (8-bit activations and
+    integer dots for the 32-element weight formats); None keeps the default."""
+    if value is None:
+        return default
+    if value not in MATMUL_MODES:
+        raise ValueError(f"matmul must be one of {sorted(MATMUL_MODES)}, got {value!r}")
+    return getattr(lib, MATMUL_MODES[value])
+
+
 def parse_sinks(value) -> tuple:
     """(policy, n) from "none", "pfn:N" or "kvsink"."""
     text = "kvsink" if value is None else str(value).strip().lower()
@@ -135,6 +148,7 @@ class Llama:
         kv_block: Optional[int] = None,
         kv_recent: Optional[int] = None,
         kv_ring: bool = False,
+        matmul: Optional[str] = None,
         **llama_cpp_options,
     ):
         self._model = None
@@ -182,6 +196,7 @@ class Llama:
         if kv_ring and logits_all:
             raise ValueError("kv_ring cannot be combined with logits_all (scores has n_ctx rows)")
         ctx_params.kv_ring = int(bool(kv_ring))
+        ctx_params.matmul = _matmul_mode(matmul, ctx_params.matmul)
         self.kv_ring = bool(kv_ring)
         ctx_ptr = ffi.new("kvs_context **")
         check(lib.kvs_context_create(self._model, ctx_params, ctx_ptr))

@@ -25,7 +25,7 @@ extern "C" {
 #  define KVS_API __attribute__((visibility("default")))
 #endif
 
-#define KVS_ABI_VERSION 1
+#define KVS_ABI_VERSION 2
 
 /* ---- status and errors ------------------------------------------------- */
 
@@ -88,6 +88,21 @@ KVS_API kvs_status kvs_dequantize(int32_t type, const void *src, int64_t n, floa
  * KVS_ERR_UNSUPPORTED when impl is AVX2 and the CPU lacks it. */
 KVS_API kvs_status kvs_vec_dot(int32_t type, int32_t impl, const void *row,
                                const float *x, int64_t n, float *out);
+
+/* How matrix products treat their input activations. */
+typedef enum kvs_matmul_mode {
+    KVS_MATMUL_F32 = 0, /* exact: f32 activations against dequantized weights (the reference) */
+    KVS_MATMUL_Q8 = 1   /* fast: activations quantized to 8 bits in blocks of 32, integer dots
+                           for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights (other types stay exact)   */
+} kvs_matmul_mode;
+
+/* The fast path's activation quantizer: n (a multiple of 32) floats to int8
+ * q[n] and one scale per 32 in d[n / 32] (x ~= d * q). */
+KVS_API kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int8_t *q, float *d);
+/* out = the fast path's dot of a row of `type` with x (quantized as above);
+ * KVS_ERR_UNSUPPORTED for a type without an integer dot. */
+KVS_API kvs_status kvs_vec_dot_q8(int32_t type, int32_t impl, const void *row,
+                                  const float *x, int64_t n, float *out);
 
 /* ---- GGUF files --------------------------------------------------------- */
 
@@ -224,6 +239,7 @@ typedef struct kvs_context_params {
     int32_t sink_capacity; /* rows of the exact sink table (default 64)                    */
     int32_t kv_ring;     /* 1: when full, evict the oldest blocks and keep the sinks
                             (StreamingLLM); 0 (default): eval fails with CONTEXT_FULL      */
+    int32_t matmul;      /* kvs_matmul_mode of the matrix products (default KVS_MATMUL_F32) */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);

@@ -28,6 +28,7 @@ kvs_context_params kvs_context_default_params(void) {
     params.sink_pfn = 1;
     params.sink_capacity = 64;
     params.kv_ring = 0;
+    params.matmul = KVS_MATMUL_F32;
     return params;
 }
 
@@ -49,6 +50,9 @@ static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
     }
     if (p->sink_policy < KVS_SINKS_NONE || p->sink_policy > KVS_SINKS_KVSINK) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown sink policy %d", p->sink_policy);
+    }
+    if (p->matmul != KVS_MATMUL_F32 && p->matmul != KVS_MATMUL_Q8) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown matmul mode %d", p->matmul);
     }
     if (p->sink_pfn < 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink_pfn must be >= 0, got %d", p->sink_pfn);
     return KVS_OK;
@@ -95,6 +99,8 @@ static kvs_status alloc_scratch(kvs_context *ctx) {
         *bufs[i].ptr = malloc((size_t)bufs[i].n * sizeof(float));
         if (!*bufs[i].ptr) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %lld floats of scratch", (long long)bufs[i].n);
     }
+    ctx->cpu.act_scratch = malloc((size_t)(nb * (row / QK_ACT + 1)) * sizeof(block_q8_act));
+    if (!ctx->cpu.act_scratch) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the activation scratch");
     return KVS_OK;
 }
 
@@ -115,6 +121,7 @@ kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params
         return st;
     }
     ctx->cpu.impl = ctx->params.impl;
+    ctx->cpu.matmul = ctx->params.matmul;
     *out = ctx;
     return KVS_OK;
 }
@@ -126,6 +133,7 @@ void kvs_context_free(kvs_context *ctx) {
     float *bufs[] = {ctx->x, ctx->xb, ctx->q, ctx->k, ctx->v, ctx->att, ctx->hb, ctx->hb2,
                      ctx->scores, ctx->cpu.row_scratch};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free(ctx->cpu.act_scratch);
     free(ctx);
 }
 

@@ -13,8 +13,10 @@
 #include "formats.h"
 
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "act_q8.h"
 #include "kernels_avx2.h"
 #include "status.h"
 #include "types.h"
@@ -489,5 +491,40 @@ kvs_status kvs_vec_dot(int32_t type, int32_t impl, const void *row, const float 
                         "kvs_vec_dot: AVX2 kernels are not available on this CPU or build");
     }
     *out = fn(n, row, x);
+    return KVS_OK;
+}
+
+kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int8_t *q, float *d) {
+    if (!x || !q || !d) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_quantize_activations: NULL buffer");
+    if (n < 0 || n % QK_ACT) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_quantize_activations: n = %lld is not a multiple of %d",
+                        (long long)n, QK_ACT);
+    }
+    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_quantize_activations: AVX2 is not available");
+    }
+    for (int64_t i = 0; i < n / QK_ACT; i++) {
+        block_q8_act b;
+        kvs_quantize_act_kernel(impl)(x + i * QK_ACT, &b, QK_ACT);
+        memcpy(q + i * QK_ACT, b.qs, QK_ACT);
+        d[i] = b.d;
+    }
+    return KVS_OK;
+}
+
+kvs_status kvs_vec_dot_q8(int32_t type, int32_t impl, const void *row, const float *x, int64_t n, float *out) {
+    kvs_status st = check_row("kvs_vec_dot_q8", type, row, n);
+    if (st != KVS_OK) return st;
+    if (!x || !out) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_vec_dot_q8: x or out is NULL");
+    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_vec_dot_q8: AVX2 is not available");
+    }
+    kvs_q8_dot_fn dot = kvs_q8_dot_kernel(type, impl);
+    if (!dot) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_vec_dot_q8: %s has no integer dot", kvs_type_name(type));
+    block_q8_act *xq = malloc((size_t)(n / QK_ACT) * sizeof *xq);
+    if (!xq) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_vec_dot_q8: cannot allocate %lld blocks", (long long)(n / QK_ACT));
+    kvs_quantize_act_kernel(impl)(x, xq, n);
+    *out = dot(n, row, xq);
+    free(xq);
     return KVS_OK;
 }

@@ -62,9 +62,9 @@ static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
     for (int32_t t = 0; t < n_tokens; t++) {
         kvs_rmsnorm(ctx->x + t * n_embd, l->attn_norm, n_embd, hp->rms_eps, ctx->xb + t * n_embd);
     }
-    kvs_matmul(&ctx->cpu, &l->wq, ctx->xb, n_tokens, ctx->q);
-    kvs_matmul(&ctx->cpu, &l->wk, ctx->xb, n_tokens, ctx->k);
-    kvs_matmul(&ctx->cpu, &l->wv, ctx->xb, n_tokens, ctx->v);
+    const kvs_tensor *qkv[3] = {&l->wq, &l->wk, &l->wv};
+    float *qkv_out[3] = {ctx->q, ctx->k, ctx->v};
+    kvs_matmul_shared(&ctx->cpu, 3, qkv, ctx->xb, n_tokens, qkv_out);
     for (int32_t t = 0; t < n_tokens; t++) {
         float *q = ctx->q + t * q_dim, *k = ctx->k + t * kv_dim, *v = ctx->v + t * kv_dim;
         kvs_add_bias(q, l->bq, q_dim);
@@ -90,8 +90,9 @@ static void ffn_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
     for (int32_t t = 0; t < n_tokens; t++) {
         kvs_rmsnorm(ctx->x + t * n_embd, l->ffn_norm, n_embd, hp->rms_eps, ctx->xb + t * n_embd);
     }
-    kvs_matmul(&ctx->cpu, &l->w_gate, ctx->xb, n_tokens, ctx->hb);
-    kvs_matmul(&ctx->cpu, &l->w_up, ctx->xb, n_tokens, ctx->hb2);
+    const kvs_tensor *gate_up[2] = {&l->w_gate, &l->w_up};
+    float *gate_up_out[2] = {ctx->hb, ctx->hb2};
+    kvs_matmul_shared(&ctx->cpu, 2, gate_up, ctx->xb, n_tokens, gate_up_out);
     kvs_swiglu(ctx->hb, ctx->hb2, (int64_t)n_tokens * hp->n_ff);
     kvs_matmul(&ctx->cpu, &l->w_down, ctx->hb, n_tokens, ctx->xb);
     for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];

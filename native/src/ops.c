@@ -7,27 +7,50 @@
 
 typedef struct matmul_job {
     kvs_cpu *cpu;
-    const kvs_tensor *w;
-    const float *x;
-    int64_t n_tokens;
-    float *y;
+    int n_w;
+    const kvs_tensor *const *w;  /* weights sharing the input x          */
+    float *const *y;             /* y[i]: n_tokens x w[i]->ne[1] outputs  */
+    const float *x;              /* n_tokens x n_in                       */
+    const block_q8_act *xq;      /* x quantized, when any weight uses it  */
+    int64_t n_tokens, n_in;
 } matmul_job;
 
+/* The integer dot for w on the fast path, else NULL (exact f32 path). */
+static kvs_q8_dot_fn fast_dot(const kvs_cpu *cpu, const kvs_tensor *w) {
+    return cpu->matmul == KVS_MATMUL_Q8 ? kvs_q8_dot_kernel(w->type, cpu->impl) : NULL;
+}
+
 /* One token: the quantized dot kernel reads each weight row once. */
-static void matmul_one_token(const matmul_job *job, int64_t r0, int64_t r1) {
-    const kvs_tensor *w = job->w;
-    kvs_vec_dot_fn dot = kvs_vec_dot_kernel(w->type, job->cpu->impl);
+static void matmul_one_token(const matmul_job *job, const kvs_tensor *w, float *y, int64_t r0, int64_t r1) {
     const uint8_t *base = w->data;
-    for (int64_t r = r0; r < r1; r++) {
-        job->y[r] = dot(w->ne[0], base + r * w->row_bytes, job->x);
+    kvs_q8_dot_fn q8_dot = fast_dot(job->cpu, w);
+    if (q8_dot) {
+        for (int64_t r = r0; r < r1; r++) y[r] = q8_dot(w->ne[0], base + r * w->row_bytes, job->xq);
+        return;
+    }
+    kvs_vec_dot_fn dot = kvs_vec_dot_kernel(w->type, job->cpu->impl);
+    for (int64_t r = r0; r < r1; r++) y[r] = dot(w->ne[0], base + r * w->row_bytes, job->x);
+}
+
+/* Many tokens, fast path: MATMUL_ROWS quantized rows stay in L1 while every
+ * token's quantized activations stream past them. */
+static void matmul_many_tokens_q8(const matmul_job *job, kvs_q8_dot_fn dot, const kvs_tensor *w, float *y,
+                                  int64_t r0, int64_t r1) {
+    const int64_t n_in = w->ne[0], n_out = w->ne[1], nb = n_in / QK_ACT;
+    const uint8_t *base = w->data;
+    for (int64_t tile = r0; tile < r1; tile += MATMUL_ROWS) {
+        const int64_t tile_end = r1 - tile < MATMUL_ROWS ? r1 : tile + MATMUL_ROWS;
+        for (int64_t t = 0; t < job->n_tokens; t++) {
+            const block_q8_act *xq = job->xq + t * nb;
+            for (int64_t r = tile; r < tile_end; r++) y[t * n_out + r] = dot(n_in, base + r * w->row_bytes, xq);
+        }
     }
 }
 
-/* Many tokens: dequantize MATMUL_ROWS weight rows at a time, then take every
- * token against all of them, so each token's activations are read once per
- * row tile (from L1) instead of once per row. */
-static void matmul_many_tokens(const matmul_job *job, int ith, int64_t r0, int64_t r1) {
-    const kvs_tensor *w = job->w;
+/* Many tokens, exact path: dequantize MATMUL_ROWS weight rows at a time, then
+ * take every token against all of them, so each token's activations are read
+ * once per row tile (from L1) instead of once per row. */
+static void matmul_many_tokens(const matmul_job *job, int ith, const kvs_tensor *w, float *y, int64_t r0, int64_t r1) {
     const kvs_type_kernels *kernels = kvs_type_kernels_find(w->type);
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
     float *rows = job->cpu->row_scratch + (int64_t)ith * job->cpu->row_scratch_len * MATMUL_ROWS;
@@ -42,31 +65,61 @@ static void matmul_many_tokens(const matmul_job *job, int ith, int64_t r0, int64
                     float out[8];
                     kvs_dot_f32_4x2(n_in, rows + r * n_in, job->x + t * n_in, out, job->cpu->impl);
                     for (int k = 0; k < 4; k++) {
-                        job->y[t * n_out + tile + r + k] = out[2 * k];
-                        job->y[(t + 1) * n_out + tile + r + k] = out[2 * k + 1];
+                        y[t * n_out + tile + r + k] = out[2 * k];
+                        y[(t + 1) * n_out + tile + r + k] = out[2 * k + 1];
                     }
                 }
             }
             for (int64_t tt = t; tt < t + 2 && tt < job->n_tokens; tt++) {
                 for (int64_t rr = r; rr < n_rows; rr++) {
-                    job->y[tt * n_out + tile + rr] = kvs_dot_f32(n_in, rows + rr * n_in, job->x + tt * n_in, job->cpu->impl);
+                    y[tt * n_out + tile + rr] = kvs_dot_f32(n_in, rows + rr * n_in, job->x + tt * n_in, job->cpu->impl);
                 }
             }
         }
     }
 }
 
+/* Threads split the rows of all the job's weights taken end to end. */
 static void matmul_task(void *arg, int ith, int nth) {
     const matmul_job *job = arg;
+    int64_t n_rows = 0;
+    for (int i = 0; i < job->n_w; i++) n_rows += job->w[i]->ne[1];
     int64_t r0, r1;
-    kvs_split_range(job->w->ne[1], ith, nth, &r0, &r1);
-    if (job->n_tokens == 1) matmul_one_token(job, r0, r1);
-    else matmul_many_tokens(job, ith, r0, r1);
+    kvs_split_range(n_rows, ith, nth, &r0, &r1);
+    for (int i = 0, first = 0; i < job->n_w; first += (int)job->w[i]->ne[1], i++) {
+        const kvs_tensor *w = job->w[i];
+        const int64_t b = r0 > first ? r0 - first : 0, e = r1 - first < w->ne[1] ? r1 - first : w->ne[1];
+        if (b >= e) continue;
+        kvs_q8_dot_fn q8_dot = fast_dot(job->cpu, w);
+        if (job->n_tokens == 1) matmul_one_token(job, w, job->y[i], b, e);
+        else if (q8_dot) matmul_many_tokens_q8(job, q8_dot, w, job->y[i], b, e);
+        else matmul_many_tokens(job, ith, w, job->y[i], b, e);
+    }
+}
+
+static void quantize_task(void *arg, int ith, int nth) {
+    const matmul_job *job = arg;
+    int64_t t0, t1;
+    kvs_split_range(job->n_tokens, ith, nth, &t0, &t1);
+    kvs_quantize_act_fn quantize = kvs_quantize_act_kernel(job->cpu->impl);
+    quantize(job->x + t0 * job->n_in, job->cpu->act_scratch + t0 * (job->n_in / QK_ACT), (t1 - t0) * job->n_in);
+}
+
+void kvs_matmul_shared(kvs_cpu *cpu, int n_w, const kvs_tensor *const *w, const float *x, int64_t n_tokens,
+                       float *const *y) {
+    matmul_job job = {cpu, n_w, w, y, x, NULL, n_tokens, w[0]->ne[0]};
+    int any_fast = 0;
+    for (int i = 0; i < n_w; i++) any_fast |= fast_dot(cpu, w[i]) != NULL;
+    if (any_fast) {
+        job.xq = cpu->act_scratch;
+        if (n_tokens == 1) quantize_task(&job, 0, 1);
+        else kvs_threadpool_run(cpu->pool, quantize_task, &job);
+    }
+    kvs_threadpool_run(cpu->pool, matmul_task, &job);
 }
 
 void kvs_matmul(kvs_cpu *cpu, const kvs_tensor *w, const float *x, int64_t n_tokens, float *y) {
-    matmul_job job = {cpu, w, x, n_tokens, y};
-    kvs_threadpool_run(cpu->pool, matmul_task, &job);
+    kvs_matmul_shared(cpu, 1, &w, x, n_tokens, &y);
 }
 
 void kvs_rmsnorm(const float *x, const float *weight, int64_t n, float eps, float *out) {

@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include "act_q8.h"
 #include "formats.h"
 #include "model.h"
 #include "threadpool.h"
@@ -16,12 +17,20 @@
 typedef struct kvs_cpu {
     kvs_threadpool *pool;
     int32_t impl;          /* kvs_impl resolved: SCALAR or AVX2 */
+    int32_t matmul;        /* kvs_matmul_mode: exact f32 or 8-bit activations */
     float *row_scratch;    /* n_threads x MATMUL_ROWS x row_scratch_len floats */
     int64_t row_scratch_len;
+    block_q8_act *act_scratch;   /* n_batch x row_scratch_len / 32 quantized activation blocks */
 } kvs_cpu;
 
 /* y[t, r] = dot(row r of w, x[t]) for n_tokens rows of x (w->ne[0] floats each). */
 void kvs_matmul(kvs_cpu *cpu, const kvs_tensor *w, const float *x, int64_t n_tokens, float *y);
+
+/* n_w products of one input (Q/K/V, gate/up): x is quantized once and the
+ * rows of all weights are split over the threads in one dispatch. The
+ * weights share w[i]->ne[0]. */
+void kvs_matmul_shared(kvs_cpu *cpu, int n_w, const kvs_tensor *const *w, const float *x, int64_t n_tokens,
+                       float *const *y);
 
 /* out = x / rms(x) * weight, for one row of n. */
 void kvs_rmsnorm(const float *x, const float *weight, int64_t n, float eps, float *out);

@@ -1,0 +1,152 @@
+/* act_q8.c - scalar reference of the 8-bit-activation fast path: the
+ * activation quantizer and integer dots of the 32-element weight formats.
+ * Each weight block is unpacked to integers q with w = d*q + m; its dot with
+ * an activation block (x = dx*qx) is then d*dx*sum(q*qx) + m*dx*sum(qx). */
+#include "act_q8.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "blocks.h"
+#include "formats.h"
+#include "kvsink.h"
+
+void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_ACT; i++, x += QK_ACT, y++) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK_ACT; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK_ACT; j++) {
+            /* lrintf rounds half to even, as the AVX2 conversion does */
+            y->qs[j] = (int8_t)lrintf(x[j] * id);
+            sum += y->qs[j];
+        }
+        y->d = d;
+        y->s = d * (float)sum;
+    }
+}
+
+/* One weight block as integers: w[j] = d * q[j] + m. */
+typedef struct {
+    int q[32];
+    float d, m;
+} int_block;
+
+static float half(const kvs_half *p) {
+    kvs_half h;
+    memcpy(&h, p, sizeof h);
+    return kvs_fp16_to_fp32(h);
+}
+
+static uint32_t fifth_bits(const uint8_t qh[4]) {
+    uint32_t v;
+    memcpy(&v, qh, sizeof v);
+    return v;
+}
+
+/* Nibbles: element j is the low nibble of byte j, element j+16 the high one. */
+static void unpack_nibbles(const uint8_t qs[16], uint32_t qh, int offset, int *q) {
+    for (int j = 0; j < 16; j++) {
+        q[j] = (qs[j] & 0x0f) + (int)(((qh >> j) & 1u) << 4) - offset;
+        q[j + 16] = (qs[j] >> 4) + (int)(((qh >> (j + 16)) & 1u) << 4) - offset;
+    }
+}
+
+static void unpack_q4_0(const void *src, int_block *b) {
+    const block_q4_0 *w = src;
+    unpack_nibbles(w->qs, 0, 8, b->q);
+    b->d = half(&w->d);
+    b->m = 0.0f;
+}
+
+static void unpack_q4_1(const void *src, int_block *b) {
+    const block_q4_1 *w = src;
+    unpack_nibbles(w->qs, 0, 0, b->q);
+    b->d = half(&w->d);
+    b->m = half(&w->m);
+}
+
+static void unpack_q5_0(const void *src, int_block *b) {
+    const block_q5_0 *w = src;
+    unpack_nibbles(w->qs, fifth_bits(w->qh), 16, b->q);
+    b->d = half(&w->d);
+    b->m = 0.0f;
+}
+
+static void unpack_q5_1(const void *src, int_block *b) {
+    const block_q5_1 *w = src;
+    unpack_nibbles(w->qs, fifth_bits(w->qh), 0, b->q);
+    b->d = half(&w->d);
+    b->m = half(&w->m);
+}
+
+static void unpack_q8_0(const void *src, int_block *b) {
+    const block_q8_0 *w = src;
+    for (int j = 0; j < 32; j++) b->q[j] = w->qs[j];
+    b->d = half(&w->d);
+    b->m = 0.0f;
+}
+
+typedef void (*unpack_fn)(const void *src, int_block *b);
+
+static float q8_dot_blocks(int64_t n, const void *row, const block_q8_act *x, unpack_fn unpack, size_t bytes) {
+    const uint8_t *w = row;
+    double acc = 0.0;
+    for (int64_t i = 0; i < n / QK_ACT; i++, w += bytes, x++) {
+        int_block b;
+        unpack(w, &b);
+        int32_t isum = 0;
+        for (int j = 0; j < QK_ACT; j++) isum += b.q[j] * x->qs[j];
+        acc += (double)(b.d * x->d) * (double)isum + (double)b.m * (double)x->s;
+    }
+    return (float)acc;
+}
+
+#define DEFINE_Q8_DOT(name, block)                                                   \
+    static float q8_dot_##name(int64_t n, const void *row, const block_q8_act *x) { \
+        return q8_dot_blocks(n, row, x, unpack_##name, sizeof(block));             \
+    }
+
+DEFINE_Q8_DOT(q4_0, block_q4_0)
+DEFINE_Q8_DOT(q4_1, block_q4_1)
+DEFINE_Q8_DOT(q5_0, block_q5_0)
+DEFINE_Q8_DOT(q5_1, block_q5_1)
+DEFINE_Q8_DOT(q8_0, block_q8_0)
+
+#if defined(KVS_HAVE_AVX2_BUILD)
+#  define AVX2(fn) fn
+#else
+#  define AVX2(fn) NULL
+#endif
+
+typedef struct {
+    int32_t type;
+    kvs_q8_dot_fn scalar, avx2;
+} q8_dot_entry;
+
+static const q8_dot_entry q8_dots[] = {
+    {KVS_TYPE_Q4_0, q8_dot_q4_0, AVX2(kvs_q8_dot_q4_0_avx2)},
+    {KVS_TYPE_Q4_1, q8_dot_q4_1, AVX2(kvs_q8_dot_q4_1_avx2)},
+    {KVS_TYPE_Q5_0, q8_dot_q5_0, AVX2(kvs_q8_dot_q5_0_avx2)},
+    {KVS_TYPE_Q5_1, q8_dot_q5_1, AVX2(kvs_q8_dot_q5_1_avx2)},
+    {KVS_TYPE_Q8_0, q8_dot_q8_0, AVX2(kvs_q8_dot_q8_0_avx2)},
+};
+
+kvs_q8_dot_fn kvs_q8_dot_kernel(int32_t type, int32_t impl) {
+    for (size_t i = 0; i < sizeof q8_dots / sizeof q8_dots[0]; i++) {
+        if (q8_dots[i].type != type) continue;
+        if (impl == KVS_IMPL_SCALAR) return q8_dots[i].scalar;
+        if (kvs_avx2_available() && q8_dots[i].avx2) return q8_dots[i].avx2;
+        return impl == KVS_IMPL_AUTO ? q8_dots[i].scalar : NULL;
+    }
+    return NULL;
+}
+
+kvs_quantize_act_fn kvs_quantize_act_kernel(int32_t impl) {
+#if defined(KVS_HAVE_AVX2_BUILD)
+    if (impl != KVS_IMPL_SCALAR && kvs_avx2_available()) return kvs_quantize_act_avx2;
+#endif
+    (void)impl;
+    return kvs_quantize_act_scalar;
+}

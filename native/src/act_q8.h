@@ -1,0 +1,45 @@
+/* act_q8.h - private: the fast path of matrix products. Activations are
+ * quantized to 8 bits in blocks of 32 (one f32 scale each) so that weight
+ * blocks of the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are dotted
+ * with integer multiply-adds. This approximates the exact f32 path (see
+ * DESIGN 9); tests hold the AVX2 kernels to their scalar twins and the
+ * scalar twins to a numpy model of the same arithmetic. */
+#ifndef KVS_ACT_Q8_H
+#define KVS_ACT_Q8_H
+
+#include <stdint.h>
+
+#define QK_ACT 32
+
+typedef struct {
+    float d;              /* scale: x ~= d * q                  */
+    float s;              /* d * sum(q), for formats with a min */
+    int8_t qs[QK_ACT];    /* round(x / d), |q| <= 127           */
+} block_q8_act;
+_Static_assert(sizeof(block_q8_act) == 40, "block_q8_act size");
+
+/* Quantize n floats (a multiple of QK_ACT) to n / QK_ACT blocks. */
+typedef void (*kvs_quantize_act_fn)(const float *x, block_q8_act *y, int64_t n);
+/* dot(row of n weights of some type, quantized activations). */
+typedef float (*kvs_q8_dot_fn)(int64_t n, const void *row, const block_q8_act *x);
+
+void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n);
+
+/* The quantizer for impl (SCALAR or AVX2 resolved; AVX2 falls back to scalar
+ * when not built). Both give bit-identical blocks. */
+kvs_quantize_act_fn kvs_quantize_act_kernel(int32_t impl);
+
+/* The integer dot for a weight type with impl resolved, or NULL when the type
+ * has none (the matrix product then uses the exact f32 path for it). */
+kvs_q8_dot_fn kvs_q8_dot_kernel(int32_t type, int32_t impl);
+
+#if defined(KVS_HAVE_AVX2_BUILD)
+void kvs_quantize_act_avx2(const float *x, block_q8_act *y, int64_t n);
+float kvs_q8_dot_q4_0_avx2(int64_t n, const void *row, const block_q8_act *x);
+float kvs_q8_dot_q4_1_avx2(int64_t n, const void *row, const block_q8_act *x);
+float kvs_q8_dot_q5_0_avx2(int64_t n, const void *row, const block_q8_act *x);
+float kvs_q8_dot_q5_1_avx2(int64_t n, const void *row, const block_q8_act *x);
+float kvs_q8_dot_q8_0_avx2(int64_t n, const void *row, const block_q8_act *x);
+#endif
+
+#endif
