@@ -47,11 +47,18 @@ def numpy_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(-1), d
 
 
+def matvec_q8(type_id: int, impl: int, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The fast path's dots of consecutive rows (groups of four use the
+    four-row kernel, the rest the one-row kernel) with x."""
+    out = np.empty(len(rows), dtype=np.float32)
+    data = np.ascontiguousarray(np.stack(rows))
+    check(lib.kvs_matvec_q8(type_id, impl, ffi.cast("void *", ffi.from_buffer(data)), len(rows),
+                            ffi.from_buffer("float[]", x), x.size, ffi.from_buffer("float[]", out, require_writable=True)))
+    return out
+
+
 def dot_q8(type_id: int, impl: int, row: np.ndarray, x: np.ndarray) -> float:
-    out = ffi.new("float *")
-    check(lib.kvs_vec_dot_q8(type_id, impl, ffi.cast("void *", ffi.from_buffer(row)),
-                             ffi.from_buffer("float[]", x), x.size, out))
-    return float(out[0])
+    return float(matvec_q8(type_id, impl, [row], x)[0])
 
 
 def activations(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,6 +93,20 @@ def test_integer_dot_matches_numpy(name, impl):
         want = float(w @ xq)
         got = dot_q8(TYPES[name], impl, row, x)
         assert abs(got - want) <= 1e-5 * float(np.abs(w * xq).sum()) + 1e-30, (got, want)
+
+
+@pytest.mark.parametrize("name", FAST_TYPES)
+@pytest.mark.parametrize("impl", impls())
+def test_four_row_kernel_matches_one_row_kernel(name, impl):
+    rng = np.random.default_rng(50 + TYPES[name])
+    n = 576
+    rows = [random_row(name, n, rng) for _ in range(7)]  # one group of four, three single rows
+    x = activations(n, rng)
+    together = matvec_q8(TYPES[name], impl, rows, x)
+    for r, row in enumerate(rows):
+        alone = dot_q8(TYPES[name], impl, row, x)
+        w = oracle(name, row).astype(np.float64)
+        assert abs(together[r] - alone) <= 1e-6 * float(np.abs(w * x).sum()), (r, together[r], alone)
 
 
 @pytest.mark.parametrize("name", FAST_TYPES)

@@ -99,10 +99,11 @@ typedef enum kvs_matmul_mode {
 /* The fast path's activation quantizer: n (a multiple of 32) floats to int8
  * q[n] and one scale per 32 in d[n / 32] (x ~= d * q). */
 KVS_API kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int8_t *q, float *d);
-/* out = the fast path's dot of a row of `type` with x (quantized as above);
- * KVS_ERR_UNSUPPORTED for a type without an integer dot. */
-KVS_API kvs_status kvs_vec_dot_q8(int32_t type, int32_t impl, const void *row,
-                                  const float *x, int64_t n, float *out);
+/* out[r] = the fast path's dot of row r of n_rows consecutive rows of n
+ * elements of `type` with x (quantized as above); KVS_ERR_UNSUPPORTED for a
+ * type without an integer dot. */
+KVS_API kvs_status kvs_matvec_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows,
+                                 const float *x, int64_t n, float *out);
 
 /* ---- GGUF files --------------------------------------------------------- */
 

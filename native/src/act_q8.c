@@ -103,9 +103,14 @@ static float q8_dot_blocks(int64_t n, const void *row, const block_q8_act *x, un
     return (float)acc;
 }
 
-#define DEFINE_Q8_DOT(name, block)                                                   \
-    static float q8_dot_##name(int64_t n, const void *row, const block_q8_act *x) { \
-        return q8_dot_blocks(n, row, x, unpack_##name, sizeof(block));             \
+/* The four-row twin is four single-row dots. */
+#define DEFINE_Q8_DOT(name, block)                                                                  \
+    static float q8_dot_##name(int64_t n, const void *row, const block_q8_act *x) {                \
+        return q8_dot_blocks(n, row, x, unpack_##name, sizeof(block));                            \
+    }                                                                                              \
+    static void q8_dot4_##name(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, \
+                               float out[4]) {                                                     \
+        for (int r = 0; r < 4; r++) out[r] = q8_dot_##name(n, (const uint8_t *)rows + r * row_bytes, x); \
     }
 
 DEFINE_Q8_DOT(q4_0, block_q4_0)
@@ -115,30 +120,29 @@ DEFINE_Q8_DOT(q5_1, block_q5_1)
 DEFINE_Q8_DOT(q8_0, block_q8_0)
 
 #if defined(KVS_HAVE_AVX2_BUILD)
-#  define AVX2(fn) fn
+#  define AVX2(name) {kvs_q8_dot_##name##_avx2, kvs_q8_dot4_##name##_avx2}
 #else
-#  define AVX2(fn) NULL
+#  define AVX2(name) {NULL, NULL}
 #endif
 
 typedef struct {
     int32_t type;
-    kvs_q8_dot_fn scalar, avx2;
+    kvs_q8_kernels scalar, avx2;
 } q8_dot_entry;
 
+#define ENTRY(type, name) {type, {q8_dot_##name, q8_dot4_##name}, AVX2(name)}
+
 static const q8_dot_entry q8_dots[] = {
-    {KVS_TYPE_Q4_0, q8_dot_q4_0, AVX2(kvs_q8_dot_q4_0_avx2)},
-    {KVS_TYPE_Q4_1, q8_dot_q4_1, AVX2(kvs_q8_dot_q4_1_avx2)},
-    {KVS_TYPE_Q5_0, q8_dot_q5_0, AVX2(kvs_q8_dot_q5_0_avx2)},
-    {KVS_TYPE_Q5_1, q8_dot_q5_1, AVX2(kvs_q8_dot_q5_1_avx2)},
-    {KVS_TYPE_Q8_0, q8_dot_q8_0, AVX2(kvs_q8_dot_q8_0_avx2)},
+    ENTRY(KVS_TYPE_Q4_0, q4_0), ENTRY(KVS_TYPE_Q4_1, q4_1), ENTRY(KVS_TYPE_Q5_0, q5_0),
+    ENTRY(KVS_TYPE_Q5_1, q5_1), ENTRY(KVS_TYPE_Q8_0, q8_0),
 };
 
-kvs_q8_dot_fn kvs_q8_dot_kernel(int32_t type, int32_t impl) {
+const kvs_q8_kernels *kvs_q8_kernels_find(int32_t type, int32_t impl) {
     for (size_t i = 0; i < sizeof q8_dots / sizeof q8_dots[0]; i++) {
         if (q8_dots[i].type != type) continue;
-        if (impl == KVS_IMPL_SCALAR) return q8_dots[i].scalar;
-        if (kvs_avx2_available() && q8_dots[i].avx2) return q8_dots[i].avx2;
-        return impl == KVS_IMPL_AUTO ? q8_dots[i].scalar : NULL;
+        if (impl == KVS_IMPL_SCALAR) return &q8_dots[i].scalar;
+        if (kvs_avx2_available() && q8_dots[i].avx2.dot) return &q8_dots[i].avx2;
+        return impl == KVS_IMPL_AUTO ? &q8_dots[i].scalar : NULL;
     }
     return NULL;
 }

@@ -22,6 +22,14 @@ _Static_assert(sizeof(block_q8_act) == 40, "block_q8_act size");
 typedef void (*kvs_quantize_act_fn)(const float *x, block_q8_act *y, int64_t n);
 /* dot(row of n weights of some type, quantized activations). */
 typedef float (*kvs_q8_dot_fn)(int64_t n, const void *row, const block_q8_act *x);
+/* out[r] = dot(row r, x) for the 4 rows at rows + r * row_bytes. */
+typedef void (*kvs_q8_dot4_fn)(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x,
+                               float out[4]);
+
+typedef struct {
+    kvs_q8_dot_fn dot;
+    kvs_q8_dot4_fn dot4;
+} kvs_q8_kernels;
 
 void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n);
 
@@ -29,17 +37,22 @@ void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n);
  * when not built). Both give bit-identical blocks. */
 kvs_quantize_act_fn kvs_quantize_act_kernel(int32_t impl);
 
-/* The integer dot for a weight type with impl resolved, or NULL when the type
- * has none (the matrix product then uses the exact f32 path for it). */
-kvs_q8_dot_fn kvs_q8_dot_kernel(int32_t type, int32_t impl);
+/* The integer dots for a weight type with impl resolved, or NULL when the
+ * type has none (the matrix product then uses the exact f32 path for it). */
+const kvs_q8_kernels *kvs_q8_kernels_find(int32_t type, int32_t impl);
 
 #if defined(KVS_HAVE_AVX2_BUILD)
 void kvs_quantize_act_avx2(const float *x, block_q8_act *y, int64_t n);
 float kvs_q8_dot_q4_0_avx2(int64_t n, const void *row, const block_q8_act *x);
+void kvs_q8_dot4_q4_0_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
 float kvs_q8_dot_q4_1_avx2(int64_t n, const void *row, const block_q8_act *x);
+void kvs_q8_dot4_q4_1_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
 float kvs_q8_dot_q5_0_avx2(int64_t n, const void *row, const block_q8_act *x);
+void kvs_q8_dot4_q5_0_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
 float kvs_q8_dot_q5_1_avx2(int64_t n, const void *row, const block_q8_act *x);
+void kvs_q8_dot4_q5_1_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
 float kvs_q8_dot_q8_0_avx2(int64_t n, const void *row, const block_q8_act *x);
+void kvs_q8_dot4_q8_0_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
 #endif
 
 #endif

@@ -81,69 +81,110 @@ static inline __m256i fifth_bits32(const uint8_t qh[4]) {
     return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
-/* sum over the block of unsigned w times signed x, as 8 floats */
-static inline __m256 udot(__m256i w, const block_q8_act *x) {
-    const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)x->qs));
+/* Per format: the block's integer products with x as 8 floats (unsigned
+ * quants through maddubs directly, Q8_0's signed ones through the sign
+ * trick), and its fp16 scale (and min) as floats: [d, m] or [d, d]. */
+static inline __m256 products(__m256i w_unsigned, __m256i xq) {
+    const __m256i p = _mm256_maddubs_epi16(w_unsigned, xq);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
-/* The loop shared by every format: two accumulators for latency; `block`
- * yields the unsigned quants, scale, and the constant term d_min * x.s. */
-#define Q8_DOT_LOOP(block_t, unsigned_quants, scale, min_term)               \
-    const block_t *b = row;                                                   \
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();           \
-    float mins = 0.0f;                                                        \
-    const int64_t nb = n / QK_ACT;                                            \
-    int64_t i = 0;                                                            \
-    for (; i + 1 < nb; i += 2) {                                              \
-        const block_t *b0 = b + i, *b1 = b + i + 1;                           \
-        const block_q8_act *x0 = x + i, *x1 = x + i + 1;                      \
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b0) * x0->d), udot(unsigned_quants(b0), x0), acc0); \
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b1) * x1->d), udot(unsigned_quants(b1), x1), acc1); \
-        mins += min_term(b0, x0) + min_term(b1, x1);                         \
-    }                                                                         \
-    for (; i < nb; i++) {                                                     \
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b + i) * x[i].d), udot(unsigned_quants(b + i), x + i), acc0); \
-        mins += min_term(b + i, x + i);                                       \
-    }                                                                         \
-    return hsum(_mm256_add_ps(acc0, acc1)) + mins;
-
-#define D_OF(b) half_at(&(b)->d)
-#define NIBBLES(b) nibbles32((b)->qs)
-#define NIBBLES5(b) _mm256_or_si256(nibbles32((b)->qs), fifth_bits32((b)->qh))
-#define OFFSET8(b, x) (-8.0f * half_at(&(b)->d) * (x)->s)
-#define OFFSET16(b, x) (-16.0f * half_at(&(b)->d) * (x)->s)
-#define MIN_OF(b, x) (half_at(&(b)->m) * (x)->s)
-
-float kvs_q8_dot_q4_0_avx2(int64_t n, const void *row, const block_q8_act *x) {
-    Q8_DOT_LOOP(block_q4_0, NIBBLES, D_OF, OFFSET8)
+static inline __m256i fifth_nibbles(const uint8_t *qs, const uint8_t *qh) {
+    return _mm256_or_si256(nibbles32(qs), fifth_bits32(qh));
 }
 
-float kvs_q8_dot_q4_1_avx2(int64_t n, const void *row, const block_q8_act *x) {
-    Q8_DOT_LOOP(block_q4_1, NIBBLES, D_OF, MIN_OF)
+static inline __m256 prod_q4_0(const block_q4_0 *b, __m256i xq) { return products(nibbles32(b->qs), xq); }
+static inline __m256 prod_q4_1(const block_q4_1 *b, __m256i xq) { return products(nibbles32(b->qs), xq); }
+static inline __m256 prod_q5_0(const block_q5_0 *b, __m256i xq) { return products(fifth_nibbles(b->qs, b->qh), xq); }
+static inline __m256 prod_q5_1(const block_q5_1 *b, __m256i xq) { return products(fifth_nibbles(b->qs, b->qh), xq); }
+static inline __m256 prod_q8_0(const block_q8_0 *b, __m256i xq) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)b->qs);
+    return products(_mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
 }
 
-float kvs_q8_dot_q5_0_avx2(int64_t n, const void *row, const block_q8_act *x) {
-    Q8_DOT_LOOP(block_q5_0, NIBBLES5, D_OF, OFFSET16)
+static inline __m128 halves_d(const kvs_half *d) {
+    uint16_t h;
+    memcpy(&h, d, sizeof h);
+    return _mm_cvtph_ps(_mm_set1_epi16((short)h));
 }
 
-float kvs_q8_dot_q5_1_avx2(int64_t n, const void *row, const block_q8_act *x) {
-    Q8_DOT_LOOP(block_q5_1, NIBBLES5, D_OF, MIN_OF)
+static inline __m128 halves_dm(const kvs_half *dm) {
+    int32_t v;
+    memcpy(&v, dm, sizeof v);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(v));
 }
 
-/* Signed weights: |w| times x with w's sign moved onto it. */
-float kvs_q8_dot_q8_0_avx2(int64_t n, const void *row, const block_q8_act *x) {
-    const block_q8_0 *b = row;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t i = 0; i < n / QK_ACT; i++) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)b[i].qs);
-        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x[i].qs), w);
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), xs), ones));
-        if (i & 1) acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(&b[i].d) * x[i].d), p, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(&b[i].d) * x[i].d), p, acc0);
+static inline __m128 dm_q4_0(const block_q4_0 *b) { return halves_d(&b->d); }
+static inline __m128 dm_q4_1(const block_q4_1 *b) { return halves_dm(&b->d); }
+static inline __m128 dm_q5_0(const block_q5_0 *b) { return halves_d(&b->d); }
+static inline __m128 dm_q5_1(const block_q5_1 *b) { return halves_dm(&b->d); }
+static inline __m128 dm_q8_0(const block_q8_0 *b) { return halves_d(&b->d); }
+
+/* What lane 1 of the summed [d*x.d, m*x.s] pairs contributes: Q4_1/Q5_1 add
+ * their min once, Q4_0/Q5_0 subtract their offset (8 or 16) times d*x.s. */
+#define CONST_q4_0 (-8.0f)
+#define CONST_q4_1 1.0f
+#define CONST_q5_0 (-16.0f)
+#define CONST_q5_1 1.0f
+#define CONST_q8_0 0.0f
+
+/* [x.d, x.s]: the activation block's first 8 bytes. */
+static inline __m128 act_ds(const block_q8_act *x) { return _mm_castpd_ps(_mm_load_sd((const double *)&x->d)); }
+static inline __m256i load_act(const block_q8_act *x) { return _mm256_loadu_si256((const __m256i *)x->qs); }
+
+/* Sums of four accumulators at once: lane r of the result is hsum(a[r]). */
+static inline __m128 hsum4(const __m256 a[4]) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* One step: pair = [d*x.d, m*x.s] (summed into `consts`), acc += (d*x.d) * products. */
+#define Q8_STEP(name, blk, xb, xq, acc, consts)                                  \
+    do {                                                                         \
+        const __m128 pair = _mm_mul_ps(dm_##name(blk), act_ds(xb));              \
+        consts = _mm_add_ps(consts, pair);                                       \
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(pair), prod_##name(blk, xq), acc); \
+    } while (0)
+
+/* One row (two accumulators for latency), and four rows sharing each
+ * activation load (four rows also share the final horizontal sums). */
+#define DEFINE_Q8_DOTS(name, block_t)                                                                 \
+    float kvs_q8_dot_##name##_avx2(int64_t n, const void *row, const block_q8_act *x) {              \
+        const block_t *b = row;                                                                       \
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                \
+        __m128 consts = _mm_setzero_ps();                                                             \
+        const int64_t nb = n / QK_ACT;                                                                \
+        int64_t i = 0;                                                                                \
+        for (; i + 1 < nb; i += 2) {                                                                  \
+            Q8_STEP(name, b + i, x + i, load_act(x + i), acc0, consts);                               \
+            Q8_STEP(name, b + i + 1, x + i + 1, load_act(x + i + 1), acc1, consts);                   \
+        }                                                                                             \
+        if (i < nb) Q8_STEP(name, b + i, x + i, load_act(x + i), acc0, consts);                       \
+        return hsum(_mm256_add_ps(acc0, acc1)) + CONST_##name * _mm_cvtss_f32(_mm_movehdup_ps(consts)); \
+    }                                                                                                 \
+    void kvs_q8_dot4_##name##_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, \
+                                   float out[4]) {                                                    \
+        const uint8_t *base = rows;                                                                   \
+        const block_t *b0 = (const block_t *)base, *b1 = (const block_t *)(base + row_bytes);        \
+        const block_t *b2 = (const block_t *)(base + 2 * row_bytes), *b3 = (const block_t *)(base + 3 * row_bytes); \
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        __m128 c0 = _mm_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;                                      \
+        for (int64_t i = 0; i < n / QK_ACT; i++) {                                                    \
+            const __m256i xq = load_act(x + i);                                                       \
+            Q8_STEP(name, b0 + i, x + i, xq, acc[0], c0);                                             \
+            Q8_STEP(name, b1 + i, x + i, xq, acc[1], c1);                                             \
+            Q8_STEP(name, b2 + i, x + i, xq, acc[2], c2);                                             \
+            Q8_STEP(name, b3 + i, x + i, xq, acc[3], c3);                                             \
+        }                                                                                             \
+        /* lane 1 of each c: the constant terms of rows 0..3 */                                       \
+        const __m128 consts = _mm_movehl_ps(_mm_unpacklo_ps(c2, c3), _mm_unpacklo_ps(c0, c1));        \
+        _mm_storeu_ps(out, _mm_add_ps(hsum4(acc), _mm_mul_ps(_mm_set1_ps(CONST_##name), consts)));    \
     }
-    return hsum(_mm256_add_ps(acc0, acc1));
-}
+
+DEFINE_Q8_DOTS(q4_0, block_q4_0)
+DEFINE_Q8_DOTS(q4_1, block_q4_1)
+DEFINE_Q8_DOTS(q5_0, block_q5_0)
+DEFINE_Q8_DOTS(q5_1, block_q5_1)
+DEFINE_Q8_DOTS(q8_0, block_q8_0)
 
 #endif

@@ -15,17 +15,26 @@ typedef struct matmul_job {
     int64_t n_tokens, n_in;
 } matmul_job;
 
-/* The integer dot for w on the fast path, else NULL (exact f32 path). */
-static kvs_q8_dot_fn fast_dot(const kvs_cpu *cpu, const kvs_tensor *w) {
-    return cpu->matmul == KVS_MATMUL_Q8 ? kvs_q8_dot_kernel(w->type, cpu->impl) : NULL;
+/* The integer dots for w on the fast path, else NULL (exact f32 path). */
+static const kvs_q8_kernels *fast_dot(const kvs_cpu *cpu, const kvs_tensor *w) {
+    return cpu->matmul == KVS_MATMUL_Q8 ? kvs_q8_kernels_find(w->type, cpu->impl) : NULL;
+}
+
+/* y[r] for rows r0..r1 of w against one token's quantized activations. */
+static void q8_rows(const kvs_q8_kernels *k, const kvs_tensor *w, const block_q8_act *xq, float *y,
+                    int64_t r0, int64_t r1) {
+    const uint8_t *base = w->data;
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) k->dot4(w->ne[0], base + r * w->row_bytes, w->row_bytes, xq, y + r);
+    for (; r < r1; r++) y[r] = k->dot(w->ne[0], base + r * w->row_bytes, xq);
 }
 
 /* One token: the quantized dot kernel reads each weight row once. */
 static void matmul_one_token(const matmul_job *job, const kvs_tensor *w, float *y, int64_t r0, int64_t r1) {
     const uint8_t *base = w->data;
-    kvs_q8_dot_fn q8_dot = fast_dot(job->cpu, w);
-    if (q8_dot) {
-        for (int64_t r = r0; r < r1; r++) y[r] = q8_dot(w->ne[0], base + r * w->row_bytes, job->xq);
+    const kvs_q8_kernels *q8 = fast_dot(job->cpu, w);
+    if (q8) {
+        q8_rows(q8, w, job->xq, y, r0, r1);
         return;
     }
     kvs_vec_dot_fn dot = kvs_vec_dot_kernel(w->type, job->cpu->impl);
@@ -34,16 +43,12 @@ static void matmul_one_token(const matmul_job *job, const kvs_tensor *w, float *
 
 /* Many tokens, fast path: MATMUL_ROWS quantized rows stay in L1 while every
  * token's quantized activations stream past them. */
-static void matmul_many_tokens_q8(const matmul_job *job, kvs_q8_dot_fn dot, const kvs_tensor *w, float *y,
+static void matmul_many_tokens_q8(const matmul_job *job, const kvs_q8_kernels *k, const kvs_tensor *w, float *y,
                                   int64_t r0, int64_t r1) {
-    const int64_t n_in = w->ne[0], n_out = w->ne[1], nb = n_in / QK_ACT;
-    const uint8_t *base = w->data;
+    const int64_t n_out = w->ne[1], nb = w->ne[0] / QK_ACT;
     for (int64_t tile = r0; tile < r1; tile += MATMUL_ROWS) {
         const int64_t tile_end = r1 - tile < MATMUL_ROWS ? r1 : tile + MATMUL_ROWS;
-        for (int64_t t = 0; t < job->n_tokens; t++) {
-            const block_q8_act *xq = job->xq + t * nb;
-            for (int64_t r = tile; r < tile_end; r++) y[t * n_out + r] = dot(n_in, base + r * w->row_bytes, xq);
-        }
+        for (int64_t t = 0; t < job->n_tokens; t++) q8_rows(k, w, job->xq + t * nb, y + t * n_out, tile, tile_end);
     }
 }
 
@@ -90,9 +95,9 @@ static void matmul_task(void *arg, int ith, int nth) {
         const kvs_tensor *w = job->w[i];
         const int64_t b = r0 > first ? r0 - first : 0, e = r1 - first < w->ne[1] ? r1 - first : w->ne[1];
         if (b >= e) continue;
-        kvs_q8_dot_fn q8_dot = fast_dot(job->cpu, w);
+        const kvs_q8_kernels *q8 = fast_dot(job->cpu, w);
         if (job->n_tokens == 1) matmul_one_token(job, w, job->y[i], b, e);
-        else if (q8_dot) matmul_many_tokens_q8(job, q8_dot, w, job->y[i], b, e);
+        else if (q8) matmul_many_tokens_q8(job, q8, w, job->y[i], b, e);
         else matmul_many_tokens(job, ith, w, job->y[i], b, e);
     }
 }
