@@ -174,7 +174,7 @@ def result_of(c: Config) -> dict:
 def print_table(report: dict) -> None:
     print(f"{Path(report['model']).name}, {report['n_chunks']} chunks of {report['n_ctx']} tokens of "
           f"{Path(report['file']).name} ({report['n_tokens_scored']} scored tokens); KL and top-1 against "
-          f"our {REFERENCE} cache\n")
+          f"our {REFERENCE} cache; our matrix products: {report.get('matmul', 'f32')}\n")
     print("| KV cache | PPL | KL vs our f16 | top-1 vs our f16 | KL vs own f16 | top-1 vs own f16 | KV bytes/token |")
     print("|---|---|---|---|---|---|---|")
     for name, r in report["configs"].items():
@@ -194,6 +194,8 @@ def parse_args(argv=None):
     ap.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk length (default 512)")
     ap.add_argument("--chunks", type=int, default=40, help="chunks to evaluate (default 40)")
     ap.add_argument("-t", "--threads", type=int, default=2, help="threads for both runtimes (default 2)")
+    ap.add_argument("--matmul", choices=("f32", "q8"), default="f32",
+                    help="our matrix products: exact f32 activations (default) or the 8-bit fast path")
     ap.add_argument("--configs", help="comma-separated glob patterns of settings, e.g. 'f16/*,llama.cpp/*'")
     ap.add_argument("--list", action="store_true", help="list the settings and exit")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -206,13 +208,16 @@ def main(argv=None) -> int:
         print("\n".join(c.name for c in all_configs()))
         return 0
     configs = select(all_configs(), args.configs)
+    for c in configs:
+        if not c.llama_cpp:
+            c.kv["matmul"] = args.matmul
     if not Path(args.file).is_file():
         raise SystemExit(f"text file not found: {args.file} (pass -f)")
     if args.model is None:
         from kvsink_cpp.models import find_default_model, pull_default_model
         args.model = str(find_default_model() or pull_default_model())
 
-    with open_llama(args.model, args.ctx_size, args.threads, **REFERENCE_KV) as ref_llm:
+    with open_llama(args.model, args.ctx_size, args.threads, **REFERENCE_KV, matmul=args.matmul) as ref_llm:
         tokens = ref_llm.tokenize(Path(args.file).read_bytes(), add_bos=True)
         n = count_chunks(len(tokens), args.ctx_size, args.chunks)
         chunks = np.stack([chunk_tokens(tokens, args.ctx_size, i, vocab_bos(ref_llm)) for i in range(n)])
@@ -233,6 +238,7 @@ def main(argv=None) -> int:
 
     scored = next((c.stats.count for c in configs if c.stats.count), 0)
     report = {"model": args.model, "file": args.file, "n_ctx": args.ctx_size, "n_chunks": bench.completed,
+              "matmul": args.matmul,
               "n_tokens": len(tokens), "n_tokens_scored": scored, "reference": REFERENCE,
               "configs": {c.name: result_of(c) for c in configs}}
     if args.json:

@@ -74,8 +74,8 @@ typedef enum kvs_matmul_mode {
 
 kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int8_t *q, float *d);
 
-kvs_status kvs_matvec_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows,
-                                 const float *x, int64_t n, float *out);
+kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
+                                 const float *x, int64_t n_tokens, float *out);
 
 typedef struct kvs_gguf kvs_gguf;
 

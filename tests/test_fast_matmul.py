@@ -47,14 +47,21 @@ def numpy_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(-1), d
 
 
-def matvec_q8(type_id: int, impl: int, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The fast path's dots of consecutive rows (groups of four use the
-    four-row kernel, the rest the one-row kernel) with x."""
-    out = np.empty(len(rows), dtype=np.float32)
+def matmul_q8(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
+    """The fast path's product as the forward pass runs it: (n_tokens, n_rows)
+    for x of shape (n_tokens, n). Several tokens take the unpacked-quad
+    kernel, one token the four-row and one-row kernels."""
+    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
     data = np.ascontiguousarray(np.stack(rows))
-    check(lib.kvs_matvec_q8(type_id, impl, ffi.cast("void *", ffi.from_buffer(data)), len(rows),
-                            ffi.from_buffer("float[]", x), x.size, ffi.from_buffer("float[]", out, require_writable=True)))
+    out = np.empty((x.shape[0], len(rows)), dtype=np.float32)
+    check(lib.kvs_matmul_q8(type_id, impl, ffi.cast("void *", ffi.from_buffer(data)), len(rows), x.shape[1],
+                            ffi.from_buffer("float[]", x), x.shape[0],
+                            ffi.from_buffer("float[]", out, require_writable=True)))
     return out
+
+
+def matvec_q8(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
+    return matmul_q8(type_id, impl, rows, x)[0]
 
 
 def dot_q8(type_id: int, impl: int, row: np.ndarray, x: np.ndarray) -> float:
@@ -107,6 +114,23 @@ def test_four_row_kernel_matches_one_row_kernel(name, impl):
         alone = dot_q8(TYPES[name], impl, row, x)
         w = oracle(name, row).astype(np.float64)
         assert abs(together[r] - alone) <= 1e-6 * float(np.abs(w * x).sum()), (r, together[r], alone)
+
+
+@pytest.mark.parametrize("name", FAST_TYPES)
+@pytest.mark.parametrize("impl", impls())
+def test_batched_product_matches_token_by_token(name, impl):
+    """Many tokens (rows unpacked once into quads, 18 rows: quads plus a
+    remainder) give what each token alone gives."""
+    rng = np.random.default_rng(70 + TYPES[name])
+    n, n_rows, n_tokens = 576, 18, 5
+    rows = [random_row(name, n, rng) for _ in range(n_rows)]
+    x = np.stack([activations(n, rng) for _ in range(n_tokens)])
+    batch = matmul_q8(TYPES[name], impl, rows, x)
+    w = np.stack([oracle(name, row) for row in rows]).astype(np.float64)
+    for t in range(n_tokens):
+        alone = matvec_q8(TYPES[name], impl, rows, x[t])
+        scale = np.abs(w * x[t]).sum(axis=1)
+        assert np.all(np.abs(batch[t] - alone) <= 1e-6 * scale), (t, batch[t] - alone)
 
 
 @pytest.mark.parametrize("name", FAST_TYPES)
@@ -178,7 +202,11 @@ def test_fast_batch_equals_token_by_token(tmp_path, impl):
     tokens = list(range(1, 40))
     batch = logits(path, tokens, matmul="q8", impl=impl)
     single = logits(path, tokens, one_by_one=True, matmul="q8", impl=impl)
-    np.testing.assert_allclose(single, batch, rtol=0, atol=1e-4 * np.abs(batch).max())
     exact = logits(path, tokens, matmul="f32", impl=impl)
     assert not np.array_equal(batch, exact)  # the fast path did run
     np.testing.assert_allclose(batch, exact, rtol=0, atol=0.05 * np.abs(exact).max())
+    # the kernels differ only in float rounding, but a rounding that moves an
+    # activation across a quantization step is amplified by later layers, so
+    # "the same" means: far closer to each other than to the exact path
+    np.testing.assert_allclose(single, batch, rtol=0, atol=2e-3 * np.abs(batch).max())
+    assert np.abs(single - batch).mean() <= 0.02 * np.abs(batch - exact).mean()

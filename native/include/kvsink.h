@@ -99,11 +99,12 @@ typedef enum kvs_matmul_mode {
 /* The fast path's activation quantizer: n (a multiple of 32) floats to int8
  * q[n] and one scale per 32 in d[n / 32] (x ~= d * q). */
 KVS_API kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int8_t *q, float *d);
-/* out[r] = the fast path's dot of row r of n_rows consecutive rows of n
- * elements of `type` with x (quantized as above); KVS_ERR_UNSUPPORTED for a
- * type without an integer dot. */
-KVS_API kvs_status kvs_matvec_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows,
-                                 const float *x, int64_t n, float *out);
+/* The fast path's matrix product, as the forward pass runs it (one thread):
+ * out[t * n_rows + r] = dot(row r, token t of x) for n_rows consecutive rows
+ * of n elements of `type` and n_tokens rows of n floats in x (quantized as
+ * above). KVS_ERR_UNSUPPORTED for a type without an integer dot. */
+KVS_API kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
+                                 const float *x, int64_t n_tokens, float *out);
 
 /* ---- GGUF files --------------------------------------------------------- */
 

@@ -27,10 +27,12 @@ void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n) {
     }
 }
 
-/* One weight block as integers: w[j] = d * q[j] + m. */
+/* One weight block as integers: w[j] = d * q[j] + m, where q = u - offset
+ * for the unsigned stored quant u. */
 typedef struct {
     int q[32];
     float d, m;
+    int offset;
 } int_block;
 
 static float half(const kvs_half *p) {
@@ -58,6 +60,7 @@ static void unpack_q4_0(const void *src, int_block *b) {
     unpack_nibbles(w->qs, 0, 8, b->q);
     b->d = half(&w->d);
     b->m = 0.0f;
+    b->offset = 8;
 }
 
 static void unpack_q4_1(const void *src, int_block *b) {
@@ -65,6 +68,7 @@ static void unpack_q4_1(const void *src, int_block *b) {
     unpack_nibbles(w->qs, 0, 0, b->q);
     b->d = half(&w->d);
     b->m = half(&w->m);
+    b->offset = 0;
 }
 
 static void unpack_q5_0(const void *src, int_block *b) {
@@ -72,6 +76,7 @@ static void unpack_q5_0(const void *src, int_block *b) {
     unpack_nibbles(w->qs, fifth_bits(w->qh), 16, b->q);
     b->d = half(&w->d);
     b->m = 0.0f;
+    b->offset = 16;
 }
 
 static void unpack_q5_1(const void *src, int_block *b) {
@@ -79,6 +84,7 @@ static void unpack_q5_1(const void *src, int_block *b) {
     unpack_nibbles(w->qs, fifth_bits(w->qh), 0, b->q);
     b->d = half(&w->d);
     b->m = half(&w->m);
+    b->offset = 0;
 }
 
 static void unpack_q8_0(const void *src, int_block *b) {
@@ -86,6 +92,7 @@ static void unpack_q8_0(const void *src, int_block *b) {
     for (int j = 0; j < 32; j++) b->q[j] = w->qs[j];
     b->d = half(&w->d);
     b->m = 0.0f;
+    b->offset = 0; /* signed: no quads */
 }
 
 typedef void (*unpack_fn)(const void *src, int_block *b);
@@ -103,6 +110,32 @@ static float q8_dot_blocks(int64_t n, const void *row, const block_q8_act *x, un
     return (float)acc;
 }
 
+static void q8_unpack4(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out, unpack_fn unpack,
+                       size_t bytes) {
+    for (int r = 0; r < 4; r++) {
+        const uint8_t *w = (const uint8_t *)rows + r * row_bytes;
+        for (int64_t i = 0; i < n / QK_ACT; i++, w += bytes) {
+            int_block b;
+            unpack(w, &b);
+            for (int j = 0; j < QK_ACT; j++) out[i].u[r][j] = (uint8_t)(b.q[j] + b.offset);
+            out[i].d[r] = b.d;
+            out[i].c[r] = b.m - (float)b.offset * b.d;
+        }
+    }
+}
+
+static void q8_quad_dot(int64_t nb, const q8_quad *w, const block_q8_act *x, float out[4]) {
+    for (int r = 0; r < 4; r++) {
+        double acc = 0.0;
+        for (int64_t i = 0; i < nb; i++) {
+            int32_t isum = 0;
+            for (int j = 0; j < QK_ACT; j++) isum += (int32_t)w[i].u[r][j] * x[i].qs[j];
+            acc += (double)(w[i].d[r] * x[i].d) * (double)isum + (double)w[i].c[r] * (double)x[i].s;
+        }
+        out[r] = (float)acc;
+    }
+}
+
 /* The four-row twin is four single-row dots. */
 #define DEFINE_Q8_DOT(name, block)                                                                  \
     static float q8_dot_##name(int64_t n, const void *row, const block_q8_act *x) {                \
@@ -113,16 +146,27 @@ static float q8_dot_blocks(int64_t n, const void *row, const block_q8_act *x, un
         for (int r = 0; r < 4; r++) out[r] = q8_dot_##name(n, (const uint8_t *)rows + r * row_bytes, x); \
     }
 
+#define DEFINE_Q8_UNPACK4(name, block)                                                                \
+    static void q8_unpack4_##name(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out) {      \
+        q8_unpack4(n, rows, row_bytes, out, unpack_##name, sizeof(block));                            \
+    }
+
 DEFINE_Q8_DOT(q4_0, block_q4_0)
 DEFINE_Q8_DOT(q4_1, block_q4_1)
 DEFINE_Q8_DOT(q5_0, block_q5_0)
 DEFINE_Q8_DOT(q5_1, block_q5_1)
 DEFINE_Q8_DOT(q8_0, block_q8_0)
+DEFINE_Q8_UNPACK4(q4_0, block_q4_0)
+DEFINE_Q8_UNPACK4(q4_1, block_q4_1)
+DEFINE_Q8_UNPACK4(q5_0, block_q5_0)
+DEFINE_Q8_UNPACK4(q5_1, block_q5_1)
 
 #if defined(KVS_HAVE_AVX2_BUILD)
-#  define AVX2(name) {kvs_q8_dot_##name##_avx2, kvs_q8_dot4_##name##_avx2}
+#  define AVX2(name) {kvs_q8_dot_##name##_avx2, kvs_q8_dot4_##name##_avx2, kvs_q8_unpack4_##name##_avx2, kvs_q8_quad_dot_avx2}
+#  define AVX2_SIGNED(name) {kvs_q8_dot_##name##_avx2, kvs_q8_dot4_##name##_avx2, NULL, NULL}
 #else
-#  define AVX2(name) {NULL, NULL}
+#  define AVX2(name) {NULL, NULL, NULL, NULL}
+#  define AVX2_SIGNED(name) {NULL, NULL, NULL, NULL}
 #endif
 
 typedef struct {
@@ -130,11 +174,11 @@ typedef struct {
     kvs_q8_kernels scalar, avx2;
 } q8_dot_entry;
 
-#define ENTRY(type, name) {type, {q8_dot_##name, q8_dot4_##name}, AVX2(name)}
+#define ENTRY(type, name) {type, {q8_dot_##name, q8_dot4_##name, q8_unpack4_##name, q8_quad_dot}, AVX2(name)}
 
 static const q8_dot_entry q8_dots[] = {
-    ENTRY(KVS_TYPE_Q4_0, q4_0), ENTRY(KVS_TYPE_Q4_1, q4_1), ENTRY(KVS_TYPE_Q5_0, q5_0),
-    ENTRY(KVS_TYPE_Q5_1, q5_1), ENTRY(KVS_TYPE_Q8_0, q8_0),
+    ENTRY(KVS_TYPE_Q4_0, q4_0), ENTRY(KVS_TYPE_Q4_1, q4_1), ENTRY(KVS_TYPE_Q5_0, q5_0), ENTRY(KVS_TYPE_Q5_1, q5_1),
+    {KVS_TYPE_Q8_0, {q8_dot_q8_0, q8_dot4_q8_0, NULL, NULL}, AVX2_SIGNED(q8_0)},
 };
 
 const kvs_q8_kernels *kvs_q8_kernels_find(int32_t type, int32_t impl) {

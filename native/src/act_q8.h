@@ -26,9 +26,27 @@ typedef float (*kvs_q8_dot_fn)(int64_t n, const void *row, const block_q8_act *x
 typedef void (*kvs_q8_dot4_fn)(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x,
                                float out[4]);
 
+/* Batched products unpack four weight rows once per tile into "quads", so
+ * that every token after the first pays only for the multiply-adds: per block
+ * of 32, the rows' unsigned quants u and w = d*u + c (c: the min, or minus the
+ * offset times d). */
+typedef struct {
+    uint8_t u[4][32];
+    float d[4];
+    float c[4];
+} q8_quad;
+_Static_assert(sizeof(q8_quad) == 160, "q8_quad size");
+
+/* Unpack n elements of the 4 rows at rows + r * row_bytes into n / 32 quads. */
+typedef void (*kvs_q8_unpack4_fn)(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out);
+/* out[r] = dot(row r of the quads, x) over nb blocks. */
+typedef void (*kvs_q8_quad_dot_fn)(int64_t nb, const q8_quad *w, const block_q8_act *x, float out[4]);
+
 typedef struct {
     kvs_q8_dot_fn dot;
     kvs_q8_dot4_fn dot4;
+    kvs_q8_unpack4_fn unpack4;   /* NULL for signed formats (Q8_0): no quads */
+    kvs_q8_quad_dot_fn quad_dot;
 } kvs_q8_kernels;
 
 void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n);
@@ -51,6 +69,11 @@ float kvs_q8_dot_q5_0_avx2(int64_t n, const void *row, const block_q8_act *x);
 void kvs_q8_dot4_q5_0_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
 float kvs_q8_dot_q5_1_avx2(int64_t n, const void *row, const block_q8_act *x);
 void kvs_q8_dot4_q5_1_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
+void kvs_q8_unpack4_q4_0_avx2(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out);
+void kvs_q8_unpack4_q4_1_avx2(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out);
+void kvs_q8_unpack4_q5_0_avx2(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out);
+void kvs_q8_unpack4_q5_1_avx2(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out);
+void kvs_q8_quad_dot_avx2(int64_t nb, const q8_quad *w, const block_q8_act *x, float out[4]);
 float kvs_q8_dot_q8_0_avx2(int64_t n, const void *row, const block_q8_act *x);
 void kvs_q8_dot4_q8_0_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
 #endif

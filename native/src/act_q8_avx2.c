@@ -181,6 +181,48 @@ static inline __m128 hsum4(const __m256 a[4]) {
         _mm_storeu_ps(out, _mm_add_ps(hsum4(acc), _mm_mul_ps(_mm_set1_ps(CONST_##name), consts)));    \
     }
 
+/* Quads: unpacked once per tile, then every token costs one maddubs chain
+ * per row and block; the scales of the four rows for a block come as one
+ * vector (d4 * x.d), the constant terms as one FMA (c4 * x.s). */
+#define DEFINE_Q8_UNPACK4(name, block_t, QUANTS, HAS_MIN, OFFSET)                                        \
+    void kvs_q8_unpack4_##name##_avx2(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out) {    \
+        for (int r = 0; r < 4; r++) {                                                                     \
+            const block_t *b = (const block_t *)((const uint8_t *)rows + r * row_bytes);                 \
+            for (int64_t i = 0; i < n / QK_ACT; i++) {                                                    \
+                _mm256_storeu_si256((__m256i *)out[i].u[r], QUANTS(b + i));                               \
+                const __m128 dm = dm_##name(b + i);                                                       \
+                out[i].d[r] = _mm_cvtss_f32(dm);                                                          \
+                out[i].c[r] = HAS_MIN ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : -(OFFSET) * _mm_cvtss_f32(dm); \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+#define NIBBLES(b) nibbles32((b)->qs)
+#define NIBBLES5(b) fifth_nibbles((b)->qs, (b)->qh)
+DEFINE_Q8_UNPACK4(q4_0, block_q4_0, NIBBLES, 0, 8.0f)
+DEFINE_Q8_UNPACK4(q4_1, block_q4_1, NIBBLES, 1, 0.0f)
+DEFINE_Q8_UNPACK4(q5_0, block_q5_0, NIBBLES5, 0, 16.0f)
+DEFINE_Q8_UNPACK4(q5_1, block_q5_1, NIBBLES5, 1, 0.0f)
+
+void kvs_q8_quad_dot_avx2(int64_t nb, const q8_quad *w, const block_q8_act *x, float out[4]) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m128 consts = _mm_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i xq = load_act(x + i);
+        const __m128 scales = _mm_mul_ps(_mm_loadu_ps(w[i].d), _mm_set1_ps(x[i].d));
+        consts = _mm_fmadd_ps(_mm_loadu_ps(w[i].c), _mm_set1_ps(x[i].s), consts);
+        const __m256i u0 = _mm256_loadu_si256((const __m256i *)w[i].u[0]);
+        const __m256i u1 = _mm256_loadu_si256((const __m256i *)w[i].u[1]);
+        const __m256i u2 = _mm256_loadu_si256((const __m256i *)w[i].u[2]);
+        const __m256i u3 = _mm256_loadu_si256((const __m256i *)w[i].u[3]);
+        acc[0] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), products(u0, xq), acc[0]);
+        acc[1] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_permute_ps(scales, 1)), products(u1, xq), acc[1]);
+        acc[2] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_permute_ps(scales, 2)), products(u2, xq), acc[2]);
+        acc[3] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_permute_ps(scales, 3)), products(u3, xq), acc[3]);
+    }
+    _mm_storeu_ps(out, _mm_add_ps(hsum4(acc), consts));
+}
+
 DEFINE_Q8_DOTS(q4_0, block_q4_0)
 DEFINE_Q8_DOTS(q4_1, block_q4_1)
 DEFINE_Q8_DOTS(q5_0, block_q5_0)

@@ -511,25 +511,3 @@ kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int
     }
     return KVS_OK;
 }
-
-kvs_status kvs_matvec_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, const float *x, int64_t n,
-                         float *out) {
-    kvs_status st = check_row("kvs_matvec_q8", type, rows, n);
-    if (st != KVS_OK) return st;
-    if (!x || !out || n_rows < 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_matvec_q8: x or out is NULL or n_rows < 0");
-    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) {
-        return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matvec_q8: AVX2 is not available");
-    }
-    const kvs_q8_kernels *k = kvs_q8_kernels_find(type, impl);
-    if (!k) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matvec_q8: %s has no integer dot", kvs_type_name(type));
-    block_q8_act *xq = malloc((size_t)(n / QK_ACT) * sizeof *xq + 1);
-    if (!xq) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matvec_q8: cannot allocate %lld blocks", (long long)(n / QK_ACT));
-    kvs_quantize_act_kernel(impl)(x, xq, n);
-    const kvs_type_layout_info *info = kvs_type_layout_find(type);
-    const int64_t row_bytes = n / info->block_elems * info->block_bytes;
-    int64_t r = 0;
-    for (; r + 4 <= n_rows; r += 4) k->dot4(n, (const uint8_t *)rows + r * row_bytes, row_bytes, xq, out + r);
-    for (; r < n_rows; r++) out[r] = k->dot(n, (const uint8_t *)rows + r * row_bytes, xq);
-    free(xq);
-    return KVS_OK;
-}

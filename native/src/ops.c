@@ -3,7 +3,11 @@
 #include "ops.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "status.h"
+#include "types.h"
 
 typedef struct matmul_job {
     kvs_cpu *cpu;
@@ -41,14 +45,29 @@ static void matmul_one_token(const matmul_job *job, const kvs_tensor *w, float *
     for (int64_t r = r0; r < r1; r++) y[r] = dot(w->ne[0], base + r * w->row_bytes, job->x);
 }
 
-/* Many tokens, fast path: MATMUL_ROWS quantized rows stay in L1 while every
- * token's quantized activations stream past them. */
-static void matmul_many_tokens_q8(const matmul_job *job, const kvs_q8_kernels *k, const kvs_tensor *w, float *y,
-                                  int64_t r0, int64_t r1) {
-    const int64_t n_out = w->ne[1], nb = w->ne[0] / QK_ACT;
+/* Many tokens, fast path: MATMUL_ROWS rows are unpacked into quads once (in
+ * the thread's row scratch) and stay in L1 while every token's quantized
+ * activations stream past them. Signed formats (no quads) take the per-token
+ * four-row kernel. */
+static void matmul_many_tokens_q8(const matmul_job *job, int ith, const kvs_q8_kernels *k, const kvs_tensor *w,
+                                  float *y, int64_t r0, int64_t r1) {
+    const int64_t n_in = w->ne[0], n_out = w->ne[1], nb = n_in / QK_ACT;
+    q8_quad *quads = (q8_quad *)(job->cpu->row_scratch + (int64_t)ith * job->cpu->row_scratch_len * MATMUL_ROWS);
+    const uint8_t *base = w->data;
     for (int64_t tile = r0; tile < r1; tile += MATMUL_ROWS) {
         const int64_t tile_end = r1 - tile < MATMUL_ROWS ? r1 : tile + MATMUL_ROWS;
-        for (int64_t t = 0; t < job->n_tokens; t++) q8_rows(k, w, job->xq + t * nb, y + t * n_out, tile, tile_end);
+        int64_t n_quads = 0;
+        if (k->unpack4) {
+            for (; tile + 4 * (n_quads + 1) <= tile_end; n_quads++) {
+                k->unpack4(n_in, base + (tile + 4 * n_quads) * w->row_bytes, w->row_bytes, quads + n_quads * nb);
+            }
+        }
+        for (int64_t t = 0; t < job->n_tokens; t++) {
+            const block_q8_act *xq = job->xq + t * nb;
+            float *yt = y + t * n_out;
+            for (int64_t g = 0; g < n_quads; g++) k->quad_dot(nb, quads + g * nb, xq, yt + tile + 4 * g);
+            q8_rows(k, w, xq, yt, tile + 4 * n_quads, tile_end);
+        }
     }
 }
 
@@ -97,7 +116,7 @@ static void matmul_task(void *arg, int ith, int nth) {
         if (b >= e) continue;
         const kvs_q8_kernels *q8 = fast_dot(job->cpu, w);
         if (job->n_tokens == 1) matmul_one_token(job, w, job->y[i], b, e);
-        else if (q8) matmul_many_tokens_q8(job, q8, w, job->y[i], b, e);
+        else if (q8) matmul_many_tokens_q8(job, ith, q8, w, job->y[i], b, e);
         else matmul_many_tokens(job, ith, w, job->y[i], b, e);
     }
 }
@@ -164,4 +183,32 @@ void kvs_swiglu(float *gate, const float *up, int64_t n) {
 void kvs_add_bias(float *y, const float *b, int64_t n) {
     if (!b) return;
     for (int64_t i = 0; i < n; i++) y[i] += b[i];
+}
+
+/* ---- the fast path's product for tests (kvsink.h) --------------------------- */
+
+kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n, const float *x,
+                         int64_t n_tokens, float *out) {
+    const kvs_type_layout_info *info = kvs_type_layout_find(type);
+    if (!info) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: unsupported tensor type id %d", (int)type);
+    if (!rows || !x || !out || n_rows < 1 || n_tokens < 1 || n < QK_ACT || n % QK_ACT || n % info->block_elems) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_matmul_q8: NULL buffer or bad sizes (n %lld, rows %lld, tokens %lld)",
+                        (long long)n, (long long)n_rows, (long long)n_tokens);
+    }
+    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: no AVX2");
+    if (impl == KVS_IMPL_AUTO) impl = kvs_avx2_available() ? KVS_IMPL_AVX2 : KVS_IMPL_SCALAR;
+    if (!kvs_q8_kernels_find(type, impl)) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: %s has no integer dot", info->name);
+    }
+    kvs_tensor w = {rows, type, {n, n_rows, 1, 1}, n / info->block_elems * info->block_bytes};
+    kvs_cpu cpu = {NULL, impl, KVS_MATMUL_Q8, NULL, n, NULL};
+    cpu.row_scratch = malloc((size_t)(MATMUL_ROWS * n) * sizeof(float));
+    cpu.act_scratch = malloc((size_t)(n_tokens * (n / QK_ACT)) * sizeof(block_q8_act));
+    kvs_status st = cpu.row_scratch && cpu.act_scratch ? kvs_threadpool_create(1, &cpu.pool)
+                                                       : kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matmul_q8: no memory");
+    if (st == KVS_OK) kvs_matmul(&cpu, &w, x, n_tokens, out);
+    kvs_threadpool_free(cpu.pool);
+    free(cpu.row_scratch);
+    free(cpu.act_scratch);
+    return st;
 }

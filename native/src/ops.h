@@ -18,7 +18,8 @@ typedef struct kvs_cpu {
     kvs_threadpool *pool;
     int32_t impl;          /* kvs_impl resolved: SCALAR or AVX2 */
     int32_t matmul;        /* kvs_matmul_mode: exact f32 or 8-bit activations */
-    float *row_scratch;    /* n_threads x MATMUL_ROWS x row_scratch_len floats */
+    float *row_scratch;    /* n_threads x MATMUL_ROWS x row_scratch_len floats: dequantized rows
+                              (exact path) or q8_quads (fast path; they take less room) */
     int64_t row_scratch_len;
     block_q8_act *act_scratch;   /* n_batch x row_scratch_len / 32 quantized activation blocks */
 } kvs_cpu;
