@@ -38,7 +38,7 @@ from .llama import Llama
 
 # The cache every setting is compared with (llama.cpp's default KV cache).
 REFERENCE_KV = {"type_k": "f16", "type_v": "f16", "sinks": "none"}
-KV_OPTIONS = ("type_k", "type_v", "sinks", "kv_block", "kv_recent")
+KV_OPTIONS = ("type_k", "type_v", "sinks", "kv_block", "kv_recent", "matmul")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -211,7 +211,9 @@ def perplexity(model_path, text, n_ctx: int = 512, n_chunks: Optional[int] = Non
                n_threads: Optional[int] = None, kl_divergence: bool = False, progress: bool = True,
                n_batch: int = 512, **kv_options) -> dict:
     """Perplexity of a text (str or bytes) with the KV cache options given
-    (type_k, type_v, sinks, kv_block, kv_recent; None = the runtime default).
+    (type_k, type_v, sinks, kv_block, kv_recent; None = the runtime default)
+    and matrix-product path (matmul "f32" or "q8"; the KL reference uses the
+    same one, so that KL measures the KV cache alone).
 
     Returns every figure: ppl, ppl_error, nll_mean, n_chunks, n_tokens (of the
     text), n_tokens_scored, the KV options, kv_bytes_per_token and, with
@@ -228,7 +230,8 @@ def perplexity(model_path, text, n_ctx: int = 512, n_chunks: Optional[int] = Non
         count_chunks(len(tokens), n_ctx, n_chunks)  # fail before loading a reference
         reference = None
         if kl_divergence:
-            reference = stack.enter_context(open_llama(model_path, n_ctx, n_threads, n_batch, **REFERENCE_KV))
+            reference = stack.enter_context(open_llama(model_path, n_ctx, n_threads, n_batch, **REFERENCE_KV,
+                                                       matmul=kv_options.get("matmul")))
         result = perplexity_of_tokens(llm, tokens, n_ctx, n_chunks, vocab_bos(llm), reference, progress)
         stats = llm.kv_cache_stats()
         result.update({"model": os.fspath(model_path), **{k: kv_options.get(k) for k in KV_OPTIONS},
@@ -252,6 +255,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ctk", "--cache-type-k", default=None, help="K cache type: f32 f16 q8 q4 q3 q2")
     p.add_argument("-ctv", "--cache-type-v", default=None, help="V cache type: f32 f16 q8 q4 q3 q2")
     p.add_argument("--sinks", default=None, help="sink rows kept exact: none, pfn:N, kvsink")
+    p.add_argument("--matmul", default=None, choices=("f32", "q8"),
+                   help="matrix products: f32 (exact, default) or q8 (8-bit activations, faster)")
     p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block")
     p.add_argument("--kv-recent", type=int, default=None, help="most recent tokens kept unquantized")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: half the CPUs)")
@@ -285,7 +290,7 @@ def run_perplexity_command(args) -> int:
     result = perplexity(model, text, n_ctx=args.ctx_size, n_chunks=None if args.chunks < 0 else args.chunks,
                         n_threads=args.threads, kl_divergence=args.kl_divergence, progress=True,
                         type_k=args.cache_type_k, type_v=args.cache_type_v, sinks=args.sinks,
-                        kv_block=args.kv_block, kv_recent=args.kv_recent)
+                        kv_block=args.kv_block, kv_recent=args.kv_recent, matmul=args.matmul)
     result["file"] = args.file
     if args.json:
         print(json.dumps(result, indent=2))

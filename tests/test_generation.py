@@ -137,6 +137,14 @@ def test_generate_cli_streams_a_completion(smollm2_path):
     assert run.stdout.startswith(PROMPT + " Paris")
 
 
+def test_generate_cli_fast_matmul(smollm2_path):
+    run = subprocess.run([sys.executable, "-m", "kvsink_cpp", "generate", "-m", str(smollm2_path),
+                          "-p", PROMPT, "-n", "8", "--temp", "0", "--matmul", "q8"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(PROMPT + " Paris")
+
+
 def test_chat_runs_far_past_n_ctx(smollm2_path):
     """A conversation several times the context: the ring buffer and the dropped
     turns keep it going, nothing fails."""

@@ -252,6 +252,21 @@ def test_cli_json_with_kl_divergence(smollm2_path, paragraph_file, capsys):
         assert key in result
 
 
+def test_cli_fast_matmul_kl_is_against_the_same_path(smollm2_path, paragraph_file, capsys):
+    """--matmul q8: the f16 cache against an f16 reference with the same
+    matrix products is the same distribution (KL measures the cache alone),
+    and the perplexity moves only a little from the exact path's."""
+    args = [str(smollm2_path), "-f", str(paragraph_file), "-c", "64", "-t", "2", "-ctk", "f16", "-ctv", "f16",
+            "--kl-divergence", "--json"]
+    assert ppl_mod.main(args + ["--matmul", "q8"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert ppl_mod.main(args) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert fast["matmul"] == "q8" and exact["matmul"] is None
+    assert fast["kl_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert fast["ppl"] != exact["ppl"] and abs(fast["ppl"] / exact["ppl"] - 1) < 0.05
+
+
 def test_cli_errors_are_clear(smollm2_path, paragraph_file, tmp_path, capsys):
     assert ppl_mod.main(["-m", str(smollm2_path), "-f", str(tmp_path / "missing.txt")]) == 1
     assert "text file not found" in capsys.readouterr().err

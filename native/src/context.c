@@ -93,6 +93,7 @@ static kvs_status alloc_scratch(kvs_context *ctx) {
         {&ctx->k, nb * kv_dim},     {&ctx->v, nb * kv_dim},      {&ctx->att, nb * q_dim},
         {&ctx->hb, nb * hp->n_ff},  {&ctx->hb2, nb * hp->n_ff},
         {&ctx->scores, (int64_t)ctx->params.n_threads * ctx->scratch_len},
+        {&ctx->attn_partial, (int64_t)hp->n_head * ATTN_MAX_PARTS * (hp->head_dim + 2)},
         {&ctx->cpu.row_scratch, (int64_t)ctx->params.n_threads * MATMUL_ROWS * row},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
@@ -131,7 +132,7 @@ void kvs_context_free(kvs_context *ctx) {
     kvs_threadpool_free(ctx->cpu.pool);
     kvs_kv_cache_free(ctx->kv);
     float *bufs[] = {ctx->x, ctx->xb, ctx->q, ctx->k, ctx->v, ctx->att, ctx->hb, ctx->hb2,
-                     ctx->scores, ctx->cpu.row_scratch};
+                     ctx->scores, ctx->attn_partial, ctx->cpu.row_scratch};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(ctx->cpu.act_scratch);
     free(ctx);

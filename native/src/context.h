@@ -26,6 +26,7 @@ struct kvs_context {
     float *hb;      /* [n_batch][n_ff] gate, then SwiGLU  */
     float *hb2;     /* [n_batch][n_ff] up                 */
     float *scores;  /* [n_threads][scratch_len] attention scratch (kvs_kv_cache_scratch_floats) */
+    float *attn_partial; /* [n_head_kv][ATTN_MAX_PARTS][group][head_dim + 2] decode split records */
     int64_t scratch_len;
     const kvs_eval_trace *trace; /* set only during kvs_context_eval_trace */
     float *trace_mass;           /* [n_threads][scratch_len] per-thread attention mass, while tracing */
@@ -34,6 +35,8 @@ struct kvs_context {
 
 /* Tokens per attention task (with the query heads of one KV head). */
 #define ATTN_TOKENS 16
+/* Most parts the keys of one KV head are split into when decoding. */
+#define ATTN_MAX_PARTS 32
 
 /* The llama-family forward pass over at most ubatch tokens appended to the
  * cache at positions n_past.. (llama.c); the cache's append is begun. */

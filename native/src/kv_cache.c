@@ -471,7 +471,7 @@ static void softmax_in_place(float *p, int32_t n) {
     for (int32_t j = 0; j < n; j++) p[j] *= inv_sum;
 }
 
-void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float *scratch, int32_t impl) {
+static attend_scratch split_scratch(const kvs_kv_cache *c, const kvs_attend_job *job, float *scratch) {
     attend_scratch s;
     const int32_t n_q = (job->t1 - job->t0) * job->n_heads, hd = c->hd;
     s.scores = scratch;
@@ -480,24 +480,100 @@ void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float
     s.qb = s.vt + (int64_t)hd * c->B;
     s.wb = s.qb + hd;
     s.seg = s.wb + hd;
-    const int32_t last = c->n_past + job->t1 - 1;
-    const kvs_axpy_fn axpy = kvs_axpy_kernel(KVS_TYPE_F32, impl);
+    return s;
+}
+
+/* Scaled scores of the job's queries against segments k0..k1-1, written at
+ * their cache positions in s->scores (a sink's position is written by its
+ * sink segment, masked out of its block). */
+static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, attend_scratch *s, int32_t k0,
+                           int32_t k1, int32_t impl) {
+    const int32_t last = c->n_past + job->t1 - 1, hd = c->hd;
     segment sg;
-    for (int32_t k = 0; get_segment(c, k, last, &sg); k++) {
-        load_keys(c, job->il, job->kv_head, &sg, &s, impl);
+    for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
+        load_keys(c, job->il, job->kv_head, &sg, s, impl);
         for (int32_t t = job->t0; t < job->t1; t++) {
             const int32_t m_orig = c->n_past + t, n = visible(&sg, m_orig);
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
                 const float *q = job->q + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
-                float *scores = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
-                rotate_query(c, q, m_orig - c->n_evicted - sg.c0, s.qb, s.wb);
-                kvs_kv_score_tile(n, hd, c->B, s.kt, s.qb, s.wb, c->blk_cos, c->blk_sin, s.seg, impl);
+                float *scores = s->scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
+                rotate_query(c, q, m_orig - c->n_evicted - sg.c0, s->qb, s->wb);
+                kvs_kv_score_tile(n, hd, c->B, s->kt, s->qb, s->wb, c->blk_cos, c->blk_sin, s->seg, impl);
                 for (int32_t i = 0; i < n; i++) {
-                    if (!(sg.mask >> i & 1)) scores[sg.c0 + i] = s.seg[i] * job->scale;
+                    if (!(sg.mask >> i & 1)) scores[sg.c0 + i] = s->seg[i] * job->scale;
                 }
             }
         }
     }
+}
+
+int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *c, int32_t n_tokens) {
+    const int32_t last = c->n_past + n_tokens - 1;
+    const int32_t window = last < c->win_start ? 0 : (last - c->win_start) / c->B + 1;
+    return c->n_sinks + c->n_blocks + window;
+}
+
+void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, int32_t k0, int32_t k1,
+                              float *scratch, float *partial, int32_t impl) {
+    attend_scratch s = split_scratch(c, job, scratch);
+    const int32_t hd = c->hd, last = c->n_past + job->t1 - 1;
+    const kvs_axpy_fn axpy = kvs_axpy_kernel(KVS_TYPE_F32, impl);
+    score_segments(c, job, &s, k0, k1, impl);
+    segment sg;
+    for (int32_t j = 0; j < job->n_heads; j++) {
+        float *part = partial + (int64_t)j * (hd + 2), *scores = s.scores + (int64_t)j * c->P;
+        float max_score = -INFINITY;
+        for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
+            const int32_t n = visible(&sg, last);
+            for (int32_t i = 0; i < n; i++) {
+                if (!(sg.mask >> i & 1) && scores[sg.c0 + i] > max_score) max_score = scores[sg.c0 + i];
+            }
+        }
+        part[0] = max_score;
+        part[1] = 0.0f;
+        memset(part + 2, 0, (size_t)hd * sizeof(float));
+    }
+    for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
+        load_values(c, job->il, job->kv_head, &sg, &s, impl);
+        const int32_t n = visible(&sg, last);
+        for (int32_t j = 0; j < job->n_heads; j++) {
+            float *part = partial + (int64_t)j * (hd + 2);
+            const float *scores = s.scores + (int64_t)j * c->P + sg.c0;
+            for (int32_t i = 0; i < n; i++) {
+                if (sg.mask >> i & 1) continue;
+                const float p = expf(scores[i] - part[0]);
+                part[1] += p;
+                axpy(hd, p, s.vt + (int64_t)i * hd, part + 2);
+            }
+        }
+    }
+}
+
+void kvs_kv_cache_attend_combine(int32_t hd, int32_t n_parts, int64_t part_stride, const float *partial, float *out) {
+    float max_score = -INFINITY;
+    for (int32_t p = 0; p < n_parts; p++) {
+        if (partial[p * part_stride] > max_score) max_score = partial[p * part_stride];
+    }
+    double sum = 0.0;
+    for (int32_t d = 0; d < hd; d++) out[d] = 0.0f;
+    for (int32_t p = 0; p < n_parts; p++) {
+        const float *part = partial + p * part_stride;
+        if (part[1] == 0.0f) continue; /* a part without keys */
+        const float w = expf(part[0] - max_score);
+        sum += (double)w * part[1];
+        for (int32_t d = 0; d < hd; d++) out[d] += w * part[2 + d];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int32_t d = 0; d < hd; d++) out[d] *= inv;
+}
+
+void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float *scratch, int32_t impl) {
+    attend_scratch s = split_scratch(c, job, scratch);
+    const int32_t hd = c->hd;
+    const int32_t last = c->n_past + job->t1 - 1;
+    const kvs_axpy_fn axpy = kvs_axpy_kernel(KVS_TYPE_F32, impl);
+    segment sg;
+    score_segments(c, job, &s, 0, INT32_MAX, impl);
     for (int32_t t = job->t0; t < job->t1; t++) {
         const int32_t n_keys = c->n_past + t - c->n_evicted + 1;
         for (int32_t j = 0; j < job->n_heads; j++) {

@@ -66,6 +66,18 @@ typedef struct kvs_attend_job {
 } kvs_attend_job;
 
 void kvs_kv_cache_attend(const kvs_kv_cache *cache, const kvs_attend_job *job, float *scratch, int32_t impl);
+
+/* Decoding one token, attention splits over the keys (n_head_kv is often
+ * smaller than the thread count): segments [sink rows | blocks | window runs]
+ * are numbered 0..kvs_kv_cache_n_segments()-1; a part takes segments k0..k1-1
+ * of a one-token job and writes, per query head j, at partial + j*(hd+2):
+ * the max score, the sum of exp(score - max) and the sum of exp(score - max)*v
+ * (sum 0 when it had no keys). kvs_kv_cache_attend_combine merges n_parts
+ * such records of one head (part_stride floats apart) into the output row. */
+int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *cache, int32_t n_tokens);
+void kvs_kv_cache_attend_part(const kvs_kv_cache *cache, const kvs_attend_job *job, int32_t k0, int32_t k1,
+                              float *scratch, float *partial, int32_t impl);
+void kvs_kv_cache_attend_combine(int32_t hd, int32_t n_parts, int64_t part_stride, const float *partial, float *out);
 /* Finish the append: quantize blocks that left the recent window, evict if needed. */
 void kvs_kv_cache_commit(kvs_kv_cache *cache);
 /* Forget tokens from position n_past on; positions inside committed blocks

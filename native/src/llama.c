@@ -11,6 +11,7 @@ typedef struct attention_job {
     kvs_context *ctx;
     int32_t il;
     int32_t n_tokens;
+    int32_t n_parts, n_segments; /* decode split over the keys */
 } attention_job;
 
 /* Tasks are (KV head, run of ATTN_TOKENS tokens): the query heads sharing a
@@ -30,6 +31,40 @@ static void attention_task(void *arg, int ith, int nth) {
                              ctx->q, (int64_t)hp->n_head * hp->head_dim, 1.0f / sqrtf((float)hp->head_dim),
                              ctx->att, ctx->trace_mass ? ctx->trace_mass + (int64_t)ith * ctx->scratch_len : NULL};
         kvs_kv_cache_attend(ctx->kv, &aj, scratch, ctx->cpu.impl);
+    }
+}
+
+/* Decoding one token: tasks are (KV head, part of the keys), so that a model
+ * with fewer KV heads than threads keeps every thread busy; the parts are
+ * merged afterwards (attention_combine). */
+static void attention_split_task(void *arg, int ith, int nth) {
+    const attention_job *job = arg;
+    kvs_context *ctx = job->ctx;
+    const kvs_hparams *hp = &ctx->model->hp;
+    const int32_t group = hp->n_head / hp->n_head_kv;
+    float *scratch = ctx->scores + (int64_t)ith * ctx->scratch_len;
+    for (int32_t task = ith; task < job->n_parts * hp->n_head_kv; task += nth) {
+        const int32_t kv_head = task % hp->n_head_kv, part = task / hp->n_head_kv;
+        const int32_t k0 = (int32_t)((int64_t)job->n_segments * part / job->n_parts);
+        const int32_t k1 = (int32_t)((int64_t)job->n_segments * (part + 1) / job->n_parts);
+        kvs_attend_job aj = {job->il, kv_head, 0, 1, kv_head * group, group,
+                             ctx->q, (int64_t)hp->n_head * hp->head_dim, 1.0f / sqrtf((float)hp->head_dim),
+                             ctx->att, NULL};
+        float *partial = ctx->attn_partial + ((int64_t)kv_head * job->n_parts + part) * group * (hp->head_dim + 2);
+        kvs_kv_cache_attend_part(ctx->kv, &aj, k0, k1, scratch, partial, ctx->cpu.impl);
+    }
+}
+
+static void attention_combine(kvs_context *ctx, const attention_job *job) {
+    const kvs_hparams *hp = &ctx->model->hp;
+    const int32_t group = hp->n_head / hp->n_head_kv;
+    const int64_t rec = hp->head_dim + 2;
+    for (int32_t kv_head = 0; kv_head < hp->n_head_kv; kv_head++) {
+        for (int32_t j = 0; j < group; j++) {
+            const float *first = ctx->attn_partial + ((int64_t)kv_head * job->n_parts * group + j) * rec;
+            kvs_kv_cache_attend_combine(hp->head_dim, job->n_parts, group * rec, first,
+                                        ctx->att + (int64_t)(kv_head * group + j) * hp->head_dim);
+        }
     }
 }
 
@@ -72,12 +107,21 @@ static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
         kvs_add_bias(v, l->bv, kv_dim);
         kvs_kv_cache_store(ctx->kv, il, t, k, v); /* keys before RoPE: rotated when read */
     }
-    attention_job job = {ctx, il, n_tokens};
-    if (ctx->trace_mass) {
-        memset(ctx->trace_mass, 0, (size_t)ctx->params.n_threads * (size_t)ctx->scratch_len * sizeof(float));
+    attention_job job = {ctx, il, n_tokens, 1, 0};
+    if (n_tokens == 1 && !ctx->trace_mass) {
+        job.n_segments = kvs_kv_cache_n_segments(ctx->kv, 1);
+        const int32_t want = (4 * ctx->params.n_threads + hp->n_head_kv - 1) / hp->n_head_kv;
+        job.n_parts = want < ATTN_MAX_PARTS ? want : ATTN_MAX_PARTS;
+        if (job.n_parts > job.n_segments) job.n_parts = job.n_segments;
+        kvs_threadpool_run(ctx->cpu.pool, attention_split_task, &job);
+        attention_combine(ctx, &job);
+    } else {
+        if (ctx->trace_mass) {
+            memset(ctx->trace_mass, 0, (size_t)ctx->params.n_threads * (size_t)ctx->scratch_len * sizeof(float));
+        }
+        kvs_threadpool_run(ctx->cpu.pool, attention_task, &job);
+        if (ctx->trace_mass) collect_attention_mass(ctx, il, n_tokens);
     }
-    kvs_threadpool_run(ctx->cpu.pool, attention_task, &job);
-    if (ctx->trace_mass) collect_attention_mass(ctx, il, n_tokens);
     /* the output projection lands in xb, then joins the residual stream */
     kvs_matmul(&ctx->cpu, &l->wo, ctx->att, n_tokens, ctx->xb);
     for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];
