@@ -60,6 +60,8 @@ class Config:
 def all_configs() -> List[Config]:
     configs = [Config("f32", {"type_k": "f32", "type_v": "f32"})]
     configs += [Config(f"{t}/{s}", {"type_k": t, "type_v": t, "sinks": s}) for t in OUR_TYPES for s in SINKS]
+    # the fast matrix products against the exact reference (DESIGN 9's bar: as close as llama.cpp)
+    configs.append(Config("f16/none matmul=q8", {"type_k": "f16", "type_v": "f16", "sinks": "none", "matmul": "q8"}))
     configs += [Config(f"llama.cpp/{t}", {"ggml_type": t}, llama_cpp=True) for t in LLAMA_CPP_BYTES_PER_ELEMENT]
     return configs
 
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     configs = select(all_configs(), args.configs)
     for c in configs:
         if not c.llama_cpp:
-            c.kv["matmul"] = args.matmul
+            c.kv.setdefault("matmul", args.matmul)
     if not Path(args.file).is_file():
         raise SystemExit(f"text file not found: {args.file} (pass -f)")
     if args.model is None:

@@ -1,8 +1,9 @@
 """Speed side by side with llama.cpp: prompt processing (pp512), generation of
 128 tokens at an empty cache (tg128) and at depth 4096 (tg128@4096), the rate
 of filling those 4096 tokens, KV cache bytes per token and peak RSS, for
-kvsink_cpp's f16/q8/q4/q2 caches (sinks on) and llama.cpp's f16 and q4_0 caches
-(flash attention on), same GGUF, same threads, same token ids, in one run.
+kvsink_cpp's f16/q8/q4/q2 caches (sinks on, fast matrix products: matmul="q8";
+"q4 exact" is the exact f32 path) and llama.cpp's f16 and q4_0 caches (flash
+attention on), same GGUF, same threads, same token ids, in one run.
 
     python bench/speed.py [-m MODEL] [-t 2] [-t 1 ...] [--reps 3] [--depth 4096]
                           [--configs PATTERNS] [--json] [--list]
@@ -38,11 +39,13 @@ WORKER = HERE / "speed_worker.py"
 REFERENCE = "llama.cpp/f16"
 GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
+FAST = {"matmul": "q8"}  # our fast path (8-bit activations), as llama.cpp's own products are
 CONFIGS = {
-    "kvsink_cpp/f16": ("kvsink_cpp", {"type_k": "f16", "type_v": "f16", "sinks": "kvsink"}),
-    "kvsink_cpp/q8": ("kvsink_cpp", {"type_k": "q8", "type_v": "q8", "sinks": "kvsink"}),
-    "kvsink_cpp/q4": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink"}),
-    "kvsink_cpp/q2": ("kvsink_cpp", {"type_k": "q2", "type_v": "q2", "sinks": "kvsink"}),
+    "kvsink_cpp/f16": ("kvsink_cpp", {"type_k": "f16", "type_v": "f16", "sinks": "kvsink", **FAST}),
+    "kvsink_cpp/q8": ("kvsink_cpp", {"type_k": "q8", "type_v": "q8", "sinks": "kvsink", **FAST}),
+    "kvsink_cpp/q4": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", **FAST}),
+    "kvsink_cpp/q2": ("kvsink_cpp", {"type_k": "q2", "type_v": "q2", "sinks": "kvsink", **FAST}),
+    "kvsink_cpp/q4 exact": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "matmul": "f32"}),
     "llama.cpp/f16": ("llama.cpp", {"type_k": GGML_TYPES["f16"], "type_v": GGML_TYPES["f16"]}),
     "llama.cpp/q4_0": ("llama.cpp", {"type_k": GGML_TYPES["q4_0"], "type_v": GGML_TYPES["q4_0"]}),
 }
