@@ -1,4 +1,6 @@
-/* kernels_kv.h - private: row kernels of the KV cache's attention. */
+/* kernels_kv.h - private: tile kernels of the KV cache's attention. A segment
+ * of up to B keys is held channel-major (kt[d][t], row stride `stride`), its
+ * values token-major (vt[t][d]). */
 #ifndef KVS_KERNELS_KV_H
 #define KVS_KERNELS_KV_H
 
@@ -6,41 +8,35 @@
 
 #include "blocks.h"
 
-/* y[i] += a * x[i] for n elements of a cached row (f32 or f16). */
-typedef void (*kvs_axpy_fn)(int64_t n, float a, const void *x, float *y);
-
-void kvs_axpy_f32_scalar(int64_t n, float a, const void *x, float *y);
-void kvs_axpy_f16_scalar(int64_t n, float a, const void *x, float *y);
-#if defined(KVS_HAVE_AVX2_BUILD)
-void kvs_axpy_f32_avx2(int64_t n, float a, const void *x, float *y);
-void kvs_axpy_f16_avx2(int64_t n, float a, const void *x, float *y);
-#endif
-
-/* The kernel for a row type (KVS_TYPE_F32/F16) and impl (SCALAR or AVX2). */
-kvs_axpy_fn kvs_axpy_kernel(int32_t type, int32_t impl);
-
-/* Attention scores of n keys held channel-major in kt (row stride `stride`),
- * each rotated by its offset t inside the segment: out[t] = sum_d kt[d][t] *
- * (qb[d] * cos_t[d][t] + wb[d] * sin_t[d][t]). RoPE at read time in one pass. */
-typedef void (*kvs_score_tile_fn)(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
-                                  const float *wb, const float *cos_t, const float *sin_t, float *out);
-void kvs_score_tile_scalar(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
-                           const float *wb, const float *cos_t, const float *sin_t, float *out);
-#if defined(KVS_HAVE_AVX2_BUILD)
-void kvs_score_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
-                         const float *wb, const float *cos_t, const float *sin_t, float *out);
-#endif
-
+/* Rotate n entries of a channel pair in place: (a, b) <- (a*c - b*s, a*s + b*c),
+ * with c, s per entry (RoPE by each key's offset inside its segment). */
+typedef void (*kvs_rotate_pair_fn)(int32_t n, float *a, float *b, const float *c, const float *s);
+/* out[t] = sum_d q[d] * kt[d][t] for t < n: the scores of one query. */
+typedef void (*kvs_dot_tile_fn)(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *q, float *out);
+/* out[d] += sum_t p[t] * vt[t][d] for d < hd: one query's
+ * weighted values, out kept in registers across the keys. */
+typedef void (*kvs_weighted_rows_fn)(int32_t n, int32_t hd, const float *p, const float *vt, float *out);
 /* f16 -> f32 conversion of n values. */
 typedef void (*kvs_f16_to_f32_fn)(int64_t n, const kvs_half *src, float *dst);
-void kvs_f16_to_f32_scalar(int64_t n, const kvs_half *src, float *dst);
+
+typedef struct {
+    kvs_rotate_pair_fn rotate_pair;
+    kvs_dot_tile_fn dot_tile;
+    kvs_weighted_rows_fn weighted_rows;
+    kvs_f16_to_f32_fn f16_to_f32;
+} kvs_attention_kernels;
+
+/* The kernels of impl (SCALAR, or AVX2 when built). */
+const kvs_attention_kernels *kvs_attention_kernels_find(int32_t impl);
+
 #if defined(KVS_HAVE_AVX2_BUILD)
+void kvs_rotate_pair_avx2(int32_t n, float *a, float *b, const float *c, const float *s);
+void kvs_dot_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *q, float *out);
+void kvs_weighted_rows_avx2(int32_t n, int32_t hd, const float *p, const float *vt, float *out);
 void kvs_f16_to_f32_avx2(int64_t n, const kvs_half *src, float *dst);
 #endif
-kvs_f16_to_f32_fn kvs_f16_to_f32_kernel(int32_t impl);
 
-/* Runs the kernel chosen by impl. */
-void kvs_kv_score_tile(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *qb,
-                       const float *wb, const float *cos_t, const float *sin_t, float *out, int32_t impl);
+/* Kept for the dequantizers: f16 -> f32 of impl. */
+kvs_f16_to_f32_fn kvs_f16_to_f32_kernel(int32_t impl);
 
 #endif

@@ -364,7 +364,7 @@ typedef struct attend_scratch {
     float *scores;  /* [n_queries][P] probabilities by cache position */
     float *kt;      /* [hd][B] key tile, channel-major */
     float *vt;      /* [B][hd] value tile, token-major; also key staging */
-    float *qb, *wb; /* [hd] query rotated to a segment, and its 90-degree partner */
+    float *qb;      /* [hd] query rotated to a segment's start */
     float *seg;     /* [B] scores of one segment */
 } attend_scratch;
 
@@ -373,20 +373,15 @@ int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *c, int32_t max_queries) 
 }
 
 /* Rotate q to a segment whose first key is `dist` positions before the query. */
-static void rotate_query(const kvs_kv_cache *c, const float *q, int32_t dist, float *qb, float *wb) {
+static void rotate_query(const kvs_kv_cache *c, const float *q, int32_t dist, float *qb) {
     const int32_t half = c->n_rot / 2;
     const float *cs = c->rel_cos + (int64_t)dist * half, *sn = c->rel_sin + (int64_t)dist * half;
     const int32_t step = c->neox ? 1 : 2, stride = c->neox ? half : 1;
-    for (int32_t d = c->n_rot; d < c->hd; d++) {
-        qb[d] = q[d];
-        wb[d] = 0.0f;
-    }
+    for (int32_t d = c->n_rot; d < c->hd; d++) qb[d] = q[d];
     for (int32_t i = 0; i < half; i++) {
         const int32_t a = i * step, b = a + stride;
         qb[a] = q[a] * cs[i] - q[b] * sn[i];
         qb[b] = q[a] * sn[i] + q[b] * cs[i];
-        wb[a] = qb[b];
-        wb[b] = -qb[a];
     }
 }
 
@@ -478,9 +473,21 @@ static attend_scratch split_scratch(const kvs_kv_cache *c, const kvs_attend_job 
     s.kt = scratch + (int64_t)n_q * c->P;
     s.vt = s.kt + (int64_t)hd * c->B;
     s.qb = s.vt + (int64_t)hd * c->B;
-    s.wb = s.qb + hd;
-    s.seg = s.wb + hd;
+    s.seg = s.qb + hd;
     return s;
+}
+
+/* RoPE by each key's offset inside its segment, once per segment for all the
+ * queries reading it (each query is rotated to the segment's start). */
+static void rotate_keys_in_segment(const kvs_kv_cache *c, int32_t n, float *kt, const kvs_attention_kernels *kk) {
+    for (int32_t d = 0; d < c->n_rot; d++) {
+        int32_t i, partner;
+        int first;
+        rope_pair(c, d, &i, &partner, &first);
+        if (!first) continue;
+        const int64_t a = (int64_t)d * c->B, b = (int64_t)partner * c->B;
+        kk->rotate_pair(n, kt + a, kt + b, c->blk_cos + a, c->blk_sin + a);
+    }
 }
 
 /* Scaled scores of the job's queries against segments k0..k1-1, written at
@@ -489,16 +496,18 @@ static attend_scratch split_scratch(const kvs_kv_cache *c, const kvs_attend_job 
 static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, attend_scratch *s, int32_t k0,
                            int32_t k1, int32_t impl) {
     const int32_t last = c->n_past + job->t1 - 1, hd = c->hd;
+    const kvs_attention_kernels *kk = kvs_attention_kernels_find(impl);
     segment sg;
     for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
         load_keys(c, job->il, job->kv_head, &sg, s, impl);
+        rotate_keys_in_segment(c, sg.n, s->kt, kk);
         for (int32_t t = job->t0; t < job->t1; t++) {
             const int32_t m_orig = c->n_past + t, n = visible(&sg, m_orig);
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
                 const float *q = job->q + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
                 float *scores = s->scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
-                rotate_query(c, q, m_orig - c->n_evicted - sg.c0, s->qb, s->wb);
-                kvs_kv_score_tile(n, hd, c->B, s->kt, s->qb, s->wb, c->blk_cos, c->blk_sin, s->seg, impl);
+                rotate_query(c, q, m_orig - c->n_evicted - sg.c0, s->qb);
+                kk->dot_tile(n, hd, c->B, s->kt, s->qb, s->seg);
                 for (int32_t i = 0; i < n; i++) {
                     if (!(sg.mask >> i & 1)) scores[sg.c0 + i] = s->seg[i] * job->scale;
                 }
@@ -517,7 +526,7 @@ void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, 
                               float *scratch, float *partial, int32_t impl) {
     attend_scratch s = split_scratch(c, job, scratch);
     const int32_t hd = c->hd, last = c->n_past + job->t1 - 1;
-    const kvs_axpy_fn axpy = kvs_axpy_kernel(KVS_TYPE_F32, impl);
+    const kvs_attention_kernels *kk = kvs_attention_kernels_find(impl);
     score_segments(c, job, &s, k0, k1, impl);
     segment sg;
     for (int32_t j = 0; j < job->n_heads; j++) {
@@ -540,11 +549,10 @@ void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, 
             float *part = partial + (int64_t)j * (hd + 2);
             const float *scores = s.scores + (int64_t)j * c->P + sg.c0;
             for (int32_t i = 0; i < n; i++) {
-                if (sg.mask >> i & 1) continue;
-                const float p = expf(scores[i] - part[0]);
-                part[1] += p;
-                axpy(hd, p, s.vt + (int64_t)i * hd, part + 2);
+                s.seg[i] = sg.mask >> i & 1 ? 0.0f : expf(scores[i] - part[0]);
+                part[1] += s.seg[i];
             }
+            kk->weighted_rows(n, hd, s.seg, s.vt, part + 2);
         }
     }
 }
@@ -571,7 +579,7 @@ void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float
     attend_scratch s = split_scratch(c, job, scratch);
     const int32_t hd = c->hd;
     const int32_t last = c->n_past + job->t1 - 1;
-    const kvs_axpy_fn axpy = kvs_axpy_kernel(KVS_TYPE_F32, impl);
+    const kvs_attention_kernels *kk = kvs_attention_kernels_find(impl);
     segment sg;
     score_segments(c, job, &s, 0, INT32_MAX, impl);
     for (int32_t t = job->t0; t < job->t1; t++) {
@@ -590,9 +598,8 @@ void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
                 const float *p = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P + sg.c0;
                 float *out = job->out + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
-                for (int32_t i = 0; i < n; i++) {
-                    if (!(sg.mask >> i & 1)) axpy(hd, p[i], s.vt + (int64_t)i * hd, out);
-                }
+                for (int32_t i = 0; i < n; i++) s.seg[i] = sg.mask >> i & 1 ? 0.0f : p[i];
+                kk->weighted_rows(n, hd, s.seg, s.vt, out);
             }
         }
     }
