@@ -66,15 +66,22 @@ def all_configs() -> List[Config]:
     return configs
 
 
-def select(configs: List[Config], patterns: Optional[str]) -> List[Config]:
-    """The configs whose names match one of the comma-separated glob patterns."""
+def select_names(names: List[str], patterns: Optional[str]) -> List[str]:
+    """The names matching one of the comma-separated glob patterns (all when
+    none are given); a pattern that matches nothing is an error."""
     if not patterns:
-        return configs
+        return list(names)
     wanted = [p.strip() for p in patterns.split(",") if p.strip()]
     for p in wanted:
-        if not any(fnmatch.fnmatchcase(c.name, p) for c in configs):
-            raise SystemExit(f"--configs: {p!r} matches none of {', '.join(c.name for c in configs)}")
-    return [c for c in configs if any(fnmatch.fnmatchcase(c.name, p) for p in wanted)]
+        if not any(fnmatch.fnmatchcase(name, p) for name in names):
+            raise SystemExit(f"--configs: {p!r} matches none of {', '.join(names)}")
+    return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in wanted)]
+
+
+def select(configs: List[Config], patterns: Optional[str]) -> List[Config]:
+    """The configs whose names match one of the comma-separated glob patterns."""
+    chosen = set(select_names([c.name for c in configs], patterns))
+    return [c for c in configs if c.name in chosen]
 
 
 def kv_elements_per_token(metadata: dict) -> int:

@@ -18,7 +18,6 @@ bench thread) and prints the decode rate it allows for the model's weights.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import subprocess
@@ -31,6 +30,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from kv_quality import select_names
 from llama_cpp_env import llama_cpp_python
 
 HERE = Path(__file__).resolve().parent
@@ -50,16 +50,6 @@ CONFIGS = {
     "llama.cpp/q4_0": ("llama.cpp", {"type_k": GGML_TYPES["q4_0"], "type_v": GGML_TYPES["q4_0"]}),
 }
 CASES = (("pp", "pp{n_prompt}"), ("tg", "tg{n_gen}"), ("tg_deep", "tg{n_gen}@{depth}"), ("fill", "fill {depth}"))
-
-
-def select(patterns: Optional[str]) -> List[str]:
-    if not patterns:
-        return list(CONFIGS)
-    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
-    for p in wanted:
-        if not any(fnmatch.fnmatchcase(name, p) for name in CONFIGS):
-            raise SystemExit(f"--configs: {p!r} matches none of {', '.join(CONFIGS)}")
-    return [name for name in CONFIGS if any(fnmatch.fnmatchcase(name, p) for p in wanted)]
 
 
 def read_bandwidth(n_threads: int, n_bytes: int = 1 << 30, reps: int = 5) -> float:
@@ -193,7 +183,7 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(CONFIGS))
         return 0
-    names = select(args.configs)
+    names = select_names(list(CONFIGS), args.configs)
     if args.model is None:
         from kvsink_cpp.models import find_default_model, pull_default_model
         args.model = str(find_default_model() or pull_default_model())

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "blocks.h"
+#include "simd_avx2.h"
 
 /* ---- helpers -------------------------------------------------------------- */
 
@@ -24,22 +25,8 @@ static inline acc4 acc4_zero(void) {
     return a;
 }
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline float acc4_sum(acc4 a) {
     return hsum(_mm256_add_ps(_mm256_add_ps(a.v[0], a.v[1]), _mm256_add_ps(a.v[2], a.v[3])));
-}
-
-/* Blocks may sit at any byte offset, so read halves bytewise. */
-static inline float half_at(const kvs_half *p) {
-    kvs_half h;
-    memcpy(&h, p, sizeof h);
-    return _cvtsh_ss(h);
 }
 
 static inline __m128i load16(const void *p) { return _mm_loadu_si128((const __m128i *)p); }
