@@ -18,12 +18,34 @@ typedef void (*kvs_dot_tile_fn)(int32_t n, int32_t hd, int32_t stride, const flo
 typedef void (*kvs_weighted_rows_fn)(int32_t n, int32_t hd, const float *p, const float *vt, float *out);
 /* f16 -> f32 conversion of n values. */
 typedef void (*kvs_f16_to_f32_fn)(int64_t n, const kvs_half *src, float *dst);
+/* qb = scale * q rotated by RoPE with per-pair cos/sin cs[i], sn[i] (i < n_rot/2;
+ * pairs (i, i + n_rot/2) when neox, else (2i, 2i+1)); dims >= n_rot are scaled only. */
+typedef void (*kvs_rotate_query_fn)(int32_t n_rot, int32_t hd, int neox, const float *cs, const float *sn,
+                                    const float *q, float scale, float *qb);
+/* Dequantize n_ch KV groups of n values each (kv_quant.h's format; group c at
+ * data + c * group_bytes) into out + c * out_stride: a key tile's channels. */
+typedef void (*kvs_dequant_groups_fn)(int bits, int32_t n_ch, int32_t n, const uint8_t *data, int64_t group_bytes,
+                                      float *out, int64_t out_stride);
+/* x[i] <- exp(x[i] - max x) for i < n (-inf gives 0); *max_out = max x; returns
+ * the sum of the new x. The unnormalized softmax of one query's scores. */
+typedef float (*kvs_exp_shifted_fn)(int32_t n, float *x, float *max_out);
+/* For query heads j < n_heads: out[j*out_stride + d] += sum_t p[j*p_stride + t] * v[t][d],
+ * v being n_tok token rows of hd values quantized in groups of G channels
+ * (row t, group g at data + (t * hd/G + g) * kvs_kv_group_bytes(bits, G)).
+ * Each quantized value is decoded once for every head reading it. */
+typedef void (*kvs_weighted_groups_fn)(int bits, int32_t n_tok, int32_t hd, int32_t G, const uint8_t *data,
+                                       int32_t n_heads, const float *p, int64_t p_stride, float *out,
+                                       int64_t out_stride);
 
 typedef struct {
     kvs_rotate_pair_fn rotate_pair;
     kvs_dot_tile_fn dot_tile;
     kvs_weighted_rows_fn weighted_rows;
     kvs_f16_to_f32_fn f16_to_f32;
+    kvs_rotate_query_fn rotate_query;
+    kvs_dequant_groups_fn dequant_groups;
+    kvs_exp_shifted_fn exp_shifted;
+    kvs_weighted_groups_fn weighted_groups;
 } kvs_attention_kernels;
 
 /* The kernels of impl (SCALAR, or AVX2 when built). */
@@ -34,6 +56,13 @@ void kvs_rotate_pair_avx2(int32_t n, float *a, float *b, const float *c, const f
 void kvs_dot_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *q, float *out);
 void kvs_weighted_rows_avx2(int32_t n, int32_t hd, const float *p, const float *vt, float *out);
 void kvs_f16_to_f32_avx2(int64_t n, const kvs_half *src, float *dst);
+void kvs_rotate_query_avx2(int32_t n_rot, int32_t hd, int neox, const float *cs, const float *sn, const float *q,
+                           float scale, float *qb);
+void kvs_dequant_groups_avx2(int bits, int32_t n_ch, int32_t n, const uint8_t *data, int64_t group_bytes, float *out,
+                             int64_t out_stride);
+float kvs_exp_shifted_avx2(int32_t n, float *x, float *max_out);
+void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, const uint8_t *data, int32_t n_heads,
+                              const float *p, int64_t p_stride, float *out, int64_t out_stride);
 #endif
 
 /* Kept for the dequantizers: f16 -> f32 of impl. */

@@ -1,7 +1,11 @@
 /* kernels_kv_avx2.c - AVX2/FMA/F16C twins of kernels_kv.c. */
 #include <immintrin.h>
+#include <math.h>
+#include <string.h>
 
 #include "kernels_kv.h"
+#include "kv_quant.h"
+#include "simd_avx2.h"
 
 void kvs_rotate_pair_avx2(int32_t n, float *a, float *b, const float *c, const float *s) {
     int32_t t = 0;
@@ -74,4 +78,184 @@ void kvs_f16_to_f32_avx2(int64_t n, const kvs_half *src, float *dst) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
     for (; i < n; i++) dst[i] = _cvtsh_ss(src[i]);
+}
+
+void kvs_rotate_query_avx2(int32_t n_rot, int32_t hd, int neox, const float *cs, const float *sn, const float *q,
+                           float scale, float *qb) {
+    const int32_t half = n_rot / 2;
+    const __m256 sc = _mm256_set1_ps(scale);
+    if (neox && half % 8 == 0) {
+        for (int32_t i = 0; i < half; i += 8) {
+            const __m256 a = _mm256_loadu_ps(q + i), b = _mm256_loadu_ps(q + half + i);
+            const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
+            _mm256_storeu_ps(qb + i, _mm256_mul_ps(sc, _mm256_fmsub_ps(a, c, _mm256_mul_ps(b, s))));
+            _mm256_storeu_ps(qb + half + i, _mm256_mul_ps(sc, _mm256_fmadd_ps(a, s, _mm256_mul_ps(b, c))));
+        }
+    } else if (!neox && n_rot % 8 == 0) {
+        /* adjacent pairs: cos/sin duplicated per pair, the partner by a swap;
+         * fmaddsub subtracts in the even lanes and adds in the odd ones */
+        const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        for (int32_t d = 0; d < n_rot; d += 8) {
+            const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cs + d / 2)), dup);
+            const __m256 s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sn + d / 2)), dup);
+            const __m256 x = _mm256_loadu_ps(q + d), swapped = _mm256_permute_ps(x, 0xB1);
+            _mm256_storeu_ps(qb + d, _mm256_mul_ps(sc, _mm256_fmaddsub_ps(x, c, _mm256_mul_ps(swapped, s))));
+        }
+    } else {
+        const int32_t step = neox ? 1 : 2, stride = neox ? half : 1;
+        for (int32_t i = 0; i < half; i++) {
+            const int32_t a = i * step, b = a + stride;
+            qb[a] = scale * (q[a] * cs[i] - q[b] * sn[i]);
+            qb[b] = scale * (q[a] * sn[i] + q[b] * cs[i]);
+        }
+    }
+    for (int32_t d = n_rot; d < hd; d++) qb[d] = scale * q[d];
+}
+
+/* Quantized values idx16*16 .. idx16*16+15 of a packed group (2, 4 or 8 bits,
+ * LSB first) as two vectors of floats (the integers, not yet scaled). */
+static inline void unpack16(int bits, const uint8_t *packed, int32_t idx16, __m256 *lo, __m256 *hi) {
+    const uint8_t *p = packed + idx16 * 2 * bits;
+    __m128i e;
+    if (bits == 8) {
+        e = _mm_loadu_si128((const __m128i *)p);
+    } else if (bits == 4) {
+        const __m128i v = _mm_loadl_epi64((const __m128i *)p), m = _mm_set1_epi8(0x0f);
+        e = _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+    } else {
+        int32_t w;
+        memcpy(&w, p, sizeof w);
+        const __m128i v = _mm_cvtsi32_si128(w), m = _mm_set1_epi8(3);
+        const __m128i a0 = _mm_and_si128(v, m), a1 = _mm_and_si128(_mm_srli_epi16(v, 2), m);
+        const __m128i a2 = _mm_and_si128(_mm_srli_epi16(v, 4), m), a3 = _mm_and_si128(_mm_srli_epi16(v, 6), m);
+        e = _mm_unpacklo_epi16(_mm_unpacklo_epi8(a0, a1), _mm_unpacklo_epi8(a2, a3));
+    }
+    *lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e));
+    *hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e, 8)));
+}
+
+static inline int unpack16_covers(int bits, int32_t n) { return (bits == 2 || bits == 4 || bits == 8) && n % 16 == 0; }
+
+void kvs_dequant_groups_avx2(int bits, int32_t n_ch, int32_t n, const uint8_t *data, int64_t group_bytes, float *out,
+                             int64_t out_stride) {
+    for (int32_t c = 0; c < n_ch; c++) {
+        const uint8_t *g = data + c * group_bytes;
+        float *y = out + c * out_stride;
+        if (!unpack16_covers(bits, n)) {
+            kvs_kv_dequantize_group_impl(g, n, bits, y, KVS_IMPL_AVX2);
+            continue;
+        }
+        const __m256 scale = _mm256_set1_ps(half_at((const kvs_half *)g)), zero = _mm256_set1_ps(half_at((const kvs_half *)(g + 2)));
+        for (int32_t i = 0; i < n / 16; i++) {
+            __m256 lo, hi;
+            unpack16(bits, g + 4, i, &lo, &hi);
+            _mm256_storeu_ps(y + 16 * i, _mm256_fmadd_ps(lo, scale, zero));
+            _mm256_storeu_ps(y + 16 * i + 8, _mm256_fmadd_ps(hi, scale, zero));
+        }
+    }
+}
+
+/* e^x for x <= 0 (Cephes' range reduction and polynomial, ~1 ulp); lanes
+ * below -87.3 (e^x under the smallest normal float, -inf included) give 0. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 floor_x = _mm256_set1_ps(-87.33654f);
+    const __m256 keep = _mm256_cmp_ps(x, floor_x, _CMP_GE_OQ);
+    x = _mm256_max_ps(x, floor_x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), keep);
+}
+
+float kvs_exp_shifted_avx2(int32_t n, float *x, float *max_out) {
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    float max_x = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    for (; i < n; i++) max_x = x[i] > max_x ? x[i] : max_x;
+    *max_out = max_x;
+    if (max_x == -INFINITY) { /* nothing visible: all weights 0 */
+        memset(x, 0, (size_t)n * sizeof(float));
+        return 0.0f;
+    }
+    const __m256 shift = _mm256_set1_ps(max_x);
+    __m256 vsum = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift));
+        _mm256_storeu_ps(x + i, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - max_x);
+        sum += x[i];
+    }
+    return sum;
+}
+
+/* Up to 4 heads over 16 channels of a group: each token's quants are decoded
+ * once, scaled per head by p*scale, and the zero points summed aside. */
+static void weighted_slice(int bits, int32_t n_tok, int64_t row_bytes, const uint8_t *group0, int32_t idx16,
+                           int32_t nh, const float *p, int64_t p_stride, float *out, int64_t out_stride) {
+    __m256 acc[4][2];
+    float zsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int32_t j = 0; j < nh; j++) {
+        acc[j][0] = _mm256_loadu_ps(out + j * out_stride);
+        acc[j][1] = _mm256_loadu_ps(out + j * out_stride + 8);
+    }
+    for (int32_t t = 0; t < n_tok; t++) {
+        const uint8_t *g = group0 + t * row_bytes;
+        const float scale = half_at((const kvs_half *)g), zero = half_at((const kvs_half *)(g + 2));
+        __m256 lo, hi;
+        unpack16(bits, g + 4, idx16, &lo, &hi);
+        for (int32_t j = 0; j < nh; j++) {
+            const float w = p[j * p_stride + t];
+            const __m256 ws = _mm256_set1_ps(w * scale);
+            acc[j][0] = _mm256_fmadd_ps(ws, lo, acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(ws, hi, acc[j][1]);
+            zsum[j] += w * zero;
+        }
+    }
+    for (int32_t j = 0; j < nh; j++) {
+        const __m256 z = _mm256_set1_ps(zsum[j]);
+        _mm256_storeu_ps(out + j * out_stride, _mm256_add_ps(acc[j][0], z));
+        _mm256_storeu_ps(out + j * out_stride + 8, _mm256_add_ps(acc[j][1], z));
+    }
+}
+
+void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, const uint8_t *data, int32_t n_heads,
+                              const float *p, int64_t p_stride, float *out, int64_t out_stride) {
+    const int64_t gb = kvs_kv_group_bytes(bits, G), row_bytes = (hd / G) * gb;
+    if (!unpack16_covers(bits, G)) {
+        float row[512];
+        for (int32_t t = 0; t < n_tok; t++) {
+            for (int32_t g = 0; g < hd / G; g++) {
+                kvs_kv_dequantize_group_impl(data + t * row_bytes + g * gb, G, bits, row, KVS_IMPL_AVX2);
+                for (int32_t j = 0; j < n_heads; j++) {
+                    kvs_weighted_rows_avx2(1, G, p + j * p_stride + t, row, out + j * out_stride + g * G);
+                }
+            }
+        }
+        return;
+    }
+    for (int32_t g = 0; g < hd / G; g++) {
+        for (int32_t i = 0; i < G / 16; i++) {
+            for (int32_t j0 = 0; j0 < n_heads; j0 += 4) {
+                const int32_t nh = n_heads - j0 < 4 ? n_heads - j0 : 4;
+                weighted_slice(bits, n_tok, row_bytes, data + g * gb, i, nh, p + j0 * p_stride, p_stride,
+                               out + j0 * out_stride + g * G + 16 * i, out_stride);
+            }
+        }
+    }
 }

@@ -372,17 +372,12 @@ int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *c, int32_t max_queries) 
     return (int64_t)max_queries * c->P + 2 * (int64_t)c->hd * c->B + 2 * c->hd + c->B;
 }
 
-/* Rotate q to a segment whose first key is `dist` positions before the query. */
-static void rotate_query(const kvs_kv_cache *c, const float *q, int32_t dist, float *qb) {
-    const int32_t half = c->n_rot / 2;
-    const float *cs = c->rel_cos + (int64_t)dist * half, *sn = c->rel_sin + (int64_t)dist * half;
-    const int32_t step = c->neox ? 1 : 2, stride = c->neox ? half : 1;
-    for (int32_t d = c->n_rot; d < c->hd; d++) qb[d] = q[d];
-    for (int32_t i = 0; i < half; i++) {
-        const int32_t a = i * step, b = a + stride;
-        qb[a] = q[a] * cs[i] - q[b] * sn[i];
-        qb[b] = q[a] * sn[i] + q[b] * cs[i];
-    }
+/* q rotated to a segment whose first key is `dist` positions before the
+ * query, times the softmax scale. */
+static void rotate_query(const kvs_kv_cache *c, const kvs_attention_kernels *kk, const float *q, int32_t dist,
+                         float scale, float *qb) {
+    const int64_t at = (int64_t)dist * (c->n_rot / 2);
+    kk->rotate_query(c->n_rot, c->hd, c->neox, c->rel_cos + at, c->rel_sin + at, q, scale, qb);
 }
 
 /* Sink-table or window rows of a segment into vt, token-major. */
@@ -428,8 +423,8 @@ static void load_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segmen
         load_raw_rows(c, data, c->p.type_k, s, impl);
         transpose_to_kt(c, c->B, s);
     } else if (!c->p.key_per_token) {
-        const int64_t gb = kvs_kv_group_bytes(c->kbits, c->B);
-        for (int32_t d = 0; d < c->hd; d++) kvs_kv_dequantize_group_impl(data + d * gb, c->B, c->kbits, s->kt + d * c->B, impl);
+        kvs_attention_kernels_find(impl)->dequant_groups(c->kbits, c->hd, c->B, data, kvs_kv_group_bytes(c->kbits, c->B),
+                                                          s->kt, c->B);
     } else {
         load_groups(c, data, c->kbits, s, impl);
         transpose_to_kt(c, c->B, s);
@@ -506,10 +501,10 @@ static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, att
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
                 const float *q = job->q + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
                 float *scores = s->scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
-                rotate_query(c, q, m_orig - c->n_evicted - sg.c0, s->qb);
+                rotate_query(c, kk, q, m_orig - c->n_evicted - sg.c0, job->scale, s->qb);
                 kk->dot_tile(n, hd, c->B, s->kt, s->qb, s->seg);
                 for (int32_t i = 0; i < n; i++) {
-                    if (!(sg.mask >> i & 1)) scores[sg.c0 + i] = s->seg[i] * job->scale;
+                    if (!(sg.mask >> i & 1)) scores[sg.c0 + i] = s->seg[i];
                 }
             }
         }
@@ -522,38 +517,62 @@ int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *c, int32_t n_tokens) {
     return c->n_sinks + c->n_blocks + window;
 }
 
+/* Scores of the one-token job's heads against segments k0..k1-1, packed: head
+ * j's scores start at s->scores + j*P, segment after segment (masked sink
+ * positions of a block get -inf, their sink segment holds the score).
+ * Returns the number of keys. */
+static int32_t score_part(const kvs_kv_cache *c, const kvs_attend_job *job, attend_scratch *s, int32_t k0,
+                          int32_t k1, const kvs_attention_kernels *kk, int32_t impl) {
+    const int32_t m = c->n_past + job->t0, hd = c->hd;
+    int32_t off = 0;
+    segment sg;
+    for (int32_t k = k0; k < k1 && get_segment(c, k, m, &sg); k++) {
+        const int32_t n = visible(&sg, m);
+        load_keys(c, job->il, job->kv_head, &sg, s, impl);
+        rotate_keys_in_segment(c, sg.n, s->kt, kk);
+        for (int32_t j = 0; j < job->n_heads; j++) {
+            float *scores = s->scores + (int64_t)j * c->P + off;
+            rotate_query(c, kk, job->q + job->t0 * job->q_stride + (int64_t)(job->h0 + j) * hd,
+                         m - c->n_evicted - sg.c0, job->scale, s->qb);
+            kk->dot_tile(n, hd, c->B, s->kt, s->qb, scores);
+            for (uint64_t mask = sg.mask; mask; mask &= mask - 1) {
+                const int32_t i = __builtin_ctzll(mask);
+                if (i < n) scores[i] = -INFINITY;
+            }
+        }
+        off += n;
+    }
+    return off;
+}
+
 void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, int32_t k0, int32_t k1,
                               float *scratch, float *partial, int32_t impl) {
     attend_scratch s = split_scratch(c, job, scratch);
-    const int32_t hd = c->hd, last = c->n_past + job->t1 - 1;
+    const int32_t hd = c->hd, m = c->n_past + job->t0;
+    const int64_t rec = hd + 2;
     const kvs_attention_kernels *kk = kvs_attention_kernels_find(impl);
-    score_segments(c, job, &s, k0, k1, impl);
-    segment sg;
+    const int32_t n_keys = score_part(c, job, &s, k0, k1, kk, impl);
     for (int32_t j = 0; j < job->n_heads; j++) {
-        float *part = partial + (int64_t)j * (hd + 2), *scores = s.scores + (int64_t)j * c->P;
-        float max_score = -INFINITY;
-        for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
-            const int32_t n = visible(&sg, last);
-            for (int32_t i = 0; i < n; i++) {
-                if (!(sg.mask >> i & 1) && scores[sg.c0 + i] > max_score) max_score = scores[sg.c0 + i];
-            }
-        }
-        part[0] = max_score;
-        part[1] = 0.0f;
+        float *part = partial + j * rec;
+        part[1] = kk->exp_shifted(n_keys, s.scores + (int64_t)j * c->P, &part[0]);
         memset(part + 2, 0, (size_t)hd * sizeof(float));
     }
-    for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
-        load_values(c, job->il, job->kv_head, &sg, &s, impl);
-        const int32_t n = visible(&sg, last);
-        for (int32_t j = 0; j < job->n_heads; j++) {
-            float *part = partial + (int64_t)j * (hd + 2);
-            const float *scores = s.scores + (int64_t)j * c->P + sg.c0;
-            for (int32_t i = 0; i < n; i++) {
-                s.seg[i] = sg.mask >> i & 1 ? 0.0f : expf(scores[i] - part[0]);
-                part[1] += s.seg[i];
+    /* the value sums: blocks of per-token groups decode each value once for
+     * all heads; sink rows and the window go through f32 rows */
+    segment sg;
+    int32_t off = 0;
+    for (int32_t k = k0; k < k1 && get_segment(c, k, m, &sg); k++) {
+        const int32_t n = visible(&sg, m);
+        if (sg.kind == 1 && c->vbits > 0) {
+            kk->weighted_groups(c->vbits, n, hd, c->G, block_data(c, sg.index, job->il, job->kv_head) + c->k_bytes,
+                                job->n_heads, s.scores + off, c->P, partial + 2, rec);
+        } else {
+            load_values(c, job->il, job->kv_head, &sg, &s, impl);
+            for (int32_t j = 0; j < job->n_heads; j++) {
+                kk->weighted_rows(n, hd, s.scores + (int64_t)j * c->P + off, s.vt, partial + j * rec + 2);
             }
-            kk->weighted_rows(n, hd, s.seg, s.vt, part + 2);
         }
+        off += n;
     }
 }
 
