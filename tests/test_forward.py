@@ -69,9 +69,18 @@ def test_smollm2_token_by_token_matches_numpy(smollm2_path, smollm2_reference):
 @pytest.mark.model
 def test_smollm2_f16_cache_matches_numpy_with_f16_rounding(smollm2_path, smollm2_reference):
     tokens, _ = smollm2_reference
-    want = NumpyLlama(smollm2_path).forward(tokens, kv_dtype=np.float16)
+    ref = NumpyLlama(smollm2_path)
+    want, want_f32 = ref.forward(tokens, kv_dtype=np.float16), ref.forward(tokens)
     got = run_batched(smollm2_path, tokens, n_threads=2, type_k="f16", type_v="f16")
-    assert_logits_close(got, want)
+    # K/V within f32 rounding of the reference can round to the neighbouring
+    # fp16 value, so the largest difference sits at the fp16 cache's own
+    # effect (0.029-0.032 as kernels' summation order changed, while f16 vs
+    # f32 references differ by 0.034): bound it at 2e-3 of the logits' range,
+    # and show the rounding through fp16 by the mean: closer to the fp16
+    # reference than to the f32 one (measured 0.0017 vs 0.0027)
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+    assert np.abs(got - want).mean() < 0.8 * np.abs(got - want_f32).mean()
 
 
 @pytest.mark.model

@@ -22,20 +22,27 @@ void kvs_rotate_pair_avx2(int32_t n, float *a, float *b, const float *c, const f
     }
 }
 
-/* Eight keys at a time; four groups (a 32-key block) share each broadcast of q[d]. */
+/* Eight keys at a time; four groups (a 32-key block) share each broadcast of
+ * q[d], and even and odd d go to separate accumulators so that eight
+ * independent FMA chains hide the FMA latency. */
 void kvs_dot_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *q, float *out) {
     int32_t t0 = 0;
     for (; t0 + 32 <= n; t0 += 32) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int32_t d = 0; d < hd; d++) {
-            const __m256 qd = _mm256_set1_ps(q[d]);
-            const float *row = kt + (int64_t)d * stride + t0;
-            acc[0] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row), acc[0]);
-            acc[1] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 8), acc[1]);
-            acc[2] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 16), acc[2]);
-            acc[3] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 24), acc[3]);
+        __m256 acc[2][4];
+        for (int k = 0; k < 4; k++) acc[0][k] = acc[1][k] = _mm256_setzero_ps();
+        int32_t d = 0;
+        for (; d + 2 <= hd; d += 2) {
+            for (int e = 0; e < 2; e++) {
+                const __m256 qd = _mm256_set1_ps(q[d + e]);
+                const float *row = kt + (int64_t)(d + e) * stride + t0;
+                for (int k = 0; k < 4; k++) acc[e][k] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 8 * k), acc[e][k]);
+            }
         }
-        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + t0 + 8 * k, acc[k]);
+        if (d < hd) {
+            const __m256 qd = _mm256_set1_ps(q[d]);
+            for (int k = 0; k < 4; k++) acc[0][k] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kt + (int64_t)d * stride + t0 + 8 * k), acc[0][k]);
+        }
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + t0 + 8 * k, _mm256_add_ps(acc[0][k], acc[1][k]));
     }
     for (; t0 + 8 <= n; t0 += 8) {
         __m256 acc = _mm256_setzero_ps();
@@ -54,6 +61,16 @@ void kvs_dot_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt, c
 /* out stays in registers, 32 channels at a time, while the keys stream past. */
 void kvs_weighted_rows_avx2(int32_t n, int32_t hd, const float *p, const float *vt, float *out) {
     int32_t d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) { /* eight chains: FMA latency hidden */
+        __m256 acc[8];
+        for (int k = 0; k < 8; k++) acc[k] = _mm256_loadu_ps(out + d0 + 8 * k);
+        for (int32_t t = 0; t < n; t++) {
+            const __m256 pt = _mm256_set1_ps(p[t]);
+            const float *row = vt + (int64_t)t * hd + d0;
+            for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row + 8 * k), acc[k]);
+        }
+        for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + d0 + 8 * k, acc[k]);
+    }
     for (; d0 + 32 <= hd; d0 += 32) {
         __m256 acc[4];
         for (int k = 0; k < 4; k++) acc[k] = _mm256_loadu_ps(out + d0 + 8 * k);

@@ -449,15 +449,9 @@ static int32_t visible(const segment *sg, int32_t m_orig) {
     return n < 0 ? 0 : n < sg->n ? n : sg->n;
 }
 
-static void softmax_in_place(float *p, int32_t n) {
-    float max_score = -INFINITY;
-    for (int32_t j = 0; j < n; j++) max_score = p[j] > max_score ? p[j] : max_score;
-    double sum = 0.0;
-    for (int32_t j = 0; j < n; j++) {
-        p[j] = expf(p[j] - max_score);
-        sum += p[j];
-    }
-    const float inv_sum = (float)(1.0 / sum);
+static void softmax_in_place(const kvs_attention_kernels *kk, float *p, int32_t n) {
+    float max_score;
+    const float inv_sum = 1.0f / kk->exp_shifted(n, p, &max_score);
     for (int32_t j = 0; j < n; j++) p[j] *= inv_sum;
 }
 
@@ -605,7 +599,7 @@ void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float
         const int32_t n_keys = c->n_past + t - c->n_evicted + 1;
         for (int32_t j = 0; j < job->n_heads; j++) {
             float *scores = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
-            softmax_in_place(scores, n_keys);
+            softmax_in_place(kk, scores, n_keys);
             if (job->mass) for (int32_t i = 0; i < n_keys; i++) job->mass[i] += scores[i];
             memset(job->out + t * job->q_stride + (int64_t)(job->h0 + j) * hd, 0, (size_t)hd * sizeof(float));
         }
