@@ -496,6 +496,10 @@ static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, att
                 const float *q = job->q + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
                 float *scores = s->scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
                 rotate_query(c, kk, q, m_orig - c->n_evicted - sg.c0, job->scale, s->qb);
+                if (!sg.mask) { /* the usual case: no sink in the segment */
+                    kk->dot_tile(n, hd, c->B, s->kt, s->qb, scores + sg.c0);
+                    continue;
+                }
                 kk->dot_tile(n, hd, c->B, s->kt, s->qb, s->seg);
                 for (int32_t i = 0; i < n; i++) {
                     if (!(sg.mask >> i & 1)) scores[sg.c0 + i] = s->seg[i];
@@ -611,8 +615,11 @@ void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
                 const float *p = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P + sg.c0;
                 float *out = job->out + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
-                for (int32_t i = 0; i < n; i++) s.seg[i] = sg.mask >> i & 1 ? 0.0f : p[i];
-                kk->weighted_rows(n, hd, s.seg, s.vt, out);
+                if (sg.mask) { /* sink positions hold their sink row's probability */
+                    for (int32_t i = 0; i < n; i++) s.seg[i] = sg.mask >> i & 1 ? 0.0f : p[i];
+                    p = s.seg;
+                }
+                kk->weighted_rows(n, hd, p, s.vt, out);
             }
         }
     }
