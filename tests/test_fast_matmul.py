@@ -49,8 +49,9 @@ def numpy_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def matmul_q8(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
     """The fast path's product as the forward pass runs it: (n_tokens, n_rows)
-    for x of shape (n_tokens, n). Several tokens take the unpacked-quad
-    kernel, one token the four-row and one-row kernels."""
+    for x of shape (n_tokens, n). Full groups of 8 rows are packed (see
+    test_repack.py); the other rows take the unpacked-quad kernel for
+    several tokens, the four-row and one-row kernels for one."""
     x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
     data = np.ascontiguousarray(np.stack(rows))
     out = np.empty((x.shape[0], len(rows)), dtype=np.float32)

@@ -117,6 +117,8 @@ kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params
     if (st == KVS_OK) st = kvs_threadpool_create(ctx->params.n_threads, &ctx->cpu.pool);
     if (st == KVS_OK) st = create_cache(ctx);
     if (st == KVS_OK) st = alloc_scratch(ctx);
+    /* the fast path's one-token products read weights packed 8 rows at a time */
+    if (st == KVS_OK && ctx->params.matmul == KVS_MATMUL_Q8) st = kvs_model_pack_weights(model);
     if (st != KVS_OK) {
         kvs_context_free(ctx);
         return st;

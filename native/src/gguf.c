@@ -5,8 +5,8 @@
  * was actually parsed, and no allocation exceeds what the file could hold.
  * Arrays of arrays are rejected as unsupported.
  */
-#if !defined(_GNU_SOURCE) && !defined(_POSIX_C_SOURCE)
-#define _POSIX_C_SOURCE 200809L
+#if !defined(_GNU_SOURCE) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* POSIX plus madvise: glibc's posix_madvise ignores DONTNEED */
 #endif
 
 #include "gguf.h"
@@ -615,6 +615,16 @@ void kvs_gguf_free(kvs_gguf *g) {
     free(g->tensor_index.slots);
     if (g->base) munmap((void *)g->base, (size_t)g->size);
     free(g);
+}
+
+void kvs_gguf_drop_pages(const kvs_gguf *g, const void *data, uint64_t size) {
+    const uintptr_t base = (uintptr_t)g->base, start = (uintptr_t)data;
+    const long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0 || start < base || start - base > g->size || size > g->size - (start - base)) return;
+    /* only pages wholly inside the range: neighbours may still be in use */
+    const uintptr_t first = (start + (uintptr_t)page - 1) / (uintptr_t)page * (uintptr_t)page;
+    const uintptr_t end = (start + size) / (uintptr_t)page * (uintptr_t)page;
+    if (first < end) madvise((void *)first, end - first, MADV_DONTNEED); /* advice: failure changes nothing */
 }
 
 /* ---- accessors ---------------------------------------------------------- */

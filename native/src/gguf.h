@@ -32,6 +32,12 @@ kvs_status kvs_gguf_find_bool(const kvs_gguf *gguf, const char *key, int def, in
 kvs_status kvs_gguf_get_tensor(const kvs_gguf *gguf, const char *name,
                                kvs_gguf_tensor_info *out);
 
+/* Drop the whole pages of bytes [data, data + size) of the mapping from
+ * memory; a later read faults them back from the file (the mapping is
+ * read-only, so no page holds anything but file contents). A range outside
+ * the mapping is left alone. */
+void kvs_gguf_drop_pages(const kvs_gguf *gguf, const void *data, uint64_t size);
+
 /* Name of a metadata value type ("uint32"), "unknown" for others. */
 const char *kvs_gguf_type_name(int32_t type);
 

@@ -3,12 +3,14 @@
 #include "model.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "formats.h"
 #include "gguf.h"
+#include "repack.h"
 #include "status.h"
 #include "types.h"
 
@@ -219,6 +221,72 @@ static kvs_status bind_weights(kvs_model *m) {
     return KVS_OK;
 }
 
+/* ---- packed weights for the fast path ---------------------------------- */
+
+/* The layer weights whose products the fast path takes (not the output
+ * projection, which stays exact): n_layer x 7 of them. */
+#define LAYER_WEIGHTS 7
+
+static kvs_tensor *layer_weight(kvs_layer *l, int k) {
+    kvs_tensor *w[LAYER_WEIGHTS] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+    return w[k];
+}
+
+/* Packed copies start on 64-byte boundaries, so runs load from one cache line. */
+static size_t packed_bytes_aligned(const kvs_tensor *w) {
+    return (kvs_repack_bytes(w->type, w->ne[1], w->ne[0]) + 63) / 64 * 64;
+}
+
+/* Serializes the first packing of a model: contexts may be created from
+ * several threads, and packing happens once. */
+static pthread_mutex_t pack_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void forget_packed(kvs_model *m) {
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        for (int k = 0; k < LAYER_WEIGHTS; k++) layer_weight(&m->layers[il], k)->packed = NULL;
+    }
+}
+
+static kvs_status pack_all(kvs_model *m) {
+    size_t total = 0;
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        for (int k = 0; k < LAYER_WEIGHTS; k++) total += packed_bytes_aligned(layer_weight(&m->layers[il], k));
+    }
+    if (total == 0) return KVS_OK;
+    void *buf = aligned_alloc(64, total); /* total is a multiple of 64 */
+    if (!buf) {
+        return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %zu bytes for the packed weights", total);
+    }
+    uint8_t *dst = buf;
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        for (int k = 0; k < LAYER_WEIGHTS; k++) {
+            kvs_tensor *w = layer_weight(&m->layers[il], k);
+            const size_t bytes = packed_bytes_aligned(w);
+            if (!bytes) continue;
+            kvs_status st = kvs_repack(w->type, w->data, w->row_bytes, w->ne[1], w->ne[0], dst);
+            if (st != KVS_OK) {
+                forget_packed(m);
+                free(buf);
+                return st;
+            }
+            /* the fast path reads only the packed rows: drop them now, not at
+             * the end, so memory never holds the layer weights twice */
+            kvs_gguf_drop_pages(m->gguf, w->data, (uint64_t)(w->ne[1] / REPACK_ROWS * REPACK_ROWS * w->row_bytes));
+            w->packed = dst;
+            dst += bytes;
+        }
+    }
+    m->packed = buf;
+    return KVS_OK;
+}
+
+kvs_status kvs_model_pack_weights(kvs_model *m) {
+    pthread_mutex_lock(&pack_lock);
+    kvs_status st = m->packed ? KVS_OK : pack_all(m);
+    pthread_mutex_unlock(&pack_lock);
+    return st;
+}
+
 /* ---- sink profile ------------------------------------------------------- */
 
 /* The kvsink.* keys, when present, must be complete and in range. */
@@ -288,6 +356,7 @@ void kvs_model_free(kvs_model *model) {
     for (int32_t i = 0; i < model->n_owned; i++) free(model->owned[i]);
     free(model->owned);
     free(model->layers);
+    free(model->packed);
     free(model->profile.channels);
     kvs_gguf_free(model->gguf);
     free(model);

@@ -33,6 +33,8 @@ typedef struct kvs_tensor {
     int32_t type;           /* kvs_type */
     int64_t ne[4];          /* ne[0] is the row length (input features) */
     int64_t row_bytes;
+    const void *packed;     /* the full groups of 8 rows interleaved for the fast path (repack.h),
+                               owned by the model; NULL when not packed */
 } kvs_tensor;
 
 /* KVSink's sink profile (GGUF kvsink.* metadata): after layer `layer`, a token
@@ -70,6 +72,12 @@ struct kvs_model {
     kvs_sink_profile profile;
     float **owned;            /* f32 copies of small vectors (norms, biases) */
     int32_t n_owned;
+    void *packed;             /* every packed layer weight (kvs_tensor.packed points in), or NULL */
 };
+
+/* Pack the layer weights the fast path has packed kernels for, once per
+ * model (later calls return at once), and drop their original pages from
+ * memory: the fast path reads only the packed copy. */
+kvs_status kvs_model_pack_weights(kvs_model *model);
 
 #endif

@@ -6,8 +6,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "repack.h"
 #include "status.h"
 #include "types.h"
+
+/* Tokens of a batch taken against packed groups at a time: their quantized
+ * activations (64 x 40 bytes per block of 32 inputs) stay in L2. */
+#define PACKED_TOKEN_CHUNK 64
 
 typedef struct matmul_job {
     kvs_cpu *cpu;
@@ -33,10 +38,31 @@ static void q8_rows(const kvs_q8_kernels *k, const kvs_tensor *w, const block_q8
     for (; r < r1; r++) y[r] = k->dot(w->ne[0], base + r * w->row_bytes, xq);
 }
 
-/* One token: the quantized dot kernel reads each weight row once. */
+/* The packed kernels for w on the fast path, else NULL (original layout). */
+static const kvs_repack_kernels *packed_dot(const kvs_cpu *cpu, const kvs_tensor *w) {
+    return cpu->matmul == KVS_MATMUL_Q8 && w->packed ? kvs_repack_kernels_find(w->type, cpu->impl) : NULL;
+}
+
+/* Rows r0.. (r0 a multiple of 8) up to r1 that lie in full packed groups. */
+static int64_t packed_end(const kvs_tensor *w, int64_t r1) {
+    const int64_t full = w->ne[1] / REPACK_ROWS * REPACK_ROWS;
+    return r1 < full ? r1 : full;
+}
+
+static const uint8_t *packed_group(const kvs_tensor *w, int64_t row) {
+    return (const uint8_t *)w->packed + row / REPACK_ROWS * REPACK_ROWS * w->row_bytes;
+}
+
+/* One token: the quantized dot kernel reads each weight row once; packed
+ * groups give 8 rows per call, leftover rows take the original layout. */
 static void matmul_one_token(const matmul_job *job, const kvs_tensor *w, float *y, int64_t r0, int64_t r1) {
     const uint8_t *base = w->data;
+    const kvs_repack_kernels *packed = packed_dot(job->cpu, w);
     const kvs_q8_kernels *q8 = fast_dot(job->cpu, w);
+    if (packed) {
+        const int64_t end = packed_end(w, r1);
+        for (; r0 < end; r0 += REPACK_ROWS) packed->gemv(w->ne[0], packed_group(w, r0), job->xq, y + r0);
+    }
     if (q8) {
         q8_rows(q8, w, job->xq, y, r0, r1);
         return;
@@ -67,6 +93,21 @@ static void matmul_many_tokens_q8(const matmul_job *job, int ith, const kvs_q8_k
             float *yt = y + t * n_out;
             for (int64_t g = 0; g < n_quads; g++) k->quad_dot(nb, quads + g * nb, xq, yt + tile + 4 * g);
             q8_rows(k, w, xq, yt, tile + 4 * n_quads, tile_end);
+        }
+    }
+}
+
+/* Many tokens, packed rows: a chunk of tokens' activations stays in L2 while
+ * the thread's groups pass by; each group's kernel unpacks a block once for
+ * several tokens. The original rows are never read (their pages may be
+ * dropped). */
+static void matmul_many_tokens_packed(const matmul_job *job, const kvs_repack_kernels *k, const kvs_tensor *w,
+                                      float *y, int64_t r0, int64_t r1) {
+    const int64_t n_in = w->ne[0], n_out = w->ne[1], nb = n_in / QK_ACT;
+    for (int64_t t = 0; t < job->n_tokens; t += PACKED_TOKEN_CHUNK) {
+        const int64_t n_t = job->n_tokens - t < PACKED_TOKEN_CHUNK ? job->n_tokens - t : PACKED_TOKEN_CHUNK;
+        for (int64_t r = r0; r < r1; r += REPACK_ROWS) {
+            k->gemm(n_in, packed_group(w, r), job->xq + t * nb, n_t, y + t * n_out + r, n_out);
         }
     }
 }
@@ -103,20 +144,37 @@ static void matmul_many_tokens(const matmul_job *job, int ith, const kvs_tensor 
     }
 }
 
+/* Many tokens: packed groups, then the leftover rows on the original layout. */
+static void matmul_many_tokens_fast(const matmul_job *job, int ith, const kvs_q8_kernels *q8, const kvs_tensor *w,
+                                    float *y, int64_t r0, int64_t r1) {
+    const kvs_repack_kernels *packed = packed_dot(job->cpu, w);
+    if (packed) {
+        const int64_t end = packed_end(w, r1);
+        if (r0 < end) matmul_many_tokens_packed(job, packed, w, y, r0, end);
+        r0 = r0 > end ? r0 : end;
+    }
+    if (r0 < r1) matmul_many_tokens_q8(job, ith, q8, w, y, r0, r1);
+}
+
+/* Units of rows the threads split: 8 rows, so a packed group never straddles
+ * two threads (the last unit of a weight may be shorter). */
+static int64_t row_units(const kvs_tensor *w) { return (w->ne[1] + REPACK_ROWS - 1) / REPACK_ROWS; }
+
 /* Threads split the rows of all the job's weights taken end to end. */
 static void matmul_task(void *arg, int ith, int nth) {
     const matmul_job *job = arg;
-    int64_t n_rows = 0;
-    for (int i = 0; i < job->n_w; i++) n_rows += job->w[i]->ne[1];
-    int64_t r0, r1;
-    kvs_split_range(n_rows, ith, nth, &r0, &r1);
-    for (int i = 0, first = 0; i < job->n_w; first += (int)job->w[i]->ne[1], i++) {
+    int64_t n_units = 0;
+    for (int i = 0; i < job->n_w; i++) n_units += row_units(job->w[i]);
+    int64_t u0, u1;
+    kvs_split_range(n_units, ith, nth, &u0, &u1);
+    for (int64_t i = 0, first = 0; i < job->n_w; first += row_units(job->w[i]), i++) {
         const kvs_tensor *w = job->w[i];
-        const int64_t b = r0 > first ? r0 - first : 0, e = r1 - first < w->ne[1] ? r1 - first : w->ne[1];
+        const int64_t b = (u0 > first ? u0 - first : 0) * REPACK_ROWS;
+        const int64_t e = (u1 - first) * REPACK_ROWS < w->ne[1] ? (u1 - first) * REPACK_ROWS : w->ne[1];
         if (b >= e) continue;
         const kvs_q8_kernels *q8 = fast_dot(job->cpu, w);
         if (job->n_tokens == 1) matmul_one_token(job, w, job->y[i], b, e);
-        else if (q8) matmul_many_tokens_q8(job, ith, q8, w, job->y[i], b, e);
+        else if (q8) matmul_many_tokens_fast(job, ith, q8, w, job->y[i], b, e);
         else matmul_many_tokens(job, ith, w, job->y[i], b, e);
     }
 }
@@ -200,15 +258,23 @@ kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n
     if (!kvs_q8_kernels_find(type, impl)) {
         return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: %s has no integer dot", info->name);
     }
-    kvs_tensor w = {rows, type, {n, n_rows, 1, 1}, n / info->block_elems * info->block_bytes};
+    kvs_tensor w = {rows, type, {n, n_rows, 1, 1}, n / info->block_elems * info->block_bytes, NULL};
     kvs_cpu cpu = {NULL, impl, KVS_MATMUL_Q8, NULL, n, NULL};
+    /* packed like a model's layer weights, so tests cover that path too */
+    const size_t packed_bytes = kvs_repack_bytes(type, n_rows, n);
+    void *packed = packed_bytes ? malloc(packed_bytes) : NULL;
     cpu.row_scratch = malloc((size_t)(MATMUL_ROWS * n) * sizeof(float));
     cpu.act_scratch = malloc((size_t)(n_tokens * (n / QK_ACT)) * sizeof(block_q8_act));
-    kvs_status st = cpu.row_scratch && cpu.act_scratch ? kvs_threadpool_create(1, &cpu.pool)
-                                                       : kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matmul_q8: no memory");
+    kvs_status st = cpu.row_scratch && cpu.act_scratch && (packed || !packed_bytes)
+                        ? kvs_threadpool_create(1, &cpu.pool)
+                        : kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matmul_q8: no memory");
+    if (st == KVS_OK && packed) st = kvs_repack(type, rows, w.row_bytes, n_rows, n, packed);
+    w.packed = packed;
     if (st == KVS_OK) kvs_matmul(&cpu, &w, x, n_tokens, out);
     kvs_threadpool_free(cpu.pool);
+    free(packed);
     free(cpu.row_scratch);
     free(cpu.act_scratch);
     return st;
 }
+
