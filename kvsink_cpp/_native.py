@@ -77,6 +77,9 @@ kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int
 kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
                                  const float *x, int64_t n_tokens, float *out);
 
+kvs_status kvs_matmul_q16(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
+                                  const float *x, int64_t n_tokens, float *out);
+
 typedef struct kvs_gguf kvs_gguf;
 
 typedef enum kvs_gguf_type {

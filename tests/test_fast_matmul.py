@@ -211,3 +211,63 @@ def test_fast_batch_equals_token_by_token(tmp_path, impl):
     # "the same" means: far closer to each other than to the exact path
     np.testing.assert_allclose(single, batch, rtol=0, atol=2e-3 * np.abs(batch).max())
     assert np.abs(single - batch).mean() <= 0.02 * np.abs(batch - exact).mean()
+
+
+# ---- the logits' 16-bit activations (kvs_matmul_q16) -------------------------
+
+def matmul_q16(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+    data = np.ascontiguousarray(np.stack(rows))
+    out = np.empty((x.shape[0], len(rows)), dtype=np.float32)
+    check(lib.kvs_matmul_q16(type_id, impl, ffi.cast("void *", ffi.from_buffer(data)), len(rows), x.shape[1],
+                             ffi.from_buffer("float[]", x), x.shape[0],
+                             ffi.from_buffer("float[]", out, require_writable=True)))
+    return out
+
+
+def numpy_quantize16(x: np.ndarray) -> np.ndarray:
+    """The 16-bit quantizer in float32 (id = 32767/amax, q = rint(x * id)), dequantized."""
+    blocks = x.reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(32767) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv[:, None]).astype(np.float64)
+    return (q * (amax / np.float32(32767)).astype(np.float32)[:, None].astype(np.float64)).reshape(-1)
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_logits_product_matches_numpy_and_is_near_exact(impl):
+    """Q8_0 rows (SmolLM2's tied output) against 16-bit activations: equal to
+    numpy's model of the arithmetic, and far closer to the exact f32 product
+    than the 8-bit activations are (that is why the logits use it)."""
+    rng = np.random.default_rng(77)
+    n, n_rows = 576, 13  # 3 four-row groups and a one-row tail
+    rows = [random_row("Q8_0", n, rng) for _ in range(n_rows)]
+    x = np.stack([activations(n, rng) for _ in range(2)])
+    w = np.stack([oracle("Q8_0", row) for row in rows]).astype(np.float64)
+    got = matmul_q16(TYPES["Q8_0"], impl, rows, x)
+    size = np.abs(x).astype(np.float64) @ np.abs(w).T
+    want = np.stack([w @ numpy_quantize16(xt) for xt in x])
+    assert np.all(np.abs(got - want) <= 1e-6 * size)
+    exact = x.astype(np.float64) @ w.T
+    err16 = np.abs(got - exact).max()
+    err8 = np.abs(matmul_q8(TYPES["Q8_0"], impl, rows, x) - exact).max()
+    assert err16 < err8 / 50, (err16, err8)
+
+
+def test_logits_product_avx2_matches_scalar():
+    require_avx2()
+    rng = np.random.default_rng(78)
+    rows = [random_row("Q8_0", 1536, rng) for _ in range(9)]
+    x = activations(1536, rng)
+    scalar = matmul_q16(TYPES["Q8_0"], lib.KVS_IMPL_SCALAR, rows, x)
+    avx2 = matmul_q16(TYPES["Q8_0"], lib.KVS_IMPL_AVX2, rows, x)
+    np.testing.assert_allclose(avx2, scalar, rtol=1e-5, atol=1e-5 * np.abs(scalar).max())
+
+
+def test_logits_product_rejects_other_types():
+    rng = np.random.default_rng(79)
+    with pytest.raises(UnsupportedError, match="no 16-bit dot"):
+        matmul_q16(TYPES["Q4_1"], lib.KVS_IMPL_SCALAR, [random_row("Q4_1", 64, rng)], activations(64, rng))
+    with pytest.raises(InvalidArgumentError, match="bad sizes"):
+        matmul_q16(TYPES["Q8_0"], lib.KVS_IMPL_SCALAR, [random_row("Q8_0", 64, rng)], activations(64, rng)[:48])

@@ -106,6 +106,12 @@ KVS_API kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_
  * above). KVS_ERR_UNSUPPORTED for a type without an integer dot. */
 KVS_API kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
                                  const float *x, int64_t n_tokens, float *out);
+/* The fast path's logits product (one thread, token by token): x quantized
+ * to 16 bits per 32 (one scale each), int8 weights widened to 16 bits; the
+ * same layout of arguments as kvs_matmul_q8. KVS_ERR_UNSUPPORTED for types
+ * other than Q8_0. */
+KVS_API kvs_status kvs_matmul_q16(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
+                                  const float *x, int64_t n_tokens, float *out);
 
 /* ---- GGUF files --------------------------------------------------------- */
 

@@ -101,7 +101,10 @@ static kvs_status alloc_scratch(kvs_context *ctx) {
         if (!*bufs[i].ptr) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %lld floats of scratch", (long long)bufs[i].n);
     }
     ctx->cpu.act_scratch = malloc((size_t)(nb * (row / QK_ACT + 1)) * sizeof(block_q8_act));
-    if (!ctx->cpu.act_scratch) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the activation scratch");
+    ctx->cpu.act16_scratch = malloc((size_t)(hp->n_embd / QK_ACT16 + 1) * sizeof(block_q16_act));
+    if (!ctx->cpu.act_scratch || !ctx->cpu.act16_scratch) {
+        return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the activation scratch");
+    }
     return KVS_OK;
 }
 
@@ -137,6 +140,7 @@ void kvs_context_free(kvs_context *ctx) {
                      ctx->scores, ctx->attn_partial, ctx->cpu.row_scratch};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(ctx->cpu.act_scratch);
+    free(ctx->cpu.act16_scratch);
     free(ctx);
 }
 

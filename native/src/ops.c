@@ -200,6 +200,43 @@ void kvs_matmul_shared(kvs_cpu *cpu, int n_w, const kvs_tensor *const *w, const 
     kvs_threadpool_run(cpu->pool, matmul_task, &job);
 }
 
+typedef struct logits_job {
+    const kvs_q16_kernels *k;
+    const kvs_tensor *w;
+    const block_q16_act *xq;
+    float *y;
+} logits_job;
+
+/* y[r] for rows r0..r1 of w against 16-bit activations, four rows at a time. */
+static void q16_rows(const kvs_q16_kernels *k, const kvs_tensor *w, const block_q16_act *xq, float *y, int64_t r0,
+                     int64_t r1) {
+    const uint8_t *base = w->data;
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) k->dot4(w->ne[0], base + r * w->row_bytes, w->row_bytes, xq, y + r);
+    for (; r < r1; r++) y[r] = k->dot(w->ne[0], base + r * w->row_bytes, xq);
+}
+
+static void logits_task(void *arg, int ith, int nth) {
+    const logits_job *job = arg;
+    int64_t u0, u1; /* units of four rows */
+    kvs_split_range((job->w->ne[1] + 3) / 4, ith, nth, &u0, &u1);
+    const int64_t r1 = 4 * u1 < job->w->ne[1] ? 4 * u1 : job->w->ne[1];
+    if (4 * u0 < r1) q16_rows(job->k, job->w, job->xq, job->y, 4 * u0, r1);
+}
+
+void kvs_matmul_logits(kvs_cpu *cpu, const kvs_tensor *w, const float *x, int64_t n_tokens, float *y) {
+    const kvs_q16_kernels *k = kvs_q16_kernels_find(w->type, cpu->impl);
+    if (cpu->matmul != KVS_MATMUL_Q8 || n_tokens != 1 || !k || w->ne[0] % QK_ACT16) {
+        kvs_cpu exact = *cpu;
+        exact.matmul = KVS_MATMUL_F32;
+        kvs_matmul(&exact, w, x, n_tokens, y);
+        return;
+    }
+    kvs_quantize_act16_kernel(cpu->impl)(x, cpu->act16_scratch, w->ne[0]);
+    logits_job job = {k, w, cpu->act16_scratch, y};
+    kvs_threadpool_run(cpu->pool, logits_task, &job);
+}
+
 void kvs_matmul(kvs_cpu *cpu, const kvs_tensor *w, const float *x, int64_t n_tokens, float *y) {
     kvs_matmul_shared(cpu, 1, &w, x, n_tokens, &y);
 }
@@ -259,7 +296,7 @@ kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n
         return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: %s has no integer dot", info->name);
     }
     kvs_tensor w = {rows, type, {n, n_rows, 1, 1}, n / info->block_elems * info->block_bytes, NULL};
-    kvs_cpu cpu = {NULL, impl, KVS_MATMUL_Q8, NULL, n, NULL};
+    kvs_cpu cpu = {NULL, impl, KVS_MATMUL_Q8, NULL, n, NULL, NULL};
     /* packed like a model's layer weights, so tests cover that path too */
     const size_t packed_bytes = kvs_repack_bytes(type, n_rows, n);
     void *packed = packed_bytes ? malloc(packed_bytes) : NULL;
@@ -278,3 +315,23 @@ kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n
     return st;
 }
 
+kvs_status kvs_matmul_q16(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n, const float *x,
+                          int64_t n_tokens, float *out) {
+    if (!rows || !x || !out || n_rows < 1 || n_tokens < 1 || n < QK_ACT16 || n % QK_ACT16) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_matmul_q16: NULL buffer or bad sizes (n %lld, rows %lld, tokens %lld)",
+                        (long long)n, (long long)n_rows, (long long)n_tokens);
+    }
+    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q16: no AVX2");
+    if (impl == KVS_IMPL_AUTO) impl = kvs_avx2_available() ? KVS_IMPL_AVX2 : KVS_IMPL_SCALAR;
+    const kvs_q16_kernels *k = kvs_q16_kernels_find(type, impl);
+    if (!k) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q16: tensor type id %d has no 16-bit dot", (int)type);
+    block_q16_act *xq = malloc((size_t)(n / QK_ACT16) * sizeof(block_q16_act));
+    if (!xq) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matmul_q16: no memory");
+    kvs_tensor w = {rows, type, {n, n_rows, 1, 1}, n / QK8_0 * (int64_t)sizeof(block_q8_0), NULL};
+    for (int64_t t = 0; t < n_tokens; t++) {
+        kvs_quantize_act16_kernel(impl)(x + t * n, xq, n);
+        q16_rows(k, &w, xq, out + t * n_rows, 0, n_rows);
+    }
+    free(xq);
+    return KVS_OK;
+}

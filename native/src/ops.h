@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include "act_q16.h"
 #include "act_q8.h"
 #include "formats.h"
 #include "model.h"
@@ -22,6 +23,7 @@ typedef struct kvs_cpu {
                               (exact path) or q8_quads (fast path; they take less room) */
     int64_t row_scratch_len;
     block_q8_act *act_scratch;   /* n_batch x row_scratch_len / 32 quantized activation blocks */
+    block_q16_act *act16_scratch; /* one token's input of the logits, 16-bit (n_embd / 32 blocks) */
 } kvs_cpu;
 
 /* y[t, r] = dot(row r of w, x[t]) for n_tokens rows of x (w->ne[0] floats each). */
@@ -32,6 +34,11 @@ void kvs_matmul(kvs_cpu *cpu, const kvs_tensor *w, const float *x, int64_t n_tok
  * weights share w[i]->ne[0]. */
 void kvs_matmul_shared(kvs_cpu *cpu, int n_w, const kvs_tensor *const *w, const float *x, int64_t n_tokens,
                        float *const *y);
+
+/* The logits: y = w x for n_tokens rows of x. Exact, except that the fast
+ * path decodes one token with 16-bit activations when w's type has such
+ * dots (Q8_0): near exact (act_q16.h) at about the cost of the 8-bit dots. */
+void kvs_matmul_logits(kvs_cpu *cpu, const kvs_tensor *w, const float *x, int64_t n_tokens, float *y);
 
 /* out = x / rms(x) * weight, for one row of n. */
 void kvs_rmsnorm(const float *x, const float *weight, int64_t n, float eps, float *out);
