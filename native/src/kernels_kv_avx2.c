@@ -28,21 +28,33 @@ void kvs_rotate_pair_avx2(int32_t n, float *a, float *b, const float *c, const f
 void kvs_dot_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt, const float *q, float *out) {
     int32_t t0 = 0;
     for (; t0 + 32 <= n; t0 += 32) {
-        __m256 acc[2][4];
-        for (int k = 0; k < 4; k++) acc[0][k] = acc[1][k] = _mm256_setzero_ps();
+        /* named accumulators: an array of them ends up on the stack at -O2 */
+        __m256 e0 = _mm256_setzero_ps(), e1 = e0, e2 = e0, e3 = e0, o0 = e0, o1 = e0, o2 = e0, o3 = e0;
         int32_t d = 0;
         for (; d + 2 <= hd; d += 2) {
-            for (int e = 0; e < 2; e++) {
-                const __m256 qd = _mm256_set1_ps(q[d + e]);
-                const float *row = kt + (int64_t)(d + e) * stride + t0;
-                for (int k = 0; k < 4; k++) acc[e][k] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 8 * k), acc[e][k]);
-            }
+            const float *even = kt + (int64_t)d * stride + t0, *odd = even + stride;
+            const __m256 qe = _mm256_set1_ps(q[d]), qo = _mm256_set1_ps(q[d + 1]);
+            e0 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(even), e0);
+            e1 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(even + 8), e1);
+            e2 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(even + 16), e2);
+            e3 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(even + 24), e3);
+            o0 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(odd), o0);
+            o1 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(odd + 8), o1);
+            o2 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(odd + 16), o2);
+            o3 = _mm256_fmadd_ps(qo, _mm256_loadu_ps(odd + 24), o3);
         }
         if (d < hd) {
+            const float *row = kt + (int64_t)d * stride + t0;
             const __m256 qd = _mm256_set1_ps(q[d]);
-            for (int k = 0; k < 4; k++) acc[0][k] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kt + (int64_t)d * stride + t0 + 8 * k), acc[0][k]);
+            e0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row), e0);
+            e1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 8), e1);
+            e2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 16), e2);
+            e3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 24), e3);
         }
-        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + t0 + 8 * k, _mm256_add_ps(acc[0][k], acc[1][k]));
+        _mm256_storeu_ps(out + t0, _mm256_add_ps(e0, o0));
+        _mm256_storeu_ps(out + t0 + 8, _mm256_add_ps(e1, o1));
+        _mm256_storeu_ps(out + t0 + 16, _mm256_add_ps(e2, o2));
+        _mm256_storeu_ps(out + t0 + 24, _mm256_add_ps(e3, o3));
     }
     for (; t0 + 8 <= n; t0 += 8) {
         __m256 acc = _mm256_setzero_ps();
@@ -221,13 +233,16 @@ float kvs_exp_shifted_avx2(int32_t n, float *x, float *max_out) {
     return sum;
 }
 
-/* Up to 4 heads over 16 channels of a group: each token's quants are decoded
- * once, scaled per head by p*scale, and the zero points summed aside. */
-static void weighted_slice(int bits, int32_t n_tok, int64_t row_bytes, const uint8_t *group0, int32_t idx16,
-                           int32_t nh, const float *p, int64_t p_stride, float *out, int64_t out_stride) {
+/* nh (<= 4, a constant where inlined) heads over 16 channels of a group:
+ * each token's quants are decoded once, scaled per head by p*scale, and the
+ * zero points summed aside. */
+static inline __attribute__((always_inline)) void weighted_slice(int bits, int32_t n_tok, int64_t row_bytes,
+                                                                  const uint8_t *group0, int32_t idx16, const int nh,
+                                                                  const float *p, int64_t p_stride, float *out,
+                                                                  int64_t out_stride) {
     __m256 acc[4][2];
     float zsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int32_t j = 0; j < nh; j++) {
+    for (int j = 0; j < nh; j++) {
         acc[j][0] = _mm256_loadu_ps(out + j * out_stride);
         acc[j][1] = _mm256_loadu_ps(out + j * out_stride + 8);
     }
@@ -236,7 +251,7 @@ static void weighted_slice(int bits, int32_t n_tok, int64_t row_bytes, const uin
         const float scale = half_at((const kvs_half *)g), zero = half_at((const kvs_half *)(g + 2));
         __m256 lo, hi;
         unpack16(bits, g + 4, idx16, &lo, &hi);
-        for (int32_t j = 0; j < nh; j++) {
+        for (int j = 0; j < nh; j++) {
             const float w = p[j * p_stride + t];
             const __m256 ws = _mm256_set1_ps(w * scale);
             acc[j][0] = _mm256_fmadd_ps(ws, lo, acc[j][0]);
@@ -244,12 +259,29 @@ static void weighted_slice(int bits, int32_t n_tok, int64_t row_bytes, const uin
             zsum[j] += w * zero;
         }
     }
-    for (int32_t j = 0; j < nh; j++) {
+    for (int j = 0; j < nh; j++) {
         const __m256 z = _mm256_set1_ps(zsum[j]);
         _mm256_storeu_ps(out + j * out_stride, _mm256_add_ps(acc[j][0], z));
         _mm256_storeu_ps(out + j * out_stride + 8, _mm256_add_ps(acc[j][1], z));
     }
 }
+
+/* One copy per head count, so that the loops over heads unroll. */
+#define WEIGHTED_SLICE_N(NH)                                                                                  \
+    static void weighted_slice_##NH(int bits, int32_t n_tok, int64_t row_bytes, const uint8_t *group0,       \
+                                    int32_t idx16, const float *p, int64_t p_stride, float *out,             \
+                                    int64_t out_stride) {                                                    \
+        weighted_slice(bits, n_tok, row_bytes, group0, idx16, NH, p, p_stride, out, out_stride);             \
+    }
+WEIGHTED_SLICE_N(1)
+WEIGHTED_SLICE_N(2)
+WEIGHTED_SLICE_N(3)
+WEIGHTED_SLICE_N(4)
+
+typedef void (*weighted_slice_fn)(int bits, int32_t n_tok, int64_t row_bytes, const uint8_t *group0, int32_t idx16,
+                                  const float *p, int64_t p_stride, float *out, int64_t out_stride);
+static const weighted_slice_fn weighted_slices[5] = {NULL, weighted_slice_1, weighted_slice_2, weighted_slice_3,
+                                                     weighted_slice_4};
 
 void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, const uint8_t *data, int32_t n_heads,
                               const float *p, int64_t p_stride, float *out, int64_t out_stride) {
@@ -270,8 +302,8 @@ void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, co
         for (int32_t i = 0; i < G / 16; i++) {
             for (int32_t j0 = 0; j0 < n_heads; j0 += 4) {
                 const int32_t nh = n_heads - j0 < 4 ? n_heads - j0 : 4;
-                weighted_slice(bits, n_tok, row_bytes, data + g * gb, i, nh, p + j0 * p_stride, p_stride,
-                               out + j0 * out_stride + g * G + 16 * i, out_stride);
+                weighted_slices[nh](bits, n_tok, row_bytes, data + g * gb, i, p + j0 * p_stride, p_stride,
+                                    out + j0 * out_stride + g * G + 16 * i, out_stride);
             }
         }
     }
