@@ -93,8 +93,9 @@ KVS_API kvs_status kvs_vec_dot(int32_t type, int32_t impl, const void *row,
 typedef enum kvs_matmul_mode {
     KVS_MATMUL_F32 = 0, /* exact: f32 activations against dequantized weights (the reference) */
     KVS_MATMUL_Q8 = 1   /* fast: activations quantized to 8 bits in blocks of 32, integer dots
-                           for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights (other types, and the
-                           output projection that makes the logits, stay exact)         */
+                           for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights (other types stay exact;
+                           the output projection that makes the logits is exact in
+                           batches and takes 16-bit activations for one Q8_0 token) */
 } kvs_matmul_mode;
 
 /* The fast path's activation quantizer: n (a multiple of 32) floats to int8

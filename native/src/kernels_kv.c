@@ -76,13 +76,24 @@ static void weighted_groups_scalar(int bits, int32_t n_tok, int32_t hd, int32_t 
     }
 }
 
+static void key_tile_scalar(int bits, int32_t n, const uint8_t *data, int64_t group_bytes, int32_t n_pairs,
+                            const int32_t *pair_a, const int32_t *pair_b, const float *cos_rows,
+                            const float *sin_rows, int64_t stride, float *kt) {
+    for (int32_t k = 0; k < n_pairs; k++) {
+        const int64_t a = pair_a[k], b = pair_b[k];
+        kvs_kv_dequantize_group(data + a * group_bytes, n, bits, kt + a * stride);
+        kvs_kv_dequantize_group(data + b * group_bytes, n, bits, kt + b * stride);
+        rotate_pair_scalar(n, kt + a * stride, kt + b * stride, cos_rows + a * stride, sin_rows + a * stride);
+    }
+}
+
 static const kvs_attention_kernels scalar_kernels = {rotate_pair_scalar, dot_tile_scalar, weighted_rows_scalar,
                                                      f16_to_f32_scalar, rotate_query_scalar, dequant_groups_scalar,
-                                                     exp_shifted_scalar, weighted_groups_scalar};
+                                                     exp_shifted_scalar, weighted_groups_scalar, key_tile_scalar};
 #if defined(KVS_HAVE_AVX2_BUILD)
 static const kvs_attention_kernels avx2_kernels = {kvs_rotate_pair_avx2, kvs_dot_tile_avx2, kvs_weighted_rows_avx2,
                                                    kvs_f16_to_f32_avx2, kvs_rotate_query_avx2, kvs_dequant_groups_avx2,
-                                                   kvs_exp_shifted_avx2, kvs_weighted_groups_avx2};
+                                                   kvs_exp_shifted_avx2, kvs_weighted_groups_avx2, kvs_key_tile_avx2};
 #endif
 
 const kvs_attention_kernels *kvs_attention_kernels_find(int32_t impl) {

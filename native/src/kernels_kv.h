@@ -26,6 +26,13 @@ typedef void (*kvs_rotate_query_fn)(int32_t n_rot, int32_t hd, int neox, const f
  * data + c * group_bytes) into out + c * out_stride: a key tile's channels. */
 typedef void (*kvs_dequant_groups_fn)(int bits, int32_t n_ch, int32_t n, const uint8_t *data, int64_t group_bytes,
                                       float *out, int64_t out_stride);
+/* The rotated key tile of a per-channel block: for k < n_pairs, channels
+ * a = pair_a[k] and b = pair_b[k] (groups of n values at data + ch *
+ * group_bytes) are dequantized and rotated by (cos, sin) rows a of the
+ * tables (entry t: the key's offset t), into kt rows a and b (stride each). */
+typedef void (*kvs_key_tile_fn)(int bits, int32_t n, const uint8_t *data, int64_t group_bytes, int32_t n_pairs,
+                                const int32_t *pair_a, const int32_t *pair_b, const float *cos_rows,
+                                const float *sin_rows, int64_t stride, float *kt);
 /* x[i] <- exp(x[i] - max x) for i < n (-inf gives 0); *max_out = max x; returns
  * the sum of the new x. The unnormalized softmax of one query's scores. */
 typedef float (*kvs_exp_shifted_fn)(int32_t n, float *x, float *max_out);
@@ -46,6 +53,7 @@ typedef struct {
     kvs_dequant_groups_fn dequant_groups;
     kvs_exp_shifted_fn exp_shifted;
     kvs_weighted_groups_fn weighted_groups;
+    kvs_key_tile_fn key_tile;
 } kvs_attention_kernels;
 
 /* The kernels of impl (SCALAR, or AVX2 when built). */
@@ -61,6 +69,9 @@ void kvs_rotate_query_avx2(int32_t n_rot, int32_t hd, int neox, const float *cs,
 void kvs_dequant_groups_avx2(int bits, int32_t n_ch, int32_t n, const uint8_t *data, int64_t group_bytes, float *out,
                              int64_t out_stride);
 float kvs_exp_shifted_avx2(int32_t n, float *x, float *max_out);
+void kvs_key_tile_avx2(int bits, int32_t n, const uint8_t *data, int64_t group_bytes, int32_t n_pairs,
+                       const int32_t *pair_a, const int32_t *pair_b, const float *cos_rows, const float *sin_rows,
+                       int64_t stride, float *kt);
 void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, const uint8_t *data, int32_t n_heads,
                               const float *p, int64_t p_stride, float *out, int64_t out_stride);
 #endif

@@ -184,6 +184,37 @@ void kvs_dequant_groups_avx2(int bits, int32_t n_ch, int32_t n, const uint8_t *d
     }
 }
 
+void kvs_key_tile_avx2(int bits, int32_t n, const uint8_t *data, int64_t group_bytes, int32_t n_pairs,
+                       const int32_t *pair_a, const int32_t *pair_b, const float *cos_rows, const float *sin_rows,
+                       int64_t stride, float *kt) {
+    for (int32_t k = 0; k < n_pairs; k++) {
+        const int64_t a = pair_a[k], b = pair_b[k];
+        const uint8_t *ga = data + a * group_bytes, *gb = data + b * group_bytes;
+        float *ka = kt + a * stride, *kb = kt + b * stride;
+        const float *cs = cos_rows + a * stride, *sn = sin_rows + a * stride;
+        if (!unpack16_covers(bits, n)) {
+            kvs_kv_dequantize_group_impl(ga, n, bits, ka, KVS_IMPL_AVX2);
+            kvs_kv_dequantize_group_impl(gb, n, bits, kb, KVS_IMPL_AVX2);
+            kvs_rotate_pair_avx2(n, ka, kb, cs, sn);
+            continue;
+        }
+        const __m256 sa = _mm256_set1_ps(half_at((const kvs_half *)ga)), za = _mm256_set1_ps(half_at((const kvs_half *)(ga + 2)));
+        const __m256 sb = _mm256_set1_ps(half_at((const kvs_half *)gb)), zb = _mm256_set1_ps(half_at((const kvs_half *)(gb + 2)));
+        for (int32_t i = 0; i < n / 16; i++) {
+            __m256 x[2], y[2];
+            unpack16(bits, ga + 4, i, &x[0], &x[1]);
+            unpack16(bits, gb + 4, i, &y[0], &y[1]);
+            for (int h = 0; h < 2; h++) {
+                const int32_t t = 16 * i + 8 * h;
+                const __m256 va = _mm256_fmadd_ps(x[h], sa, za), vb = _mm256_fmadd_ps(y[h], sb, zb);
+                const __m256 c = _mm256_loadu_ps(cs + t), s = _mm256_loadu_ps(sn + t);
+                _mm256_storeu_ps(ka + t, _mm256_fmsub_ps(va, c, _mm256_mul_ps(vb, s)));
+                _mm256_storeu_ps(kb + t, _mm256_fmadd_ps(va, s, _mm256_mul_ps(vb, c)));
+            }
+        }
+    }
+}
+
 /* e^x for x <= 0 (Cephes' range reduction and polynomial, ~1 ulp); lanes
  * below -87.3 (e^x under the smallest normal float, -inf included) give 0. */
 static inline __m256 exp_nonpositive(__m256 x) {

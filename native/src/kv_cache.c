@@ -35,6 +35,7 @@ struct kvs_kv_cache {
     int32_t frontier;              /* tokens before it are evicted or in the sink table */
     float *rel_cos, *rel_sin;      /* [P][n_rot/2]: rotation by a distance */
     float *blk_cos, *blk_sin;      /* [hd][B]: rotation by an offset inside a segment, per dim */
+    int32_t *pair_a, *pair_b;      /* [n_rot/2] the channels RoPE rotates together */
 };
 
 /* ---- creation ----------------------------------------------------------- */
@@ -94,6 +95,15 @@ static void fill_rope_tables(kvs_kv_cache *c, const kvs_hparams *hp, const float
             c->rel_sin[(int64_t)dist * half + i] = (float)sin(a);
         }
     }
+    for (int32_t d = 0, k = 0; d < c->n_rot; d++) {
+        int32_t i, partner;
+        int first;
+        rope_pair(c, d, &i, &partner, &first);
+        if (first) {
+            c->pair_a[k] = d;
+            c->pair_b[k++] = partner;
+        }
+    }
     for (int32_t d = 0; d < c->hd; d++) {
         for (int32_t t = 0; t < c->B; t++) {
             float cs = 1.0f, sn = 0.0f;
@@ -121,6 +131,7 @@ static kvs_status alloc_all(kvs_kv_cache *c) {
         {(void **)&c->block_start, (size_t)c->NB * 4}, {(void **)&c->block_mask, (size_t)c->NB * 8},
         {(void **)&c->rel_cos, (size_t)c->P * half * 4 + 4}, {(void **)&c->rel_sin, (size_t)c->P * half * 4 + 4},
         {(void **)&c->blk_cos, (size_t)c->hd * c->B * 4}, {(void **)&c->blk_sin, (size_t)c->hd * c->B * 4},
+        {(void **)&c->pair_a, half * 4 + 4}, {(void **)&c->pair_b, half * 4 + 4},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         *bufs[i].ptr = calloc(1, bufs[i].n);
@@ -170,7 +181,8 @@ kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, i
 void kvs_kv_cache_free(kvs_kv_cache *c) {
     if (!c) return;
     void *bufs[] = {c->win_k, c->win_v, c->win_sink, c->sink_k, c->sink_v, c->sink_pos, c->blocks,
-                    c->block_start, c->block_mask, c->rel_cos, c->rel_sin, c->blk_cos, c->blk_sin};
+                    c->block_start, c->block_mask, c->rel_cos, c->rel_sin, c->blk_cos, c->blk_sin,
+                    c->pair_a, c->pair_b};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
@@ -466,16 +478,24 @@ static attend_scratch split_scratch(const kvs_kv_cache *c, const kvs_attend_job 
     return s;
 }
 
-/* RoPE by each key's offset inside its segment, once per segment for all the
- * queries reading it (each query is rotated to the segment's start). */
-static void rotate_keys_in_segment(const kvs_kv_cache *c, int32_t n, float *kt, const kvs_attention_kernels *kk) {
-    for (int32_t d = 0; d < c->n_rot; d++) {
-        int32_t i, partner;
-        int first;
-        rope_pair(c, d, &i, &partner, &first);
-        if (!first) continue;
-        const int64_t a = (int64_t)d * c->B, b = (int64_t)partner * c->B;
-        kk->rotate_pair(n, kt + a, kt + b, c->blk_cos + a, c->blk_sin + a);
+/* The key tile of a segment, rotated by each key's offset inside it: once
+ * per segment for all the queries reading it (each query is rotated to the
+ * segment's start). Per-channel blocks are dequantized and rotated in one
+ * pass; other segments are loaded, then rotated pair by pair. */
+static void load_rotated_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s,
+                              const kvs_attention_kernels *kk, int32_t impl) {
+    const int32_t half = c->n_rot / 2;
+    if (sg->kind == 1 && c->kbits > 0 && !c->p.key_per_token) {
+        const uint8_t *data = block_data(c, sg->index, il, h);
+        const int64_t gb = kvs_kv_group_bytes(c->kbits, c->B);
+        kk->key_tile(c->kbits, c->B, data, gb, half, c->pair_a, c->pair_b, c->blk_cos, c->blk_sin, c->B, s->kt);
+        kk->dequant_groups(c->kbits, c->hd - c->n_rot, c->B, data + c->n_rot * gb, gb, s->kt + (int64_t)c->n_rot * c->B, c->B);
+        return;
+    }
+    load_keys(c, il, h, sg, s, impl);
+    for (int32_t k = 0; k < half; k++) {
+        const int64_t a = (int64_t)c->pair_a[k] * c->B, b = (int64_t)c->pair_b[k] * c->B;
+        kk->rotate_pair(sg->n, s->kt + a, s->kt + b, c->blk_cos + a, c->blk_sin + a);
     }
 }
 
@@ -488,8 +508,7 @@ static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, att
     const kvs_attention_kernels *kk = kvs_attention_kernels_find(impl);
     segment sg;
     for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
-        load_keys(c, job->il, job->kv_head, &sg, s, impl);
-        rotate_keys_in_segment(c, sg.n, s->kt, kk);
+        load_rotated_keys(c, job->il, job->kv_head, &sg, s, kk, impl);
         for (int32_t t = job->t0; t < job->t1; t++) {
             const int32_t m_orig = c->n_past + t, n = visible(&sg, m_orig);
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
@@ -526,8 +545,7 @@ static int32_t score_part(const kvs_kv_cache *c, const kvs_attend_job *job, atte
     segment sg;
     for (int32_t k = k0; k < k1 && get_segment(c, k, m, &sg); k++) {
         const int32_t n = visible(&sg, m);
-        load_keys(c, job->il, job->kv_head, &sg, s, impl);
-        rotate_keys_in_segment(c, sg.n, s->kt, kk);
+        load_rotated_keys(c, job->il, job->kv_head, &sg, s, kk, impl);
         for (int32_t j = 0; j < job->n_heads; j++) {
             float *scores = s->scores + (int64_t)j * c->P + off;
             rotate_query(c, kk, job->q + job->t0 * job->q_stride + (int64_t)(job->h0 + j) * hd,
