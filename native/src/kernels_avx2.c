@@ -9,6 +9,7 @@
 #if defined(KVS_HAVE_AVX2_BUILD)
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "blocks.h"
@@ -371,4 +372,19 @@ void kvs_dot_f32_4x2_avx2(int64_t n, const float *w, const float *x, float *out)
             out[2 * r + 1] += w[r * n + i] * x[n + i];
         }
     }
+}
+
+/* gate = silu(gate) * up; sigmoid from e = exp(-|g|) <= 1, so exp never overflows:
+ * 1 / (1 + e) for g >= 0, e / (1 + e) below. */
+void kvs_swiglu_avx2(float *gate, const float *up, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp_nonpositive(_mm256_or_ps(g, sign)); /* exp(-|g|) */
+        const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), g); /* g's sign bit picks e/(1+e) */
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }

@@ -137,7 +137,7 @@ static void ffn_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
     const kvs_tensor *gate_up[2] = {&l->w_gate, &l->w_up};
     float *gate_up_out[2] = {ctx->hb, ctx->hb2};
     kvs_matmul_shared(&ctx->cpu, 2, gate_up, ctx->xb, n_tokens, gate_up_out);
-    kvs_swiglu(ctx->hb, ctx->hb2, (int64_t)n_tokens * hp->n_ff);
+    kvs_swiglu(ctx->hb, ctx->hb2, (int64_t)n_tokens * hp->n_ff, ctx->cpu.impl);
     kvs_matmul(&ctx->cpu, &l->w_down, ctx->hb, n_tokens, ctx->xb);
     for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];
 }

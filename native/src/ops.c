@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels_avx2.h"
 #include "repack.h"
 #include "status.h"
 #include "types.h"
@@ -268,7 +269,14 @@ void kvs_rope(float *x, int32_t n_heads, const kvs_hparams *hp, const float *fre
     }
 }
 
-void kvs_swiglu(float *gate, const float *up, int64_t n) {
+void kvs_swiglu(float *gate, const float *up, int64_t n, int32_t impl) {
+#if defined(KVS_HAVE_AVX2_BUILD)
+    if (impl != KVS_IMPL_SCALAR && kvs_avx2_available()) {
+        kvs_swiglu_avx2(gate, up, n);
+        return;
+    }
+#endif
+    (void)impl;
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i];
         gate[i] = g / (1.0f + expf(-g)) * up[i];

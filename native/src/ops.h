@@ -46,8 +46,8 @@ void kvs_rmsnorm(const float *x, const float *weight, int64_t n, float eps, floa
 /* Rotate n_heads heads of head_dim floats in place for position pos. */
 void kvs_rope(float *x, int32_t n_heads, const kvs_hparams *hp, const float *freq_factors, int32_t pos);
 
-/* gate = silu(gate) * up, elementwise (SwiGLU). */
-void kvs_swiglu(float *gate, const float *up, int64_t n);
+/* gate = silu(gate) * up, elementwise (SwiGLU), with impl's kernel. */
+void kvs_swiglu(float *gate, const float *up, int64_t n, int32_t impl);
 
 /* y += b (n floats), no-op when b is NULL. */
 void kvs_add_bias(float *y, const float *b, int64_t n);
