@@ -248,9 +248,13 @@ static void encode_block(const kvs_kv_cache *c, const float *tile, const uint8_t
                          int bits, int is_key, uint8_t *out) {
     const int32_t B = c->B, hd = c->hd, G = c->G;
     if (bits == 0) {
-        for (int64_t i = 0; i < (int64_t)B * hd; i++) {
-            if (type == KVS_KV_F32) ((float *)out)[i] = tile[i];
-            else ((kvs_half *)out)[i] = kvs_fp32_to_fp16(tile[i]);
+        /* keys channel-major, as attention reads them; values token-major */
+        for (int32_t t = 0; t < B; t++) {
+            for (int32_t d = 0; d < hd; d++) {
+                const int64_t i = is_key ? (int64_t)d * B + t : (int64_t)t * hd + d;
+                if (type == KVS_KV_F32) ((float *)out)[i] = tile[(int64_t)t * hd + d];
+                else ((kvs_half *)out)[i] = kvs_fp32_to_fp16(tile[(int64_t)t * hd + d]);
+            }
         }
         return;
     }
@@ -432,8 +436,8 @@ static void load_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segmen
     }
     const uint8_t *data = block_data(c, sg->index, il, h);
     if (c->kbits == 0) {
-        load_raw_rows(c, data, c->p.type_k, s, impl);
-        transpose_to_kt(c, c->B, s);
+        if (c->p.type_k == KVS_KV_F32) memcpy(s->kt, data, (size_t)c->B * c->hd * sizeof(float));
+        else kvs_f16_to_f32_kernel(impl)((int64_t)c->B * c->hd, (const kvs_half *)data, s->kt);
     } else if (!c->p.key_per_token) {
         kvs_attention_kernels_find(impl)->dequant_groups(c->kbits, c->hd, c->B, data, kvs_kv_group_bytes(c->kbits, c->B),
                                                           s->kt, c->B);
