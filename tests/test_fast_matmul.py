@@ -47,18 +47,22 @@ def numpy_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(-1), d
 
 
+def run_product(entry, type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
+    """(n_tokens, n_rows) from a test entry with kvs_matmul_q8's arguments."""
+    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+    data = np.ascontiguousarray(np.stack(rows))
+    out = np.empty((x.shape[0], len(rows)), dtype=np.float32)
+    check(entry(type_id, impl, ffi.cast("void *", ffi.from_buffer(data)), len(rows), x.shape[1],
+                ffi.from_buffer("float[]", x), x.shape[0], ffi.from_buffer("float[]", out, require_writable=True)))
+    return out
+
+
 def matmul_q8(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
     """The fast path's product as the forward pass runs it: (n_tokens, n_rows)
     for x of shape (n_tokens, n). Full groups of 8 rows are packed (see
     test_repack.py); the other rows take the unpacked-quad kernel for
     several tokens, the four-row and one-row kernels for one."""
-    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-    data = np.ascontiguousarray(np.stack(rows))
-    out = np.empty((x.shape[0], len(rows)), dtype=np.float32)
-    check(lib.kvs_matmul_q8(type_id, impl, ffi.cast("void *", ffi.from_buffer(data)), len(rows), x.shape[1],
-                            ffi.from_buffer("float[]", x), x.shape[0],
-                            ffi.from_buffer("float[]", out, require_writable=True)))
-    return out
+    return run_product(lib.kvs_matmul_q8, type_id, impl, rows, x)
 
 
 def matvec_q8(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
@@ -216,13 +220,8 @@ def test_fast_batch_equals_token_by_token(tmp_path, impl):
 # ---- the logits' 16-bit activations (kvs_matmul_q16) -------------------------
 
 def matmul_q16(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-    data = np.ascontiguousarray(np.stack(rows))
-    out = np.empty((x.shape[0], len(rows)), dtype=np.float32)
-    check(lib.kvs_matmul_q16(type_id, impl, ffi.cast("void *", ffi.from_buffer(data)), len(rows), x.shape[1],
-                             ffi.from_buffer("float[]", x), x.shape[0],
-                             ffi.from_buffer("float[]", out, require_writable=True)))
-    return out
+    """The logits' one-token product with 16-bit activations, token by token."""
+    return run_product(lib.kvs_matmul_q16, type_id, impl, rows, x)
 
 
 def numpy_quantize16(x: np.ndarray) -> np.ndarray:

@@ -19,9 +19,7 @@ void kvs_quantize_act16_avx2(const float *x, block_q16_act *y, int64_t n) {
             v[k] = _mm256_loadu_ps(x + 8 * k);
             amax = _mm256_max_ps(amax, _mm256_and_ps(v[k], abs_mask));
         }
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        const float a = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        const float a = hmax(amax);
         const __m256 id = _mm256_set1_ps(a > 0.0f ? 32767.0f / a : 0.0f);
         /* packs works per 128-bit lane: 0-3,8-11 | 4-7,12-15 -> restore the order */
         for (int k = 0; k < 4; k += 2) {

@@ -70,34 +70,25 @@ void kvs_dot_tile_avx2(int32_t n, int32_t hd, int32_t stride, const float *kt, c
     }
 }
 
-/* out stays in registers, 32 channels at a time, while the keys stream past. */
+/* 8 * w channels of out (w a constant where inlined) kept in registers while
+ * the n rows stream past: w = 8 gives eight FMA chains, hiding their latency. */
+static inline __attribute__((always_inline)) void weighted_chunk(int32_t n, int32_t hd, const float *p,
+                                                                  const float *vt, float *out, const int w) {
+    __m256 acc[8];
+    for (int k = 0; k < w; k++) acc[k] = _mm256_loadu_ps(out + 8 * k);
+    for (int32_t t = 0; t < n; t++) {
+        const __m256 pt = _mm256_set1_ps(p[t]);
+        const float *row = vt + (int64_t)t * hd;
+        for (int k = 0; k < w; k++) acc[k] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row + 8 * k), acc[k]);
+    }
+    for (int k = 0; k < w; k++) _mm256_storeu_ps(out + 8 * k, acc[k]);
+}
+
 void kvs_weighted_rows_avx2(int32_t n, int32_t hd, const float *p, const float *vt, float *out) {
     int32_t d0 = 0;
-    for (; d0 + 64 <= hd; d0 += 64) { /* eight chains: FMA latency hidden */
-        __m256 acc[8];
-        for (int k = 0; k < 8; k++) acc[k] = _mm256_loadu_ps(out + d0 + 8 * k);
-        for (int32_t t = 0; t < n; t++) {
-            const __m256 pt = _mm256_set1_ps(p[t]);
-            const float *row = vt + (int64_t)t * hd + d0;
-            for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row + 8 * k), acc[k]);
-        }
-        for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + d0 + 8 * k, acc[k]);
-    }
-    for (; d0 + 32 <= hd; d0 += 32) {
-        __m256 acc[4];
-        for (int k = 0; k < 4; k++) acc[k] = _mm256_loadu_ps(out + d0 + 8 * k);
-        for (int32_t t = 0; t < n; t++) {
-            const __m256 pt = _mm256_set1_ps(p[t]);
-            const float *row = vt + (int64_t)t * hd + d0;
-            for (int k = 0; k < 4; k++) acc[k] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row + 8 * k), acc[k]);
-        }
-        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + d0 + 8 * k, acc[k]);
-    }
-    for (; d0 + 8 <= hd; d0 += 8) {
-        __m256 acc = _mm256_loadu_ps(out + d0);
-        for (int32_t t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(vt + (int64_t)t * hd + d0), acc);
-        _mm256_storeu_ps(out + d0, acc);
-    }
+    for (; d0 + 64 <= hd; d0 += 64) weighted_chunk(n, hd, p, vt + d0, out + d0, 8);
+    for (; d0 + 32 <= hd; d0 += 32) weighted_chunk(n, hd, p, vt + d0, out + d0, 4);
+    for (; d0 + 8 <= hd; d0 += 8) weighted_chunk(n, hd, p, vt + d0, out + d0, 1);
     for (; d0 < hd; d0++) {
         for (int32_t t = 0; t < n; t++) out[d0] += p[t] * vt[(int64_t)t * hd + d0];
     }
@@ -219,9 +210,7 @@ float kvs_exp_shifted_avx2(int32_t n, float *x, float *max_out) {
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     int32_t i = 0;
     for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    float max_x = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    float max_x = hmax(vmax);
     for (; i < n; i++) max_x = x[i] > max_x ? x[i] : max_x;
     *max_out = max_x;
     if (max_x == -INFINITY) { /* nothing visible: all weights 0 */

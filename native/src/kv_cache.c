@@ -411,10 +411,10 @@ static void transpose_to_kt(const kvs_kv_cache *c, int32_t n, attend_scratch *s)
         for (int32_t d = 0; d < c->hd; d++) s->kt[d * c->B + t] = s->vt[(int64_t)t * c->hd + d];
 }
 
-/* Raw (f32/f16) block rows into vt, token-major. */
-static void load_raw_rows(const kvs_kv_cache *c, const uint8_t *data, int32_t type, attend_scratch *s, int32_t impl) {
-    if (type == KVS_KV_F32) memcpy(s->vt, data, (size_t)c->B * c->hd * sizeof(float));
-    else kvs_f16_to_f32_kernel(impl)((int64_t)c->B * c->hd, (const kvs_half *)data, s->vt);
+/* A raw (f32/f16) block of B x hd values into dst, in its stored order. */
+static void load_raw_block(const kvs_kv_cache *c, const uint8_t *data, int32_t type, float *dst, int32_t impl) {
+    if (type == KVS_KV_F32) memcpy(dst, data, (size_t)c->B * c->hd * sizeof(float));
+    else kvs_f16_to_f32_kernel(impl)((int64_t)c->B * c->hd, (const kvs_half *)data, dst);
 }
 
 static void load_groups(const kvs_kv_cache *c, const uint8_t *data, int bits, attend_scratch *s, int32_t impl) {
@@ -427,7 +427,8 @@ static void load_groups(const kvs_kv_cache *c, const uint8_t *data, int bits, at
     }
 }
 
-/* Key tile (channel-major, stride B) of a segment. */
+/* Key tile (channel-major, stride B) of a segment that is not a per-channel
+ * quantized block (load_rotated_keys decodes those itself). */
 static void load_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s, int32_t impl) {
     if (sg->kind != 1) {
         load_row_segment(c, il, h, sg, 1, s, impl);
@@ -436,11 +437,7 @@ static void load_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segmen
     }
     const uint8_t *data = block_data(c, sg->index, il, h);
     if (c->kbits == 0) {
-        if (c->p.type_k == KVS_KV_F32) memcpy(s->kt, data, (size_t)c->B * c->hd * sizeof(float));
-        else kvs_f16_to_f32_kernel(impl)((int64_t)c->B * c->hd, (const kvs_half *)data, s->kt);
-    } else if (!c->p.key_per_token) {
-        kvs_attention_kernels_find(impl)->dequant_groups(c->kbits, c->hd, c->B, data, kvs_kv_group_bytes(c->kbits, c->B),
-                                                          s->kt, c->B);
+        load_raw_block(c, data, c->p.type_k, s->kt, impl); /* stored channel-major */
     } else {
         load_groups(c, data, c->kbits, s, impl);
         transpose_to_kt(c, c->B, s);
@@ -454,7 +451,7 @@ static void load_values(const kvs_kv_cache *c, int32_t il, int32_t h, const segm
         return;
     }
     const uint8_t *data = block_data(c, sg->index, il, h) + c->k_bytes;
-    if (c->vbits == 0) load_raw_rows(c, data, c->p.type_v, s, impl);
+    if (c->vbits == 0) load_raw_block(c, data, c->p.type_v, s->vt, impl);
     else load_groups(c, data, c->vbits, s, impl);
 }
 

@@ -290,16 +290,26 @@ void kvs_add_bias(float *y, const float *b, int64_t n) {
 
 /* ---- the fast path's product for tests (kvsink.h) --------------------------- */
 
+/* The test entries' common checks: buffers, sizes (n a multiple of the
+ * 32-value activation blocks and of the weight blocks), and impl resolved. */
+static kvs_status check_product_args(const char *who, const kvs_type_layout_info *info, const void *rows,
+                                     int64_t n_rows, int64_t n, const float *x, int64_t n_tokens, const float *out,
+                                     int32_t *impl) {
+    if (!rows || !x || !out || n_rows < 1 || n_tokens < 1 || n < QK_ACT || n % QK_ACT || n % info->block_elems) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "%s: NULL buffer or bad sizes (n %lld, rows %lld, tokens %lld)", who,
+                        (long long)n, (long long)n_rows, (long long)n_tokens);
+    }
+    if (*impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "%s: no AVX2", who);
+    if (*impl == KVS_IMPL_AUTO) *impl = kvs_avx2_available() ? KVS_IMPL_AVX2 : KVS_IMPL_SCALAR;
+    return KVS_OK;
+}
+
 kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n, const float *x,
                          int64_t n_tokens, float *out) {
     const kvs_type_layout_info *info = kvs_type_layout_find(type);
     if (!info) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: unsupported tensor type id %d", (int)type);
-    if (!rows || !x || !out || n_rows < 1 || n_tokens < 1 || n < QK_ACT || n % QK_ACT || n % info->block_elems) {
-        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_matmul_q8: NULL buffer or bad sizes (n %lld, rows %lld, tokens %lld)",
-                        (long long)n, (long long)n_rows, (long long)n_tokens);
-    }
-    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: no AVX2");
-    if (impl == KVS_IMPL_AUTO) impl = kvs_avx2_available() ? KVS_IMPL_AVX2 : KVS_IMPL_SCALAR;
+    kvs_status st = check_product_args("kvs_matmul_q8", info, rows, n_rows, n, x, n_tokens, out, &impl);
+    if (st != KVS_OK) return st;
     if (!kvs_q8_kernels_find(type, impl)) {
         return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: %s has no integer dot", info->name);
     }
@@ -310,9 +320,9 @@ kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n
     void *packed = packed_bytes ? malloc(packed_bytes) : NULL;
     cpu.row_scratch = malloc((size_t)(MATMUL_ROWS * n) * sizeof(float));
     cpu.act_scratch = malloc((size_t)(n_tokens * (n / QK_ACT)) * sizeof(block_q8_act));
-    kvs_status st = cpu.row_scratch && cpu.act_scratch && (packed || !packed_bytes)
-                        ? kvs_threadpool_create(1, &cpu.pool)
-                        : kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matmul_q8: no memory");
+    st = cpu.row_scratch && cpu.act_scratch && (packed || !packed_bytes)
+             ? kvs_threadpool_create(1, &cpu.pool)
+             : kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matmul_q8: no memory");
     if (st == KVS_OK && packed) st = kvs_repack(type, rows, w.row_bytes, n_rows, n, packed);
     w.packed = packed;
     if (st == KVS_OK) kvs_matmul(&cpu, &w, x, n_tokens, out);
@@ -325,14 +335,13 @@ kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n
 
 kvs_status kvs_matmul_q16(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n, const float *x,
                           int64_t n_tokens, float *out) {
-    if (!rows || !x || !out || n_rows < 1 || n_tokens < 1 || n < QK_ACT16 || n % QK_ACT16) {
-        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_matmul_q16: NULL buffer or bad sizes (n %lld, rows %lld, tokens %lld)",
-                        (long long)n, (long long)n_rows, (long long)n_tokens);
+    const kvs_type_layout_info *info = kvs_type_layout_find(type);
+    if (!info || !kvs_q16_kernels_find(type, KVS_IMPL_SCALAR)) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q16: tensor type id %d has no 16-bit dot", (int)type);
     }
-    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q16: no AVX2");
-    if (impl == KVS_IMPL_AUTO) impl = kvs_avx2_available() ? KVS_IMPL_AVX2 : KVS_IMPL_SCALAR;
+    kvs_status st = check_product_args("kvs_matmul_q16", info, rows, n_rows, n, x, n_tokens, out, &impl);
+    if (st != KVS_OK) return st;
     const kvs_q16_kernels *k = kvs_q16_kernels_find(type, impl);
-    if (!k) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q16: tensor type id %d has no 16-bit dot", (int)type);
     block_q16_act *xq = malloc((size_t)(n / QK_ACT16) * sizeof(block_q16_act));
     if (!xq) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matmul_q16: no memory");
     kvs_tensor w = {rows, type, {n, n_rows, 1, 1}, n / QK8_0 * (int64_t)sizeof(block_q8_0), NULL};
