@@ -14,7 +14,7 @@ import cffi
 
 from .errors import raise_for_status
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 CDEF = """
 typedef enum kvs_status {
@@ -159,6 +159,8 @@ int32_t kvs_model_n_embd(const kvs_model *model);
 int32_t kvs_model_n_layer(const kvs_model *model);
 
 int32_t kvs_model_has_sink_profile(const kvs_model *model);
+kvs_status kvs_model_set_sink_profile(kvs_model *model, int32_t layer, const int32_t *channels,
+                                              int32_t n_channels, float threshold);
 
 kvs_status kvs_kv_roundtrip(int32_t kv_type, int32_t impl, const float *x, int64_t n, float *y);
 
@@ -213,6 +215,12 @@ double kvs_context_kv_bytes_per_token(const kvs_context *ctx);
 
 int32_t kvs_context_n_sinks(const kvs_context *ctx);
 int32_t kvs_context_n_evicted(const kvs_context *ctx);
+
+int32_t kvs_context_n_sinks_dropped(const kvs_context *ctx);
+
+int32_t kvs_context_sink_capacity(const kvs_context *ctx);
+
+int32_t kvs_context_sink_positions(const kvs_context *ctx, int32_t *positions, int32_t capacity);
 
 void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *sink_predict_seconds);
 

@@ -72,15 +72,23 @@ def _matmul_mode(value, default: int) -> int:
 
 
 def parse_sinks(value) -> tuple:
-    """(policy, n) from "none", "pfn:N" or "kvsink"."""
+    """(policy, pfn, capacity) from "none", "pfn:N", "kvsink" or "kvsink:N".
+
+    kvsink:N keeps at most N exact rows: position 0, then the predicted sinks
+    with the highest scores (a stronger sink displaces the weakest row);
+    capacity 0 lets the table scale with the context."""
     text = "kvsink" if value is None else str(value).strip().lower()
     if text == "none":
-        return lib.KVS_SINKS_NONE, 0
+        return lib.KVS_SINKS_NONE, 0, 0
     if text == "kvsink":
-        return lib.KVS_SINKS_KVSINK, 1
-    if text.startswith("pfn:") and text[4:].isdigit():
-        return lib.KVS_SINKS_PFN, int(text[4:])
-    raise ValueError(f"sinks must be none, pfn:N or kvsink, got {value!r}")
+        return lib.KVS_SINKS_KVSINK, 1, 0
+    for prefix, policy in (("pfn:", lib.KVS_SINKS_PFN), ("kvsink:", lib.KVS_SINKS_KVSINK)):
+        if text.startswith(prefix) and text[len(prefix):].isdigit():
+            n = int(text[len(prefix):])
+            if policy == lib.KVS_SINKS_KVSINK and n < 1:
+                raise ValueError(f"kvsink:N needs N >= 1 (position 0 always keeps a row), got {value!r}")
+            return (policy, n, 0) if policy == lib.KVS_SINKS_PFN else (policy, 1, n)
+    raise ValueError(f"sinks must be none, pfn:N, kvsink or kvsink:N, got {value!r}")
 
 
 _warned_no_profile: set = set()
@@ -185,7 +193,7 @@ class Llama:
         ctx_params.impl = impls[impl]
         ctx_params.type_k = _kv_type(type_k, "type_k", ctx_params.type_k)
         ctx_params.type_v = _kv_type(type_v, "type_v", ctx_params.type_v)
-        ctx_params.sink_policy, ctx_params.sink_pfn = parse_sinks(sinks)
+        ctx_params.sink_policy, ctx_params.sink_pfn, ctx_params.sink_capacity = parse_sinks(sinks)
         for name, value in (("kv_block", kv_block), ("kv_recent", kv_recent)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an int, got {value!r}")
@@ -243,11 +251,19 @@ class Llama:
         return lib.kvs_context_kv_bytes_per_token(self._require_context())
 
     def kv_cache_stats(self) -> Dict[str, float]:
-        """Sink rows, evicted tokens and the time spent evaluating and predicting sinks."""
+        """The sink table (rows in use, capacity, their positions, predicted sinks
+        quantized for want of a row), evicted tokens, and the time spent
+        evaluating and predicting sinks."""
         ctx = self._require_context()
         eval_s, predict_s = ffi.new("double *"), ffi.new("double *")
         lib.kvs_context_timings(ctx, eval_s, predict_s)
-        return {"n_sinks": lib.kvs_context_n_sinks(ctx), "n_evicted": lib.kvs_context_n_evicted(ctx),
+        n_sinks = lib.kvs_context_n_sinks(ctx)
+        positions = ffi.new("int32_t[]", max(n_sinks, 1))
+        lib.kvs_context_sink_positions(ctx, positions, n_sinks)
+        return {"n_sinks": n_sinks, "sink_capacity": lib.kvs_context_sink_capacity(ctx),
+                "sink_positions": [int(p) for p in positions[0:n_sinks]],
+                "n_sinks_dropped": lib.kvs_context_n_sinks_dropped(ctx),
+                "n_evicted": lib.kvs_context_n_evicted(ctx),
                 "eval_seconds": eval_s[0], "sink_predict_seconds": predict_s[0]}
 
     # ---- sizes -----------------------------------------------------------

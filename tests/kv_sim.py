@@ -3,6 +3,8 @@ when, with which scale and zero point, and which stay fp16. Used to build the
 independent reference that the C cache's attention is compared against."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 BITS = {"q8": 8, "q4": 4, "q3": 3, "q2": 2}
@@ -25,17 +27,70 @@ def quantize_group(x: np.ndarray, bits: int, skip=None) -> np.ndarray:
 
 class KVSinkSim:
     """Cache state over time: tokens before win_start are committed (quantized
-    blocks, or exact fp16 sink rows), the rest are fp16 window rows."""
+    blocks, or exact fp16 sink rows), the rest are fp16 window rows.
 
-    def __init__(self, type_k: str, type_v: str, block: int, recent: int, group: int, sinks: set):
+    `sinks` are pinned positions (pfn:N, or position 0 under kvsink); with a
+    `profile` (layer, channels, threshold) the sim also predicts sinks from
+    the hidden states the reference forward pass shows it (observe), with the
+    runtime's score max|h[c]| / threshold, and a table of `capacity` rows in
+    which a stronger sink displaces the weakest (its block's keys are then
+    quantized again with it, from their dequantized values)."""
+
+    def __init__(self, type_k: str, type_v: str, block: int, recent: int, group: int, sinks: set,
+                 capacity: int | None = None, profile=None):
         self.kbits, self.vbits = BITS.get(type_k, 0), BITS.get(type_v, 0)
         self.f16 = {"k": type_k == "f16", "v": type_v == "f16"}
-        self.block, self.recent, self.group, self.sinks = block, recent, group, set(sinks)
+        self.block, self.recent, self.group = block, recent, group
+        self.capacity, self.profile = capacity, profile
+        self.scores = {p: math.inf for p in sinks}
+        self.table: list = []      # positions with a sink row, increasing
+        self.masks: dict = {}      # block start -> the block's sink sets over time
+        self.dropped = 0
         self.win_start = 0
+
+    @property
+    def sinks(self) -> set:
+        return set(self.table)
+
+    def observe(self, layer: int, start: int, hidden: np.ndarray) -> None:
+        """Hidden states (n, n_embd) after `layer` of tokens start.. (the predictor)."""
+        if self.profile is None or layer != self.profile[0]:
+            return
+        _, channels, threshold = self.profile
+        for t, s in enumerate(np.abs(hidden[:, channels]).max(axis=1) / threshold):
+            if s > 1:
+                self.scores[start + t] = max(self.scores.get(start + t, 0.0), float(s))
 
     def commit(self, n_past: int) -> None:
         while n_past - self.win_start >= self.recent + self.block:
+            self._commit_block(self.win_start)
             self.win_start += self.block
+
+    def _weakest(self):
+        finite = [p for p in self.table if self.scores[p] < math.inf]
+        return min(reversed(finite), key=lambda p: self.scores[p]) if finite else None
+
+    def _commit_block(self, o0: int) -> None:
+        mask = set()
+        for p in range(o0, o0 + self.block):
+            score = self.scores.get(p, 0.0)
+            if score <= 0:
+                continue
+            if self.capacity is not None and len(self.table) == self.capacity:
+                weak = self._weakest()
+                if weak is None or self.scores[weak] >= score:
+                    self.dropped += 1
+                    continue
+                if weak >= o0:
+                    mask.discard(weak)
+                else:
+                    b0 = weak - weak % self.block
+                    self.masks[b0].append(self.masks[b0][-1] - {weak})
+                self.table.remove(weak)
+                self.dropped += 1
+            self.table.append(p)
+            mask.add(p)
+        self.masks[o0] = [mask]
 
     def effective(self, k: np.ndarray, v: np.ndarray):
         """Cached K, V (n, n_kv, head_dim) as attention reads them now."""
@@ -45,12 +100,12 @@ class KVSinkSim:
         k_eff, v_eff = k32.copy(), v32.copy()
         for b0 in range(0, self.win_start, self.block):
             rows = np.arange(b0, b0 + self.block)
-            skip = np.array([r in self.sinks for r in rows])
-            self._block(k32, k_eff, rows, skip, self.kbits, per_channel=True, f16=self.f16["k"])
-            self._block(v32, v_eff, rows, skip, self.vbits, per_channel=False, f16=self.f16["v"])
+            masks = [np.array([r in m for r in rows]) for m in self.masks[b0]]
+            self._block(k32, k_eff, rows, masks, self.kbits, per_channel=True, f16=self.f16["k"])
+            self._block(v32, v_eff, rows, masks, self.vbits, per_channel=False, f16=self.f16["v"])
         return k_eff.astype(np.float64), v_eff.astype(np.float64)
 
-    def _block(self, raw, eff, rows, skip, bits, per_channel, f16):
+    def _block(self, raw, eff, rows, masks, bits, per_channel, f16):
         if bits == 0:
             return  # f16 blocks hold the same fp16 rows as the window
         n_kv, hd = raw.shape[1], raw.shape[2]
@@ -59,11 +114,15 @@ class KVSinkSim:
             out = np.empty_like(tile)
             if per_channel:
                 for d in range(hd):
-                    out[:, d] = quantize_group(tile[:, d], bits, skip)
+                    out[:, d] = quantize_group(tile[:, d], bits, masks[0])
+                for before, after in zip(masks, masks[1:]):  # a sink demoted: quantized again with it
+                    out[before & ~after] = tile[before & ~after]
+                    for d in range(hd):
+                        out[:, d] = quantize_group(out[:, d], bits, after)
             else:
                 g = self.group if hd % self.group == 0 else hd
                 for t in range(len(rows)):
                     for c0 in range(0, hd, g):
                         out[t, c0:c0 + g] = quantize_group(tile[t, c0:c0 + g], bits)
-            keep = ~skip
+            keep = ~masks[-1]
             eff[rows[keep], h, :] = out[keep]

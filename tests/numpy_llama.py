@@ -144,6 +144,8 @@ class NumpyLlama:
                 att = np.einsum("hqk,khd->qhd", scores, v_all).reshape(m, -1)
                 x = x + self._linear(att, p + "attn_output.weight")
                 x = x + self._ffn(x, p)
+                if hasattr(sim, "observe"):
+                    sim.observe(il, u0, x)
             logits.append(self._rmsnorm(x, self.w["output_norm.weight"]) @ self.output.astype(np.float64).T)
             sim.commit(u0 + m)
         return np.concatenate(logits)

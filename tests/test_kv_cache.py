@@ -134,6 +134,95 @@ def test_sink_rows_are_kept_exact(qwen):
     assert np.abs(results["pfn:4"][0] - results["none"][0]).max() > 1e-3
 
 
+def _with_profile(path, tmp_path, ref, tokens, layer, channels, share):
+    """A copy of the model with a sink profile that predicts about `share` of
+    the tokens (threshold from the exact forward pass's hidden states)."""
+    from kvsink_cpp.profile import SinkProfile, write_profile
+    trace = {}
+    ref.forward(tokens, trace=trace)
+    scores = np.sort(np.abs(trace["hidden"][layer][:, channels]).max(axis=1))
+    cut = int(len(scores) * (1 - share))
+    threshold = float(np.sqrt(scores[cut - 1] * scores[cut]))  # between two tokens, not on one
+    out = tmp_path / "profiled.gguf"
+    write_profile(path, out, SinkProfile(layer=layer, channels=channels, threshold=threshold), progress=False)
+    return out, threshold
+
+
+def _assert_well_apart(scores: dict) -> None:
+    """float32 (C) and float64 (numpy) must agree on every comparison made."""
+    values = np.sort(np.array([s for s in scores.values() if np.isfinite(s)]))
+    assert len(values) > 4
+    assert np.diff(np.log(values)).min() > 1e-5
+
+
+@pytest.mark.parametrize("type_k,type_v,capacity,ubatch,impl", [("q4", "q2", 3, 8, "auto"), ("q2", "q4", 4, 1, "auto"),
+                                                            ("q3", "q3", 2, 8, "scalar"), ("f16", "q4", 3, 8, "auto")])
+def test_kvsink_n_keeps_the_strongest_sinks_and_requantizes_the_rest(qwen, tmp_path, type_k, type_v, capacity,
+                                                                     ubatch, impl):
+    """kvsink:N: position 0 pinned, then the highest-scoring predicted sinks; a
+    stronger sink displaces the weakest row, whose token is quantized with its
+    block again. Logits, sink positions and the dropped count match the sim."""
+    path, ref = qwen
+    tokens = [int(t) for t in np.random.default_rng(8).integers(0, 320, size=72)]
+    layer, channels = 0, [3, 17]
+    profiled, threshold = _with_profile(path, tmp_path, ref, tokens, layer, channels, share=0.35)
+    block, recent = 8, 8
+    sim = KVSinkSim(type_k, type_v, block, recent, group=32, sinks={0}, capacity=capacity,
+                    profile=(layer, channels, threshold))
+    want = ref.forward_cached(tokens, sim, ubatch=ubatch)
+    predicted = {p: s for p, s in sim.scores.items() if p != 0}
+    assert all(abs(np.log(s)) > 1e-4 for s in predicted.values())
+    _assert_well_apart(predicted)
+    assert sim.dropped > 0 and len(sim.table) == capacity  # the rule was exercised
+    with Llama(str(profiled), n_ctx=128, n_batch=ubatch, n_threads=2, logits_all=True, verbose=False, impl=impl,
+               type_k=type_k, type_v=type_v, sinks=f"kvsink:{capacity}", kv_block=block, kv_recent=recent) as llm:
+        llm.eval(tokens)
+        got = llm.scores[:len(tokens)].copy()
+        stats = llm.kv_cache_stats()
+    assert stats["sink_positions"] == sim.table and stats["sink_positions"][0] == 0
+    assert stats["n_sinks_dropped"] == sim.dropped and stats["sink_capacity"] == capacity
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+def test_plain_kvsink_keeps_every_predicted_sink(qwen, tmp_path):
+    path, ref = qwen
+    tokens = [int(t) for t in np.random.default_rng(8).integers(0, 320, size=72)]
+    profiled, threshold = _with_profile(path, tmp_path, ref, tokens, 0, [3, 17], share=0.3)
+    sim = KVSinkSim("q4", "q4", 8, 8, group=32, sinks={0}, profile=(0, [3, 17], threshold))
+    want = ref.forward_cached(tokens, sim, ubatch=8)
+    assert all(abs(np.log(s)) > 1e-4 for s in sim.scores.values())
+    with Llama(str(profiled), n_ctx=128, n_batch=8, n_threads=2, logits_all=True, verbose=False, type_k="q4",
+               type_v="q4", kv_block=8, kv_recent=8) as llm:
+        llm.eval(tokens)
+        stats = llm.kv_cache_stats()
+        assert np.abs(llm.scores[:72] - want).max() <= 1e-3 * np.abs(want).max()
+    assert stats["sink_capacity"] == 64 and stats["n_sinks_dropped"] == 0
+    assert stats["sink_positions"] == sim.table and len(sim.table) > 10
+
+
+def test_sinks_of_evicted_blocks_give_way_and_count_as_evicted(qwen, tmp_path):
+    """A sink row whose block the ring evicted is forgotten when a stronger
+    sink needs its row: the cache's positions stay consistent (every kept
+    token has one), and the counts add up."""
+    path, ref = qwen
+    tokens = [int(t) for t in np.random.default_rng(9).integers(0, 320, size=200)]
+    profiled, _ = _with_profile(path, tmp_path, ref, tokens[:72], 0, [3, 17], share=0.35)
+    with Llama(str(profiled), n_ctx=32, n_batch=8, n_threads=2, verbose=False, type_k="q4", type_v="q4",
+               sinks="kvsink:3", kv_block=8, kv_recent=8, kv_ring=True) as llm:
+        llm.eval(tokens)
+        stats = llm.kv_cache_stats()
+        assert np.isfinite(llm.last_logits()).all()
+    assert stats["sink_positions"][0] == 0 and stats["n_sinks"] == 3 and stats["n_sinks_dropped"] > 0
+    assert stats["n_evicted"] > 100
+
+
+def test_bad_sink_options(qwen):
+    path, _ = qwen
+    for sinks in ("kvsink:0", "kvsink:x", "pfn:-1"):
+        with pytest.raises(ValueError, match="sinks|kvsink"):
+            Llama(str(path), verbose=False, sinks=sinks)
+
+
 def test_cache_bytes_per_token(qwen):
     path, _ = qwen
     sizes = {}

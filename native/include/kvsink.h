@@ -25,7 +25,7 @@ extern "C" {
 #  define KVS_API __attribute__((visibility("default")))
 #endif
 
-#define KVS_ABI_VERSION 2
+#define KVS_ABI_VERSION 3
 
 /* ---- status and errors ------------------------------------------------- */
 
@@ -204,8 +204,14 @@ KVS_API int32_t kvs_model_n_vocab(const kvs_model *model);
 KVS_API int32_t kvs_model_n_ctx_train(const kvs_model *model);
 KVS_API int32_t kvs_model_n_embd(const kvs_model *model);
 KVS_API int32_t kvs_model_n_layer(const kvs_model *model);
-/* 1 when the GGUF carries a valid kvsink.* sink profile. */
+/* 1 when the model has a sink profile (from its kvsink.* keys, or set below). */
 KVS_API int32_t kvs_model_has_sink_profile(const kvs_model *model);
+/* Give the model a sink profile (replacing any): after layer `layer`, a token
+ * is a sink when |hidden[c]| > threshold for a c in channels[0..n_channels).
+ * For profiles kept outside the GGUF; checked as the kvsink.* keys are. Call
+ * it before creating contexts: they read the profile when they evaluate. */
+KVS_API kvs_status kvs_model_set_sink_profile(kvs_model *model, int32_t layer, const int32_t *channels,
+                                              int32_t n_channels, float threshold);
 
 /* ---- contexts (a KV cache plus scratch; many per model) ----------------- */
 
@@ -246,7 +252,10 @@ typedef struct kvs_context_params {
                                  1: per token in groups of kv_group channels                */
     int32_t sink_policy; /* kvs_sink_policy (default KVS_SINKS_KVSINK)                      */
     int32_t sink_pfn;    /* N of KVS_SINKS_PFN: the first N tokens are sinks               */
-    int32_t sink_capacity; /* rows of the exact sink table (default 64)                    */
+    int32_t sink_capacity; /* rows of the exact sink table; 0 (default): max(64, n_ctx / 32).
+                              When full, a predicted sink with a higher score than the
+                              weakest row takes its place (that token is quantized); the
+                              first pfn tokens and position 0 under kvsink are pinned     */
     int32_t kv_ring;     /* 1: when full, evict the oldest blocks and keep the sinks
                             (StreamingLLM); 0 (default): eval fails with CONTEXT_FULL      */
     int32_t matmul;      /* kvs_matmul_mode of the matrix products (default KVS_MATMUL_F32) */
@@ -270,6 +279,13 @@ KVS_API double kvs_context_kv_bytes_per_token(const kvs_context *ctx);
 /* Rows in the sink table, and non-sink tokens evicted by the ring buffer. */
 KVS_API int32_t kvs_context_n_sinks(const kvs_context *ctx);
 KVS_API int32_t kvs_context_n_evicted(const kvs_context *ctx);
+/* Predicted sinks that were quantized after all: no free row, or a stronger one took theirs. */
+KVS_API int32_t kvs_context_n_sinks_dropped(const kvs_context *ctx);
+/* Rows of the sink table (sink_capacity resolved). */
+KVS_API int32_t kvs_context_sink_capacity(const kvs_context *ctx);
+/* Positions of the tokens in the sink table, increasing: writes at most
+ * capacity of them and returns how many there are. */
+KVS_API int32_t kvs_context_sink_positions(const kvs_context *ctx, int32_t *positions, int32_t capacity);
 /* Seconds spent in kvs_context_eval, and in the sink predictor within it. */
 KVS_API void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *sink_predict_seconds);
 

@@ -26,7 +26,7 @@ kvs_context_params kvs_context_default_params(void) {
     params.kv_key_per_token = 0;
     params.sink_policy = KVS_SINKS_KVSINK;
     params.sink_pfn = 1;
-    params.sink_capacity = 64;
+    params.sink_capacity = 0;
     params.kv_ring = 0;
     params.matmul = KVS_MATMUL_F32;
     return params;
@@ -55,6 +55,13 @@ static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown matmul mode %d", p->matmul);
     }
     if (p->sink_pfn < 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink_pfn must be >= 0, got %d", p->sink_pfn);
+    if (p->sink_capacity < 0) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink_capacity must be >= 0, got %d", p->sink_capacity);
+    }
+    /* sinks come at a rate per token (SmolLM2: ~1.6% of English text), so the
+     * table scales with the context; pfn:N always finds its N rows */
+    if (p->sink_capacity == 0) p->sink_capacity = p->n_ctx / 32 > 64 ? p->n_ctx / 32 : 64;
+    if (p->sink_policy == KVS_SINKS_PFN && p->sink_capacity < p->sink_pfn) p->sink_capacity = p->sink_pfn;
     return KVS_OK;
 }
 
@@ -149,6 +156,12 @@ int32_t kvs_context_n_batch(const kvs_context *ctx) { return ctx ? ctx->params.n
 int32_t kvs_context_n_past(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_past(ctx->kv) : 0; }
 int32_t kvs_context_n_sinks(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_sinks(ctx->kv) : 0; }
 int32_t kvs_context_n_evicted(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_evicted(ctx->kv) : 0; }
+int32_t kvs_context_n_sinks_dropped(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_dropped(ctx->kv) : 0; }
+int32_t kvs_context_sink_capacity(const kvs_context *ctx) { return ctx ? ctx->params.sink_capacity : 0; }
+int32_t kvs_context_sink_positions(const kvs_context *ctx, int32_t *positions, int32_t capacity) {
+    if (!ctx) return 0;
+    return kvs_kv_cache_sink_positions(ctx->kv, positions, positions ? capacity : 0);
+}
 double kvs_context_kv_bytes_per_token(const kvs_context *ctx) {
     return ctx ? kvs_kv_cache_bytes_per_token(ctx->kv) : 0.0;
 }

@@ -21,10 +21,13 @@ struct kvs_kv_cache {
     size_t row_elem;               /* window and sink rows: 4 (f32) or 2 (f16) */
     int64_t k_bytes, v_bytes;      /* one block of one (layer, head) */
     uint8_t *win_k, *win_v;        /* [Wcap][n_layer][n_kv][hd] */
-    uint8_t *win_sink;             /* [Wcap] sink flags of window tokens */
+    float *win_score;              /* [Wcap] sink score of window tokens (0: not a sink) */
     uint8_t *sink_k, *sink_v;      /* [S][n_layer][n_kv][hd] */
     int32_t *sink_pos;             /* [S] positions, increasing */
+    float *sink_score;             /* [S] the predictor's score of each row (+inf: pinned) */
     int32_t n_sinks;
+    int32_t n_dropped;             /* predicted sinks quantized (or forgotten) for want of a row */
+    float *commit_tile;            /* [B][hd] one (layer, head) of a block being encoded */
     uint8_t *blocks;               /* [NB][n_layer][n_kv] of (K bytes, V bytes) */
     int32_t *block_start;          /* [NB] position of each block's first token */
     uint64_t *block_mask;          /* [NB] bit t set: token t is read from the sink table */
@@ -125,8 +128,9 @@ static kvs_status alloc_all(kvs_kv_cache *c) {
     const size_t half = (size_t)(c->n_rot / 2);
     struct { void **ptr; size_t n; } bufs[] = {
         {(void **)&c->win_k, c->Wcap * row}, {(void **)&c->win_v, c->Wcap * row},
-        {(void **)&c->win_sink, (size_t)c->Wcap}, {(void **)&c->sink_k, (size_t)c->S * row + 1},
+        {(void **)&c->win_score, (size_t)c->Wcap * 4}, {(void **)&c->sink_k, (size_t)c->S * row + 1},
         {(void **)&c->sink_v, (size_t)c->S * row + 1}, {(void **)&c->sink_pos, (size_t)c->S * 4 + 4},
+        {(void **)&c->sink_score, (size_t)c->S * 4 + 4}, {(void **)&c->commit_tile, (size_t)c->B * c->hd * 4},
         {(void **)&c->blocks, (size_t)c->NB * lh * (size_t)(c->k_bytes + c->v_bytes)},
         {(void **)&c->block_start, (size_t)c->NB * 4}, {(void **)&c->block_mask, (size_t)c->NB * 8},
         {(void **)&c->rel_cos, (size_t)c->P * half * 4 + 4}, {(void **)&c->rel_sin, (size_t)c->P * half * 4 + 4},
@@ -180,7 +184,8 @@ kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, i
 
 void kvs_kv_cache_free(kvs_kv_cache *c) {
     if (!c) return;
-    void *bufs[] = {c->win_k, c->win_v, c->win_sink, c->sink_k, c->sink_v, c->sink_pos, c->blocks,
+    void *bufs[] = {c->win_k, c->win_v, c->win_score, c->sink_k, c->sink_v, c->sink_pos, c->sink_score,
+                    c->commit_tile, c->blocks,
                     c->block_start, c->block_mask, c->rel_cos, c->rel_sin, c->blk_cos, c->blk_sin,
                     c->pair_a, c->pair_b};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
@@ -195,6 +200,12 @@ double kvs_kv_cache_bytes_per_token(const kvs_kv_cache *c) {
 int32_t kvs_kv_cache_n_past(const kvs_kv_cache *c) { return c->n_past; }
 int32_t kvs_kv_cache_n_sinks(const kvs_kv_cache *c) { return c->n_sinks; }
 int32_t kvs_kv_cache_n_evicted(const kvs_kv_cache *c) { return c->n_evicted; }
+int32_t kvs_kv_cache_n_dropped(const kvs_kv_cache *c) { return c->n_dropped; }
+
+int32_t kvs_kv_cache_sink_positions(const kvs_kv_cache *c, int32_t *positions, int32_t capacity) {
+    for (int32_t i = 0; i < c->n_sinks && i < capacity; i++) positions[i] = c->sink_pos[i];
+    return c->n_sinks;
+}
 
 /* ---- rows --------------------------------------------------------------- */
 
@@ -227,7 +238,7 @@ kvs_status kvs_kv_cache_begin(kvs_kv_cache *c, int32_t n) {
                         n, c->n_past, c->n_ctx);
     }
     c->n_new = n;
-    for (int32_t t = 0; t < n; t++) c->win_sink[(c->n_past + t) % c->Wcap] = 0;
+    for (int32_t t = 0; t < n; t++) c->win_score[(c->n_past + t) % c->Wcap] = 0.0f;
     return KVS_OK;
 }
 
@@ -239,8 +250,9 @@ void kvs_kv_cache_store(kvs_kv_cache *c, int32_t il, int32_t t, const float *k, 
     }
 }
 
-void kvs_kv_cache_mark_sink(kvs_kv_cache *c, int32_t t) {
-    c->win_sink[(c->n_past + t) % c->Wcap] = 1;
+void kvs_kv_cache_mark_sink(kvs_kv_cache *c, int32_t t, float score) {
+    float *s = &c->win_score[(c->n_past + t) % c->Wcap];
+    if (score > *s) *s = score;
 }
 
 /* Quantize (or copy) the B tokens of a window block for one (layer, head). */
@@ -285,30 +297,123 @@ static void evict_oldest(kvs_kv_cache *c) {
     c->n_blocks--;
 }
 
-/* Move the window's oldest B tokens into a block; sinks go to the sink table. */
+/* Window tokens o0..o0+B-1 of one (layer, head) as f32 rows. */
+static void window_tile(const kvs_kv_cache *c, const uint8_t *base, int32_t o0, int32_t il, int32_t h, float *tile) {
+    for (int32_t t = 0; t < c->B; t++) {
+        get_row(c, base, row_index(c, (o0 + t) % c->Wcap, il, h), tile + (int64_t)t * c->hd, KVS_IMPL_SCALAR);
+    }
+}
+
+/* The sink row that a stronger sink displaces: the lowest score, the newest
+ * on ties; pinned rows (+inf) never go. -1 when every row is pinned. */
+static int32_t weakest_sink(const kvs_kv_cache *c) {
+    int32_t r = -1;
+    for (int32_t i = 0; i < c->n_sinks; i++) {
+        if (c->sink_score[i] < INFINITY && (r < 0 || c->sink_score[i] <= c->sink_score[r])) r = i;
+    }
+    return r;
+}
+
+static void remove_sink_row(kvs_kv_cache *c, int32_t r) {
+    const size_t row = (size_t)c->n_layer * c->n_kv * c->hd * c->row_elem, after = (size_t)(c->n_sinks - r - 1);
+    memmove(c->sink_k + r * row, c->sink_k + (r + 1) * row, after * row);
+    memmove(c->sink_v + r * row, c->sink_v + (r + 1) * row, after * row);
+    memmove(c->sink_pos + r, c->sink_pos + r + 1, after * sizeof *c->sink_pos);
+    memmove(c->sink_score + r, c->sink_score + r + 1, after * sizeof *c->sink_score);
+    c->n_sinks--;
+}
+
+/* Slot of the kept block holding position pos, or -1. */
+static int32_t block_of(const kvs_kv_cache *c, int32_t pos) {
+    for (int32_t k = 0; k < c->n_blocks; k++) {
+        const int32_t slot = (c->first_block + k) % c->NB;
+        if (pos >= c->block_start[slot] && pos < c->block_start[slot] + c->B) return slot;
+    }
+    return -1;
+}
+
+/* Put the exact row of sink r back into its committed block. Values and
+ * per-token keys already hold its quantized row (their groups span one token);
+ * per-channel keys are quantized again with it in the statistics. */
+static void requantize_with_sink(kvs_kv_cache *c, int32_t r, int32_t slot) {
+    const int32_t t = c->sink_pos[r] - c->block_start[slot], B = c->B, hd = c->hd;
+    c->block_mask[slot] &= ~(1ull << t);
+    if (c->kbits == 0 || c->p.key_per_token) return;
+    uint8_t skip[64];
+    for (int32_t i = 0; i < B; i++) skip[i] = c->block_mask[slot] >> i & 1;
+    const int64_t gb = kvs_kv_group_bytes(c->kbits, B);
+    float *tile = c->commit_tile, column[64];
+    for (int32_t il = 0; il < c->n_layer; il++) {
+        for (int32_t h = 0; h < c->n_kv; h++) {
+            uint8_t *data = block_data(c, slot, il, h);
+            for (int32_t d = 0; d < hd; d++) {
+                kvs_kv_dequantize_group(data + d * gb, B, c->kbits, column);
+                for (int32_t i = 0; i < B; i++) tile[(int64_t)i * hd + d] = column[i];
+            }
+            get_row(c, c->sink_k, row_index(c, r, il, h), tile + (int64_t)t * hd, KVS_IMPL_SCALAR);
+            encode_block(c, tile, skip, c->p.type_k, c->kbits, 1, data);
+        }
+    }
+}
+
+/* Sink row r gives way to a stronger sink: its token is quantized in its
+ * block after all (dropped from the table, counted), or forgotten when its
+ * block was evicted. Tokens of the block being committed (from o0 on) are
+ * simply left in its statistics. */
+static void demote_sink(kvs_kv_cache *c, int32_t r, int32_t o0, uint8_t *skip, uint64_t *mask) {
+    const int32_t pos = c->sink_pos[r];
+    if (pos >= o0) {
+        skip[pos - o0] = 0;
+        *mask &= ~(1ull << (pos - o0));
+    } else {
+        const int32_t slot = block_of(c, pos);
+        if (slot >= 0) requantize_with_sink(c, r, slot);
+        else c->n_evicted++; /* keeps frontier == sinks before it + evicted tokens */
+    }
+    remove_sink_row(c, r);
+    c->n_dropped++;
+}
+
+/* Copy window token o0 + t into the sink table (newest position: appended). */
+static void append_sink(kvs_kv_cache *c, int32_t o0, int32_t t, float score) {
+    const size_t row = (size_t)c->n_layer * c->n_kv * c->hd * c->row_elem;
+    const int32_t ws = (o0 + t) % c->Wcap;
+    memcpy(c->sink_k + c->n_sinks * row, c->win_k + (size_t)ws * row, row);
+    memcpy(c->sink_v + c->n_sinks * row, c->win_v + (size_t)ws * row, row);
+    c->sink_pos[c->n_sinks] = o0 + t;
+    c->sink_score[c->n_sinks++] = score;
+}
+
+/* Move the window's oldest B tokens into a block; sinks go to the sink table.
+ * When the table is full, a sink with a higher score than its weakest row
+ * takes that row's place; otherwise it is quantized with its block. */
 static void commit_block(kvs_kv_cache *c) {
     if (c->n_blocks == c->NB) evict_oldest(c);
     const int32_t slot = (c->first_block + c->n_blocks) % c->NB, o0 = c->win_start;
     uint8_t skip[64] = {0};
     uint64_t mask = 0;
     for (int32_t t = 0; t < c->B; t++) {
-        const int32_t ws = (o0 + t) % c->Wcap;
-        if (!c->win_sink[ws] || c->n_sinks >= c->S) continue;
-        const size_t row = (size_t)c->n_layer * c->n_kv * c->hd * c->row_elem;
-        memcpy(c->sink_k + c->n_sinks * row, c->win_k + (size_t)ws * row, row);
-        memcpy(c->sink_v + c->n_sinks * row, c->win_v + (size_t)ws * row, row);
-        c->sink_pos[c->n_sinks++] = o0 + t;
+        const float score = c->win_score[(o0 + t) % c->Wcap];
+        if (!(score > 0.0f)) continue;
+        if (c->n_sinks == c->S) {
+            const int32_t r = weakest_sink(c);
+            if (r < 0 || c->sink_score[r] >= score) {
+                c->n_dropped++;
+                continue;
+            }
+            demote_sink(c, r, o0, skip, &mask);
+        }
+        append_sink(c, o0, t, score);
         skip[t] = 1;
         mask |= 1ull << t;
     }
-    float tile[64 * KV_MAX_HEAD_DIM]; /* kv_block <= 64, checked at creation */
-    const int32_t hd = c->hd;
+    float *tile = c->commit_tile;
     for (int32_t il = 0; il < c->n_layer; il++) {
         for (int32_t h = 0; h < c->n_kv; h++) {
             uint8_t *dst = block_data(c, slot, il, h);
-            for (int32_t t = 0; t < c->B; t++) get_row(c, c->win_k, row_index(c, (o0 + t) % c->Wcap, il, h), tile + t * hd, KVS_IMPL_SCALAR);
+            window_tile(c, c->win_k, o0, il, h, tile);
             encode_block(c, tile, skip, c->p.type_k, c->kbits, 1, dst);
-            for (int32_t t = 0; t < c->B; t++) get_row(c, c->win_v, row_index(c, (o0 + t) % c->Wcap, il, h), tile + t * hd, KVS_IMPL_SCALAR);
+            window_tile(c, c->win_v, o0, il, h, tile);
             encode_block(c, tile, skip, c->p.type_v, c->vbits, 0, dst + c->k_bytes);
         }
     }

@@ -26,7 +26,7 @@ typedef struct kvs_kv_params {
     int32_t block;           /* tokens per quantized block (B), multiple of 8, <= 64 */
     int32_t recent;          /* newest tokens always kept in the window */
     int32_t ubatch;          /* most tokens appended between two commits */
-    int32_t sink_capacity;   /* rows in the sink table */
+    int32_t sink_capacity;   /* rows in the sink table; when full, a stronger sink displaces the weakest */
     int32_t key_per_token;   /* 1: keys in per-token groups instead of per channel */
     int32_t group;           /* channels per value (and per-token key) group */
     int32_t ring;            /* 1: evict the oldest blocks when full; 0: refuse */
@@ -44,14 +44,19 @@ int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *cache, int32_t max_queri
 int32_t kvs_kv_cache_n_past(const kvs_kv_cache *cache);
 int32_t kvs_kv_cache_n_sinks(const kvs_kv_cache *cache);
 int32_t kvs_kv_cache_n_evicted(const kvs_kv_cache *cache);
+/* Predicted sinks that found no row (or lost theirs to a stronger one) and were quantized. */
+int32_t kvs_kv_cache_n_dropped(const kvs_kv_cache *cache);
+/* Positions of the sink rows, increasing; writes at most capacity, returns their number. */
+int32_t kvs_kv_cache_sink_positions(const kvs_kv_cache *cache, int32_t *positions, int32_t capacity);
 
 /* Start appending n tokens (<= ubatch) at positions n_past..; CONTEXT_FULL
  * when a non-ring cache has no room. */
 kvs_status kvs_kv_cache_begin(kvs_kv_cache *cache, int32_t n);
 /* Store token t (0 <= t < n) of layer il: pre-RoPE K and V, n_head_kv * head_dim each. */
 void kvs_kv_cache_store(kvs_kv_cache *cache, int32_t il, int32_t t, const float *k, const float *v);
-/* Mark token t of the tokens being appended as an attention sink. */
-void kvs_kv_cache_mark_sink(kvs_kv_cache *cache, int32_t t);
+/* Mark token t of the tokens being appended as an attention sink with the
+ * predictor's score (> 0; INFINITY pins it: it is never displaced). */
+void kvs_kv_cache_mark_sink(kvs_kv_cache *cache, int32_t t, float score);
 /* Attention for the query heads h0..h0+n_heads-1 (all sharing KV head
  * kv_head) of the appended tokens t0..t1-1 in layer il, causal. */
 typedef struct kvs_attend_job {

@@ -162,26 +162,26 @@ static double now_seconds(void) {
 }
 
 /* KVSink's predictor: after the profile's layer, a token whose residual stream
- * exceeds the threshold in an outlier channel is a sink (massive activation). */
+ * exceeds the threshold in an outlier channel is a sink (massive activation);
+ * its score, max |x[c]| / threshold, ranks it when sink rows run short. */
 static void predict_sinks(kvs_context *ctx, int32_t n_tokens) {
     const kvs_sink_profile *p = &ctx->model->profile;
     const double t0 = now_seconds();
+    const float inv = 1.0f / p->threshold;
     for (int32_t t = 0; t < n_tokens; t++) {
         const float *x = ctx->x + (int64_t)t * ctx->model->hp.n_embd;
-        for (int32_t i = 0; i < p->n_channels; i++) {
-            if (fabsf(x[p->channels[i]]) > p->threshold) {
-                kvs_kv_cache_mark_sink(ctx->kv, t);
-                break;
-            }
-        }
+        float top = 0.0f;
+        for (int32_t i = 0; i < p->n_channels; i++) top = fmaxf(top, fabsf(x[p->channels[i]]));
+        if (top * inv > 1.0f) kvs_kv_cache_mark_sink(ctx->kv, t, top * inv);
     }
     ctx->t_predict += now_seconds() - t0;
 }
 
-/* Preserve-first-N: the first sink_pfn positions are sinks. */
-static void mark_first_tokens(kvs_context *ctx, int32_t n_tokens) {
+/* The first n positions are sinks, pinned: PFN's rule, and position 0 under
+ * kvsink (the one sink every model has, whatever the predictor says). */
+static void mark_first_tokens(kvs_context *ctx, int32_t n_tokens, int32_t n) {
     const int32_t n_past = kvs_kv_cache_n_past(ctx->kv);
-    for (int32_t t = 0; t < n_tokens && n_past + t < ctx->sink_pfn; t++) kvs_kv_cache_mark_sink(ctx->kv, t);
+    for (int32_t t = 0; t < n_tokens && n_past + t < n; t++) kvs_kv_cache_mark_sink(ctx->kv, t, INFINITY);
 }
 
 static void trace_hidden(kvs_context *ctx, int32_t il, int32_t n_tokens) {
@@ -193,7 +193,8 @@ static void trace_hidden(kvs_context *ctx, int32_t il, int32_t n_tokens) {
 void kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                        int32_t logits_all, float *logits) {
     embed_tokens(ctx, tokens, n_tokens);
-    if (ctx->sink_policy == KVS_SINKS_PFN) mark_first_tokens(ctx, n_tokens);
+    if (ctx->sink_policy == KVS_SINKS_PFN) mark_first_tokens(ctx, n_tokens, ctx->sink_pfn);
+    if (ctx->sink_policy == KVS_SINKS_KVSINK) mark_first_tokens(ctx, n_tokens, 1);
     for (int32_t il = 0; il < ctx->model->hp.n_layer; il++) {
         attention_block(ctx, il, n_tokens);
         ffn_block(ctx, il, n_tokens);

@@ -289,40 +289,58 @@ kvs_status kvs_model_pack_weights(kvs_model *m) {
 
 /* ---- sink profile ------------------------------------------------------- */
 
+/* A profile's layer, channels and threshold must be in range for this model. */
+static kvs_status check_sink_profile(const kvs_model *m, int64_t layer, const int32_t *channels, int64_t n,
+                                     float threshold, const char *where) {
+    if (layer < 0 || layer >= m->hp.n_layer) {
+        return kvs_fail(KVS_ERR_FORMAT, "%s: layer %lld is not a layer (the model has %d)", where, (long long)layer,
+                        m->hp.n_layer);
+    }
+    if (n < 1 || n > m->hp.n_embd || !(threshold > 0.0f) || !isfinite(threshold)) {
+        return kvs_fail(KVS_ERR_FORMAT, "%s: a sink profile needs 1..n_embd channels and a positive threshold", where);
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (channels[i] < 0 || channels[i] >= m->hp.n_embd) {
+            return kvs_fail(KVS_ERR_FORMAT, "%s: channel %d (index %lld) is not a channel (n_embd %d)", where,
+                            channels[i], (long long)i, m->hp.n_embd);
+        }
+    }
+    return KVS_OK;
+}
+
+static kvs_status set_sink_profile(kvs_model *m, int32_t layer, const int32_t *channels, int32_t n, float threshold) {
+    int32_t *copy = malloc((size_t)n * sizeof *copy);
+    if (!copy) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the sink profile");
+    memcpy(copy, channels, (size_t)n * sizeof *copy);
+    free(m->profile.channels);
+    m->profile = (kvs_sink_profile){1, layer, n, copy, threshold};
+    return KVS_OK;
+}
+
 /* The kvsink.* keys, when present, must be complete and in range. */
 static kvs_status read_sink_profile(kvs_model *m) {
-    kvs_sink_profile *p = &m->profile;
     if (kvs_gguf_find_key(m->gguf, "kvsink.layer") < 0) return KVS_OK;
     uint32_t layer;
+    float threshold;
     kvs_gguf_kv_info arr;
     kvs_status st = kvs_gguf_get_u32(m->gguf, "kvsink.layer", &layer);
-    if (st == KVS_OK) st = kvs_gguf_get_f32(m->gguf, "kvsink.threshold", &p->threshold);
+    if (st == KVS_OK) st = kvs_gguf_get_f32(m->gguf, "kvsink.threshold", &threshold);
     if (st == KVS_OK) st = kvs_gguf_get_array(m->gguf, "kvsink.channels", -1, &arr);
     if (st != KVS_OK) return st;
-    if (layer >= (uint32_t)m->hp.n_layer) {
-        return kvs_fail(KVS_ERR_FORMAT, "kvsink.layer %u is not a layer (the model has %d)", layer, m->hp.n_layer);
-    }
     if (arr.elem_type != KVS_GGUF_UINT32 && arr.elem_type != KVS_GGUF_INT32) {
         return kvs_fail(KVS_ERR_FORMAT, "kvsink.channels must be an array of 32-bit integers");
     }
-    if (arr.count < 1 || arr.count > (uint64_t)m->hp.n_embd || !(p->threshold > 0.0f) || !isfinite(p->threshold)) {
-        return kvs_fail(KVS_ERR_FORMAT, "kvsink profile needs 1..n_embd channels and a positive threshold");
+    if (arr.count < 1 || arr.count > (uint64_t)m->hp.n_embd) {
+        return kvs_fail(KVS_ERR_FORMAT, "kvsink profile needs 1..n_embd channels, got %llu",
+                        (unsigned long long)arr.count);
     }
-    p->channels = malloc(arr.count * sizeof *p->channels);
-    if (!p->channels) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the sink profile");
-    for (uint64_t i = 0; i < arr.count; i++) {
-        int32_t c;
-        memcpy(&c, (const uint8_t *)arr.data + 4 * i, 4);
-        if (c < 0 || c >= m->hp.n_embd) {
-            return kvs_fail(KVS_ERR_FORMAT, "kvsink.channels[%llu] = %d is not a channel (n_embd %d)",
-                            (unsigned long long)i, c, m->hp.n_embd);
-        }
-        p->channels[i] = c;
-    }
-    p->n_channels = (int32_t)arr.count;
-    p->layer = (int32_t)layer;
-    p->present = 1;
-    return KVS_OK;
+    int32_t *channels = malloc(arr.count * sizeof *channels);
+    if (!channels) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the sink profile");
+    memcpy(channels, arr.data, arr.count * sizeof *channels); /* little-endian, unaligned in the file */
+    st = check_sink_profile(m, layer, channels, (int64_t)arr.count, threshold, "kvsink.* metadata");
+    if (st == KVS_OK) st = set_sink_profile(m, (int32_t)layer, channels, (int32_t)arr.count, threshold);
+    free(channels);
+    return st;
 }
 
 /* ---- public API --------------------------------------------------------- */
@@ -368,3 +386,12 @@ int32_t kvs_model_n_ctx_train(const kvs_model *model) { return model ? model->hp
 int32_t kvs_model_n_embd(const kvs_model *model) { return model ? model->hp.n_embd : 0; }
 int32_t kvs_model_n_layer(const kvs_model *model) { return model ? model->hp.n_layer : 0; }
 int32_t kvs_model_has_sink_profile(const kvs_model *model) { return model ? model->profile.present : 0; }
+
+kvs_status kvs_model_set_sink_profile(kvs_model *model, int32_t layer, const int32_t *channels, int32_t n_channels,
+                                      float threshold) {
+    if (!model || (!channels && n_channels > 0)) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "model and channels must not be NULL");
+    }
+    kvs_status st = check_sink_profile(model, layer, channels, n_channels, threshold, "sink profile");
+    return st == KVS_OK ? set_sink_profile(model, layer, channels, n_channels, threshold) : KVS_ERR_INVALID_ARGUMENT;
+}
