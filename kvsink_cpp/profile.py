@@ -49,31 +49,30 @@ KEY_PREFIX = "kvsink."
 BUILTIN_TEXT = Path(__file__).resolve().parent / "data" / "calibration.txt"
 
 DEFAULT_TOKENS = 2048    # the builtin text is ~1600 SmolLM2 tokens
-DEFAULT_SEGMENT = 256    # several independent segments: each one's first token is a sink
+DEFAULT_SEGMENT = 512    # several independent segments: each one's first token is a sink
 
-# Ground truth. A position j's attention share is the attention probability it
-# receives per (query, head) that can see it: causal attention lets n - j
-# queries see it, each with n_head heads. It is averaged over layers from the
-# third on, since the first layers attend mostly by position. A sink takes a
-# fixed part of the attention however long the context, so the rule is
-# absolute: share >= SINK_SHARE (on average a fifth of every query's
-# attention), and also >= SINK_SHARE_RATIO times the median share of its
-# segment, which keeps short segments (where even uniform attention gives the
-# first positions a large share) from producing sinks. On SmolLM2 and the
-# builtin text the sinks take 0.36-0.42 (84-112x the median) and the strongest
-# non-sink 0.10 (27x, an early " the"). Positions seen by fewer than
-# MIN_QUERIES queries stay unlabelled: their share is dominated by the
-# attention every query pays to its own recent tokens, not by sinkness.
-SKIP_LAYERS = 2
-SINK_SHARE = 0.2
-SINK_SHARE_RATIO = 8.0
+# Ground truth, per layer. A position's attention share in a layer is the
+# probability it receives per (query, head) that can see it (causal attention
+# lets n - j queries see position j). A token is a sink in that layer when its
+# share is at least SINK_RATIO times its segment's median share there: on
+# SmolLM2 the sinks of layers 3-10 take 40-200x, the strongest other tokens
+# about 12x. Positions seen by fewer than MIN_QUERIES queries stay unlabelled:
+# their share is dominated by the attention every query pays to its recent
+# tokens, not by sinkness.
+SINK_RATIO = 20.0
 MIN_QUERIES = 32
+# The sinks a profile must predict, when tested after layer L: tokens that are
+# sinks in at least MIN_SINK_LAYERS of the layers after L (one layer's outlier
+# near a segment's end is noise, not a sink the cache must keep).
+MIN_SINK_LAYERS = 3
 
 # Massive activations: |h| at least MASSIVE_RATIO times the layer's median |h|.
-# They must persist for the same token and channel through the following half
-# of the remaining layers: SmolLM2 has short-lived spikes on " the" at layers
-# 1-8 that vanish at layer 10, and those tokens are not sinks.
+# A channel is an outlier channel when it is massive on at least half of the
+# sinks. The profile's layer is the earliest whose outlier channels predict
+# the sinks of the following layers with recall >= MIN_RECALL (and F1 >=
+# MIN_F1): KVSink's emergence stage (DESIGN.md section 4).
 MASSIVE_RATIO = 100.0
+MIN_RECALL = 0.9
 MIN_F1 = 0.8
 
 
@@ -92,6 +91,7 @@ class SinkProfile:
     precision: float = float("nan")
     recall: float = float("nan")
     n_sinks: int = 0
+    source: str = "GGUF metadata"   # where the runtime found it (not stored in the file)
 
     def is_sink(self, hidden_after_layer: np.ndarray) -> np.ndarray:
         """The runtime's rule on (n_tokens, n_embd) hidden states after `layer`."""
@@ -99,13 +99,31 @@ class SinkProfile:
 
 
 @dataclass
+class Candidate:
+    """One layer examined by the emergence search."""
+    layer: int
+    n_targets: int                 # sinks of the following layers
+    channels: list
+    threshold: float = float("nan")
+    precision: float = 0.0
+    recall: float = 0.0
+    f1: float = 0.0
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.channels) and self.recall >= MIN_RECALL and self.f1 >= MIN_F1
+
+
+@dataclass
 class Calibration:
     """A profile plus what the command line reports about how it was found."""
     profile: SinkProfile
-    sinks: list = field(default_factory=list)       # (segment, position, token text, attention share)
+    sinks: list = field(default_factory=list)       # dicts: segment, position, token, score, layers, predicted
     predicted: list = field(default_factory=list)   # (segment, position) the profile calls sinks
-    sink_scores: np.ndarray = None                   # predictor score of each ground-truth sink
-    best_other_score: float = 0.0                    # highest predictor score of a labelled non-sink
+    by_layer: list = field(default_factory=list)    # dicts: layer, sinks, hits, precision, recall, tokens
+    candidates: list = field(default_factory=list)  # Candidate per layer examined, up to the chosen one
+    sink_scores: np.ndarray = None                   # predictor score of each target sink
+    best_other_score: float = 0.0                    # highest predictor score of a labelled non-target
     n_segments: int = 0
     n_unlabelled: int = 0                            # late positions left out of the ground truth
     n_unlabelled_predicted: int = 0                  # ... of which the profile calls sinks
@@ -121,81 +139,105 @@ def _segments(tokens: Sequence[int], length: int) -> list:
     return [list(tokens[i:i + size]) for i in range(0, len(tokens), size)]
 
 
-def _attention_share(mass: np.ndarray) -> np.ndarray:
-    """(n_layer, n) summed attention mass -> (n,) mean share per visible (query, head)."""
-    n_layer, n = mass.shape
+def _layer_shares(mass: np.ndarray) -> np.ndarray:
+    """(n_layer, n) summed attention mass -> (n_layer, n) mean share per visible (query, head)."""
+    n = mass.shape[1]
     n_head = mass[0].sum() / n   # each layer's row sums to n_head * n
-    queries = n - np.arange(n)
-    skip = min(SKIP_LAYERS, n_layer - 1)
-    return (mass[skip:] / (n_head * queries)).mean(axis=0)
+    return mass / (n_head * (n - np.arange(n)))
 
 
 def _label_sinks(mass: np.ndarray):
-    """(is_sink, labelled, share) for one segment's positions."""
-    n = mass.shape[1]
-    share = _attention_share(mass)
+    """(is_sink (n_layer, n), labelled (n,), ratio (n_layer, n)) for one segment:
+    ratio is each position's share over the segment's median share in that layer."""
+    n_layer, n = mass.shape
+    share = _layer_shares(mass)
     labelled = (n - np.arange(n)) >= MIN_QUERIES
     if not labelled.any():
-        return np.zeros(n, bool), labelled, share
-    typical = np.median(share[labelled])
-    is_sink = (share >= SINK_SHARE) & (share >= SINK_SHARE_RATIO * typical) & labelled
-    return is_sink, labelled, share
+        return np.zeros((n_layer, n), bool), labelled, np.zeros((n_layer, n))
+    typical = np.median(share[:, labelled], axis=1, keepdims=True)
+    ratio = share / np.maximum(typical, 1e-30)
+    return (ratio >= SINK_RATIO) & labelled, labelled, ratio
 
 
 def _trace_segments(llm, segments, progress):
-    """Per-layer |hidden| (n_layer, N, n_embd) and ground-truth labels over all segments."""
+    """Per-layer |hidden| (n_layer, N, n_embd), per-layer ground truth and share
+    ratios (n_layer, N), and the labelled mask (N,) over all segments."""
     from tqdm import tqdm
-    hidden, sinks, labelled, shares = [], [], [], []
+    hidden, sinks, labelled, ratios = [], [], [], []
     for seg in tqdm(segments, desc="calibrating", unit="segment", disable=not progress):
         h, mass = llm.trace(seg)
-        is_sink, ok, share = _label_sinks(mass)
+        is_sink, ok, ratio = _label_sinks(mass)
         hidden.append(np.abs(h))
-        sinks.append(is_sink), labelled.append(ok), shares.append(share)
-    return (np.concatenate(hidden, axis=1), np.concatenate(sinks),
-            np.concatenate(labelled), np.concatenate(shares))
+        sinks.append(is_sink), labelled.append(ok), ratios.append(ratio)
+    return (np.concatenate(hidden, axis=1), np.concatenate(sinks, axis=1),
+            np.concatenate(labelled), np.concatenate(ratios, axis=1))
 
 
-def _massive(habs: np.ndarray) -> np.ndarray:
-    """(n_layer, N, n_embd) mask of activations >= MASSIVE_RATIO x their layer's median."""
-    medians = np.median(habs.reshape(habs.shape[0], -1), axis=1)
-    return habs >= MASSIVE_RATIO * medians[:, None, None]
+def _targets(sink_by_layer: np.ndarray, layer: int) -> np.ndarray:
+    """Tokens that are sinks in at least MIN_SINK_LAYERS layers after `layer`."""
+    later = sink_by_layer[layer + 1:]
+    return later.sum(axis=0) >= min(MIN_SINK_LAYERS, len(later))
 
 
-def _persistent(massive: np.ndarray, layer: int) -> np.ndarray:
-    """(N, n_embd) mask of activations massive at `layer` and through the next
-    half of the remaining layers."""
-    last = layer + max(1, (massive.shape[0] - 1 - layer) // 2)
-    return massive[layer:last + 1].all(axis=0)
+def _candidate(habs: np.ndarray, sink_by_layer: np.ndarray, labelled: np.ndarray, layer: int):
+    """(Candidate, scores): the outlier channels at `layer` and how well their
+    best threshold predicts the sinks of the following layers."""
+    target = _targets(sink_by_layer, layer) & labelled
+    cand = Candidate(layer=layer, n_targets=int(target.sum()), channels=[])
+    if not target.any():
+        return cand, None
+    floor = MASSIVE_RATIO * np.median(habs[layer])
+    massive = habs[layer] >= floor
+    cand.channels = [int(c) for c in np.flatnonzero(massive[target].mean(axis=0) >= 0.5)]
+    if not cand.channels:
+        return cand, None
+    scores = habs[layer][:, cand.channels].max(axis=1)
+    # the rule tests for massive activations: a cut among ordinary magnitudes is no valley
+    cand.threshold = _valley_threshold(scores[labelled], target[labelled], floor)
+    if math.isnan(cand.threshold):
+        cand.recall = float((scores[target] >= floor).mean())   # the most a massive-activation rule can catch
+        return cand, scores
+    predicted = (scores > cand.threshold) & labelled
+    hits = int((predicted & target).sum())
+    cand.precision = hits / max(1, int(predicted.sum()))
+    cand.recall = hits / cand.n_targets
+    cand.f1 = 2 * hits / (int(predicted.sum()) + cand.n_targets)
+    return cand, scores
 
 
-def _emergence(habs: np.ndarray, is_sink: np.ndarray):
-    """(layer, channels): the first layer whose persistent massive activations hit
-    ground-truth sinks, and the channels massive on at least half of the sinks."""
-    massive = _massive(habs)
+def _emergence(habs: np.ndarray, sink_by_layer: np.ndarray, labelled: np.ndarray):
+    """(candidates examined, chosen candidate or None, its scores): the earliest
+    layer whose outlier channels predict the sinks of the layers after it."""
+    examined = []
     for layer in range(habs.shape[0] - 1):
-        on_sinks = _persistent(massive, layer)[is_sink]
-        if not on_sinks.any():
-            continue
-        channels = np.flatnonzero(on_sinks.mean(axis=0) >= 0.5)
-        if len(channels):
-            return layer, [int(c) for c in channels]
-    return None, []
+        cand, scores = _candidate(habs, sink_by_layer, labelled, layer)
+        examined.append(cand)
+        if cand.accepted:
+            return examined, cand, scores
+    return examined, None, None
 
 
-def _best_threshold(scores: np.ndarray, labels: np.ndarray):
-    """(threshold, F1): the cut maximizing F1 of `scores > cut`, widest gap on
-    ties, placed in the log-space middle of the gap."""
-    order = np.argsort(-scores, kind="stable")
-    x, y = scores[order], labels[order]
+def _valley_threshold(scores: np.ndarray, labels: np.ndarray, floor: float = 0.0,
+                      min_recall: float = MIN_RECALL) -> float:
+    """The cut in the widest valley of the scores' histogram (log scale) that
+    keeps at least min_recall of the labelled sinks above it, no lower than
+    `floor`; placed in the log-space middle of the gap. NaN when none exists.
+
+    The widest gap rather than the best F1: on new text a sink may score a
+    little lower than the calibration's weakest, and a cut pressed against
+    the sinks (as the best F1 often is) would miss it; an extra exact row
+    costs a few kilobytes, a missed sink the quality the rows are for."""
+    x = np.sort(scores)[::-1]
+    need = math.ceil(min_recall * labels.sum() - 1e-9)
     k = np.flatnonzero(x[:-1] > x[1:]) + 1            # cuts between distinct scores
-    if len(k) == 0:
-        return float(x[0]), 0.0
-    tp = np.cumsum(y)[k - 1]
-    f1 = 2 * tp / (k + y.sum())
     lo = np.maximum(x[k], 1e-30)
-    gap = np.log(x[k - 1]) - np.log(lo)
-    best = np.lexsort((-gap, -f1))[0]
-    return float(np.sqrt(x[k[best] - 1] * lo[best])), float(f1[best])
+    cut = np.sqrt(x[k - 1] * lo)
+    hits = np.array([(scores[labels] > c).sum() for c in cut])
+    ok = (cut >= floor) & (hits >= need)
+    if not ok.any():
+        return float("nan")
+    gap = np.where(ok, np.log(x[k - 1]) - np.log(lo), -np.inf)
+    return float(cut[int(np.argmax(gap))])
 
 
 def _read_text(text) -> tuple:
@@ -213,21 +255,53 @@ def _calibration_tokens(llm, text, n_tokens, tokens) -> tuple:
     return llm.tokenize(data, add_bos=True)[:n_tokens], name
 
 
-def _sink_list(llm, segments, is_sink, shares, name) -> list:
-    """(segment, position, token text or id, attention share) of each ground-truth sink."""
+def _layer_ranges(layers) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    out, start = [], None
+    for i, l in enumerate(layers):
+        if start is None:
+            start = l
+        if i + 1 == len(layers) or layers[i + 1] != l + 1:
+            out.append(str(start) if start == l else f"{start}-{l}")
+            start = None
+    return ", ".join(out)
+
+
+def _shown(llm, token: int, name: str):
+    return token if name == "tokens" else llm.detokenize([token]).decode("utf-8", "replace")
+
+
+def _sink_table(llm, segments, sink_by_layer, target, scores, predicted, name) -> list:
+    """One dict per target sink or predicted token, in text order."""
     flat = [(i, j, t) for i, seg in enumerate(segments) for j, t in enumerate(seg)]
-    found = []
-    for k in np.flatnonzero(is_sink):
+    rows = []
+    for k in np.flatnonzero(target | predicted):
         i, j, t = flat[k]
-        shown = t if name == "tokens" else llm.detokenize([t]).decode("utf-8", "replace")
-        found.append((i, j, shown, float(shares[k])))
-    return found
+        rows.append({"segment": i, "position": j, "token": _shown(llm, t, name), "score": float(scores[k]),
+                     "layers": [int(l) for l in np.flatnonzero(sink_by_layer[:, k])],
+                     "sink": bool(target[k]), "predicted": bool(predicted[k])})
+    return rows
+
+
+def _by_layer(llm, segments, sink_by_layer, predicted, name) -> list:
+    """Per layer: the sinks by attention, how many the profile predicts, precision and recall."""
+    flat = [(i, j, t) for i, seg in enumerate(segments) for j, t in enumerate(seg)]
+    out = []
+    for layer, sinks in enumerate(sink_by_layer):
+        hits = int((sinks & predicted).sum())
+        tokens = [(flat[k][0], flat[k][1], _shown(llm, flat[k][2], name), bool(predicted[k]))
+                  for k in np.flatnonzero(sinks)]
+        out.append({"layer": layer, "sinks": int(sinks.sum()), "hits": hits,
+                    "precision": hits / max(1, int(predicted.sum())),
+                    "recall": hits / sinks.sum() if sinks.any() else float("nan"), "tokens": tokens})
+    return out
 
 
 def run_calibration(model_path, text=None, n_tokens: int = DEFAULT_TOKENS, progress: bool = True,
                     n_threads: Optional[int] = None, segment: int = DEFAULT_SEGMENT,
                     tokens: Optional[Sequence[int]] = None) -> Calibration:
-    """`calibrate`, returning also the sinks found and the predictor's margin."""
+    """`calibrate`, returning also the ground truth per layer, the layers the
+    emergence search examined and the predictor's margin."""
     from .llama import Llama
     if segment < 2 * MIN_QUERIES:
         raise ValueError(f"segments need at least {2 * MIN_QUERIES} tokens, got {segment}")
@@ -238,16 +312,20 @@ def run_calibration(model_path, text=None, n_tokens: int = DEFAULT_TOKENS, progr
         if len(ids) < 2 * MIN_QUERIES:
             raise ValueError(f"calibration needs at least {2 * MIN_QUERIES} tokens, got {len(ids)}")
         segments = _segments(ids, segment)
-        habs, is_sink, labelled, shares = _trace_segments(llm, segments, progress)
-        profile, scores = _fit(habs, is_sink, labelled, shares, len(ids), name)
-        sinks = _sink_list(llm, segments, is_sink, shares, name)
+        habs, sink_by_layer, labelled, ratios = _trace_segments(llm, segments, progress)
+        examined, chosen, scores = _emergence(habs, sink_by_layer, labelled)
+        profile = _fit(examined, chosen, sink_by_layer, ratios, labelled, len(ids), name)
+        target = _targets(sink_by_layer, profile.layer) & labelled
+        predicted = scores > profile.threshold
+        table = _sink_table(llm, segments, sink_by_layer, target, scores, predicted, name)
+        by_layer = _by_layer(llm, segments, sink_by_layer, predicted & labelled, name)
     where = [(i, j) for i, seg in enumerate(segments) for j in range(len(seg))]
-    return Calibration(profile=profile, sinks=sinks,
-                       predicted=[where[k] for k in np.flatnonzero(scores > profile.threshold)],
-                       sink_scores=scores[is_sink],
-                       best_other_score=float(scores[labelled & ~is_sink].max(initial=0.0)),
+    return Calibration(profile=profile, sinks=table, by_layer=by_layer, candidates=examined,
+                       predicted=[where[k] for k in np.flatnonzero(predicted)],
+                       sink_scores=scores[target],
+                       best_other_score=float(scores[labelled & ~target].max(initial=0.0)),
                        n_segments=len(segments), n_unlabelled=int((~labelled).sum()),
-                       n_unlabelled_predicted=int(((scores > profile.threshold) & ~labelled).sum()))
+                       n_unlabelled_predicted=int((predicted & ~labelled).sum()))
 
 
 def _f32(x) -> float:
@@ -255,31 +333,21 @@ def _f32(x) -> float:
     return float(np.float32(x))
 
 
-def _fit(habs, is_sink, labelled, shares, n_tokens, name):
-    """(profile, predictor score of every token) from the traced calibration text."""
-    n_sinks = int(is_sink.sum())
-    if n_sinks == 0:
+def _fit(examined, chosen, sink_by_layer, ratios, labelled, n_tokens, name) -> SinkProfile:
+    """The profile of the chosen emergence layer, or NoSinkProfileError saying why there is none."""
+    if not sink_by_layer.any():
         raise NoSinkProfileError(
-            f"no attention sinks: no position took {SINK_SHARE:g} of the attention and "
-            f"{SINK_SHARE_RATIO:g}x the median share (the most was {shares[labelled].max():.3f}); "
-            "this model gets no sink profile")
-    layer, channels = _emergence(habs, is_sink)
-    if layer is None:
+            f"no attention sinks: no position took {SINK_RATIO:g}x its segment's median attention share in any "
+            f"layer (the most was {ratios[:, labelled].max():.1f}x); this model gets no sink profile")
+    if chosen is None:
+        best = max(examined, key=lambda c: (c.f1, c.recall))
         raise NoSinkProfileError(
-            f"{n_sinks} attention sinks but no persistent massive activations (>= {MASSIVE_RATIO:g}x the "
-            "median |hidden|) on them; this model gets no sink profile")
-    scores = habs[layer][:, channels].max(axis=1)
-    threshold, f1 = _best_threshold(scores[labelled], is_sink[labelled])
-    if f1 < MIN_F1:
-        raise NoSinkProfileError(
-            f"massive activations at layer {layer} (channels {channels}) do not separate the sinks: "
-            f"best F1 {f1:.2f} < {MIN_F1}; this model gets no sink profile")
-    predicted = (scores > threshold) & labelled
-    tp = int((predicted & is_sink).sum())
-    profile = SinkProfile(layer=layer, channels=channels, threshold=_f32(threshold), n_tokens=n_tokens,
-                          text=name, precision=_f32(tp / max(1, int(predicted.sum()))),
-                          recall=_f32(tp / n_sinks), n_sinks=n_sinks)
-    return profile, scores
+            f"no layer's massive activations (>= {MASSIVE_RATIO:g}x the median |hidden|) predict the sinks of the "
+            f"layers after it (best: layer {best.layer}, channels {best.channels}, recall {best.recall:.2f}, "
+            f"F1 {best.f1:.2f}; needed recall {MIN_RECALL} and F1 {MIN_F1}); this model gets no sink profile")
+    return SinkProfile(layer=chosen.layer, channels=chosen.channels, threshold=_f32(chosen.threshold),
+                       n_tokens=n_tokens, text=name, precision=_f32(chosen.precision),
+                       recall=_f32(chosen.recall), n_sinks=chosen.n_targets)
 
 
 def calibrate(model_path, text=None, n_tokens: int = DEFAULT_TOKENS, progress: bool = True, *,
@@ -451,20 +519,61 @@ def write_profile(src, dst, profile: SinkProfile, progress: bool = True) -> None
 
 # ---- command line ----------------------------------------------------------
 
-def _report(cal: Calibration, n_show: int = 12) -> None:
+def _report_candidates(cal: Calibration) -> None:
+    print("emergence search (the earliest layer whose outlier channels predict the sinks of the layers after it):")
+    for c in cal.candidates:
+        head = f"  after layer {c.layer:2d}: {c.n_targets:3d} sinks in >= {MIN_SINK_LAYERS} later layers; "
+        if not c.channels:
+            print(head + f"no channel >= {MASSIVE_RATIO:g}x the median |h| on half of them")
+            continue
+        chans = f"channels {', '.join(map(str, c.channels))}: "
+        if math.isnan(c.threshold):
+            print(head + chans + f"no cut above the massive floor keeps recall >= {MIN_RECALL} "
+                  f"(at most {c.recall:.3f}) -> rejected")
+            continue
+        verdict = "chosen" if c.accepted else f"rejected (needs recall >= {MIN_RECALL}, F1 >= {MIN_F1})"
+        print(head + chans + f"threshold {c.threshold:.4g}, recall {c.recall:.3f}, precision {c.precision:.3f} "
+              f"-> {verdict}")
+
+
+def _report_layers(cal: Calibration, verbose: bool) -> None:
+    print(f"sinks by attention per layer (>= {SINK_RATIO:g}x the segment's median share) and the predictor's hits:")
+    print("  layer  sinks  predicted  precision  recall")
+    for row in cal.by_layer:
+        recall = "     -" if math.isnan(row["recall"]) else f"{row['recall']:6.3f}"
+        print(f"  {row['layer']:5d}  {row['sinks']:5d}  {row['hits']:9d}  {row['precision']:9.3f}  {recall}")
+        if verbose and row["tokens"]:
+            shown = " ".join(f"{seg}:{pos}{tok!r}{'' if hit else '(missed)'}" for seg, pos, tok, hit in row["tokens"])
+            print(f"         {shown}")
+
+
+def _report_sinks(cal: Calibration, n_show: int) -> None:
+    p = cal.profile
+    rows = cal.sinks if n_show < 0 else cal.sinks[:n_show]
+    print(f"sinks of the layers after {p.layer} (>= {MIN_SINK_LAYERS} layers) and predicted tokens, with the score "
+          f"max |h[c]| after layer {p.layer}:")
+    print("  segment  position  token             score  sink  predicted  sink in layers")
+    for r in rows:
+        print(f"  {r['segment']:7d}  {r['position']:8d}  {r['token']!r:<16} {r['score']:6.4g}  "
+              f"{'yes' if r['sink'] else 'no':>4}  {'yes' if r['predicted'] else 'no':>9}  "
+              f"{_layer_ranges(r['layers']) or '-'}")
+    if len(rows) < len(cal.sinks):
+        print(f"  ... and {len(cal.sinks) - len(rows)} more (--verbose lists them all)")
+
+
+def _report(cal: Calibration, n_show: int = 16, verbose: bool = False) -> None:
     p = cal.profile
     print(f"calibration text:  {p.text}, {p.n_tokens} tokens in {cal.n_segments} segments")
-    print(f"sinks by attention: {p.n_sinks}")
-    for seg, pos, tok, share in cal.sinks[:n_show]:
-        print(f"  segment {seg} position {pos:4d}  {tok!r:<16} attention share {share:.3f}")
-    if len(cal.sinks) > n_show:
-        print(f"  ... and {len(cal.sinks) - n_show} more")
+    _report_layers(cal, verbose)
+    _report_candidates(cal)
+    _report_sinks(cal, -1 if verbose else n_show)
     print(f"emergence layer:   {p.layer}")
     print(f"outlier channels:  {', '.join(map(str, p.channels))}")
     print(f"threshold:         {p.threshold:.6g} (sinks score {cal.sink_scores.min():.6g} and up, "
-          f"the highest non-sink {cal.best_other_score:.6g})")
-    print(f"predictor:         precision {p.precision:.3f}, recall {p.recall:.3f} "
-          f"on {p.n_tokens - cal.n_unlabelled} labelled positions")
+          f"the highest other labelled token {cal.best_other_score:.6g})")
+    print(f"predictor:         precision {p.precision:.3f}, recall {p.recall:.3f} against the {p.n_sinks} sinks "
+          f"of the later layers; {len(cal.predicted)} predicted in {p.n_tokens} tokens "
+          f"({100 * len(cal.predicted) / max(1, p.n_tokens):.1f}%)")
     print(f"unlabelled:        {cal.n_unlabelled} positions seen by fewer than {MIN_QUERIES} queries; "
           f"{cal.n_unlabelled_predicted} of them predicted sinks")
 
@@ -478,7 +587,7 @@ def _cmd_profile(args) -> int:
     except NoSinkProfileError as exc:
         print(f"no sink profile: {exc}; nothing written", file=sys.stderr)
         return 2
-    _report(cal)
+    _report(cal, verbose=args.verbose)
     write_profile(args.model, args.output, cal.profile, progress=not args.quiet)
     print(f"wrote {args.output}")
     return 0
@@ -498,6 +607,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per independent segment (default {DEFAULT_SEGMENT})")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: half the CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every sink, per layer and per token")
     p.set_defaults(func=_cmd_profile)
 
 

@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType as T
 from kvsink_cpp import Llama
 from kvsink_cpp.gguf_file import GGUFFile
 from kvsink_cpp import profile as profile_module
-from kvsink_cpp.profile import (NoSinkProfileError, SinkProfile, _best_threshold, _emergence, _label_sinks,
-                                add_profile_parser,
-                                calibrate, main, read_profile, run_calibration, write_profile)
+from kvsink_cpp.profile import (MIN_SINK_LAYERS, NoSinkProfileError, SinkProfile, _emergence, _label_sinks,
+                                _targets, _valley_threshold, add_profile_parser, calibrate, main, read_profile,
+                                run_calibration, write_profile)
 
 import synthetic
 
@@ -35,47 +35,77 @@ F16 = {k: T.F16 for k in ("embd", "q", "k", "v", "o", "gate", "up", "down", "out
 
 # ---- pieces, on made-up numbers ----------------------------------------------
 
-def test_best_threshold_cuts_in_the_log_middle_of_the_gap():
+def test_threshold_sits_in_the_widest_valley_of_the_histogram():
     scores = np.array([30000.0, 20000.0, 100.0, 50.0, 1.0])
     labels = np.array([True, True, False, False, False])
-    threshold, f1 = _best_threshold(scores, labels)
-    assert f1 == 1.0 and threshold == pytest.approx(np.sqrt(20000.0 * 100.0))
+    assert _valley_threshold(scores, labels) == pytest.approx(np.sqrt(20000.0 * 100.0))
 
 
-def test_best_threshold_maximizes_f1_when_no_cut_is_clean():
-    scores = np.array([900.0, 800.0, 700.0, 10.0, 5.0])
-    labels = np.array([True, False, True, True, False])
-    threshold, f1 = _best_threshold(scores, labels)   # best: all four top scores, F1 = 2*3 / (4 + 3)
-    assert f1 == pytest.approx(6 / 7) and threshold == pytest.approx(np.sqrt(10.0 * 5.0))
+def test_threshold_prefers_the_valley_to_a_cut_pressed_against_the_sinks():
+    scores = np.array([900.0, 800.0, 300.0, 10.0, 5.0])
+    labels = np.array([True, True, False, False, False])
+    # best F1 would cut at 800|300; the valley is 300|10: the near-sink keeps a row too
+    assert _valley_threshold(scores, labels) == pytest.approx(np.sqrt(300.0 * 10.0))
+    # but never below the floor of massive activations
+    assert _valley_threshold(scores, labels, floor=100.0) == pytest.approx(np.sqrt(800.0 * 300.0))
+    assert np.isnan(_valley_threshold(scores, labels, floor=1000.0))
 
 
-def test_ground_truth_is_the_attention_share_far_above_typical():
-    n, n_head = 128, 4
+def test_threshold_keeps_the_required_recall():
+    scores = np.array([900.0, 20.0, 19.0, 1.0])
+    labels = np.array([True, True, False, False])
+    assert _valley_threshold(scores, labels, min_recall=0.9) == pytest.approx(np.sqrt(19.0))
+    assert _valley_threshold(scores, labels, min_recall=0.5) == pytest.approx(np.sqrt(900.0 * 20.0))
+
+
+def _mass_from_shares(share_by_layer, n_head=4):
+    """(n_layer, n) summed attention mass for given per-layer shares of some
+    positions; the rest share what is left, so that every query sums to 1."""
+    n = len(share_by_layer[0])
     queries = n - np.arange(n)
-    special = {0: 0.5, 40: 0.4, 90: 0.15}      # 90: far above typical, but not a sink's share
-    share = np.zeros(n)
-    share[list(special)] = list(special.values())
-    others = share == 0                         # share the rest: every query's attention sums to 1
-    share[others] = (n - (share * queries).sum()) / queries[others].sum()
-    mass = np.tile(share * n_head * queries, (3, 1))
-    is_sink, labelled, got = _label_sinks(mass)
-    assert np.flatnonzero(is_sink).tolist() == [0, 40]
+    rows = []
+    for share in share_by_layer:
+        share = np.array(share, dtype=float)
+        others = share == 0
+        share[others] = (n - (share * queries).sum()) / queries[others].sum()
+        rows.append(share * n_head * queries)
+    return np.array(rows)
+
+
+def test_ground_truth_is_per_layer_attention_far_above_typical():
+    n = 128
+    plain, sinks = np.zeros(n), np.zeros(n)
+    sinks[[0, 40]] = [0.5, 0.3]
+    sinks[90] = 0.04                      # ~10x typical: high, but not a sink
+    mass = _mass_from_shares([plain, sinks, sinks])
+    is_sink, labelled, ratio = _label_sinks(mass)
+    assert not is_sink[0].any()
+    assert [np.flatnonzero(row).tolist() for row in is_sink[1:]] == [[0, 40], [0, 40]]
     assert labelled[: n - 31].all() and not labelled[n - 31:].any()
-    np.testing.assert_allclose(got, share)
+    assert 5 < ratio[1, 90] < 20 and ratio[1, 40] > 20
+    # the sinks of the layers after layer 0 (MIN_SINK_LAYERS of them or all that follow)
+    assert np.flatnonzero(_targets(is_sink, 0)).tolist() == [0, 40]
 
 
-def test_emergence_is_the_first_persistent_massive_layer_on_sinks():
+def test_emergence_is_the_first_layer_whose_outliers_predict_later_sinks():
     rng = np.random.default_rng(0)
-    habs = np.abs(rng.normal(size=(10, 200, 64))).astype(np.float32)
-    is_sink = np.zeros(200, bool)
-    is_sink[[0, 100]] = True
-    habs[1:4, 50, 9] = 5000.0           # short-lived, on a non-sink: not the emergence
-    habs[2:4, 0, 11] = 5000.0           # short-lived, on a sink: not the emergence either
+    n_layer, n = 10, 200
+    habs = np.abs(rng.normal(size=(n_layer, n, 64))).astype(np.float32)
+    sink_by_layer = np.zeros((n_layer, n), bool)
+    sink_by_layer[4:, [0, 100]] = True
+    labelled = np.ones(n, bool)
+    habs[1:4, 50, 9] = 5000.0           # massive on a non-sink: no outlier channel of the sinks
+    habs[2, 0, 11] = 5000.0             # massive on one sink of two: recall 0.5, rejected
     habs[3:, 0, 7] = habs[3:, 100, 7] = 3000.0
     habs[3:, 0, 20] = 900.0             # massive on one sink of two: still an outlier channel
     habs[3:, 100, 30] = 900.0
-    assert _emergence(habs, is_sink) == (3, [7, 20, 30])
-    assert _emergence(habs[:, :, :7], is_sink) == (None, [])
+    examined, chosen, scores = _emergence(habs, sink_by_layer, labelled)
+    assert [c.layer for c in examined] == [0, 1, 2, 3] and chosen is examined[-1]
+    assert examined[1].channels == [] and examined[2].channels == [11] and not examined[2].accepted
+    assert (chosen.layer, chosen.channels, chosen.recall, chosen.precision) == (3, [7, 20, 30], 1.0, 1.0)
+    assert np.flatnonzero(scores > chosen.threshold).tolist() == [0, 100]
+    examined, chosen, _ = _emergence(habs[:, :, :7], sink_by_layer, labelled)
+    assert chosen is None and len(examined) == n_layer - 1
 
 
 # ---- metadata, on a small synthetic GGUF -------------------------------------
@@ -170,29 +200,60 @@ def smollm2_profiled(smollm2_path, smollm2_calibration, tmp_path_factory):
     return out
 
 
+# Held out from the calibration text: a plain English paragraph.
+HELD_OUT = (b"The river that runs through the old town was once the main road for trade. Boats carried wool, "
+            b"salt and timber from the hills to the coast, and the families who owned the docks grew rich. "
+            b"When the railway arrived in 1851, the boats became fewer every year, and by the end of the century "
+            b"the docks were used only by fishermen. Today the warehouses along the water hold shops, a small "
+            b"museum and the offices of the local newspaper. Visitors walk along the path beside the river, "
+            b"stop at the bridge to watch the swans, and read the signs that tell the history of each building. "
+            b"In the summer the town holds a festival on the water, with races between teams of rowers from the "
+            b"nearby villages, music in the square and a market that sells bread, cheese and honey from the "
+            b"farms around the valley. Most of the people who live in the town today work in the city, which is "
+            b"forty minutes away by train, but many of them say that the quiet of the evenings by the river is "
+            b"the reason they stay.")
+
+
 @pytest.mark.slow
 @pytest.mark.model
-def test_smollm2_profile_predicts_its_sinks(smollm2_calibration):
+def test_smollm2_profile_is_the_emergence_stage(smollm2_calibration):
+    """KVSink's profile, not PFN-1: an early layer whose outlier channels mark
+    sinks beyond position 0 (DESIGN.md section 4: layer 2, channels 247/507)."""
     cal = smollm2_calibration
     p = cal.profile
-    assert 0 < p.layer < 29 and len(p.channels) >= 1 and all(0 <= c < 576 for c in p.channels)
-    assert p.precision >= 0.9 and p.recall >= 0.9
-    assert p.text == "builtin" and p.n_tokens > 1000 and p.n_sinks >= cal.n_segments >= 4
+    assert 0 < p.layer < 11 and len(p.channels) >= 1 and all(0 <= c < 576 for c in p.channels)
+    assert p.recall >= 0.9 and p.precision >= 0.8
+    assert p.text == "builtin" and p.n_tokens > 1000 and cal.n_segments >= 3
+    assert p.n_sinks >= 3 * cal.n_segments          # several sinks per segment, not just its first token
     # the first token of every segment is a sink, and the profile says so
     assert {(seg, 0) for seg in range(cal.n_segments)} <= set(cal.predicted)
-    assert {(seg, 0) for seg in range(cal.n_segments)} <= {(s, j) for s, j, _, _ in cal.sinks}
-    # a wide margin, so that a runtime computing the hidden state less exactly agrees
-    assert cal.sink_scores.min() > 4 * p.threshold > 16 * cal.best_other_score
+    assert {(seg, 0) for seg in range(cal.n_segments)} <= {(r["segment"], r["position"]) for r in cal.sinks}
+    later = [r for r in cal.sinks if r["sink"] and r["position"] > 0]
+    assert len(later) >= 2 * cal.n_segments and all(min(r["layers"]) > p.layer for r in later)
+    # a margin, so that a runtime computing the hidden state less exactly agrees
+    assert cal.sink_scores.min() > 1.5 * p.threshold
+    layers = {row["layer"]: row for row in cal.by_layer}
+    assert all(layers[l]["recall"] >= 0.9 for l in range(p.layer + 1, 9) if layers[l]["sinks"])
 
 
 @pytest.mark.slow
 @pytest.mark.model
-def test_smollm2_profile_rule_on_a_fresh_trace(smollm2_path, smollm2_calibration):
+def test_smollm2_profile_predicts_the_sinks_of_held_out_text(smollm2_path, smollm2_calibration):
+    """An independent check on text the calibration never saw: the per-layer
+    ground truth from attention against the profile's rule."""
     p = smollm2_calibration.profile
-    with Llama(str(smollm2_path), n_ctx=128, n_threads=2, verbose=False) as llm:
-        tokens = llm.tokenize(b"A short note: the meeting moves to Friday.\nPlease bring the reports.")
-        hidden, _ = llm.trace(tokens)
-    assert np.flatnonzero(p.is_sink(hidden[p.layer])).tolist() == [0]
+    with Llama(str(smollm2_path), n_ctx=512, n_threads=2, verbose=False, type_k="f32", type_v="f32") as llm:
+        tokens = llm.tokenize(HELD_OUT)
+        hidden, mass = llm.trace(tokens)
+    is_sink, labelled, ratio = _label_sinks(mass)
+    target = _targets(is_sink, p.layer) & labelled
+    predicted = p.is_sink(hidden[p.layer]) & labelled
+    assert target.sum() >= 4 and predicted[0]
+    assert (predicted & target).sum() >= 0.9 * target.sum()      # recall
+    # the threshold sits in the valley below the sinks, so it also keeps
+    # near-sinks; each still takes several times the typical attention
+    near = (ratio[p.layer + 1:] >= 5).sum(axis=0) >= MIN_SINK_LAYERS
+    assert (predicted & ~near).sum() == 0 and predicted.sum() <= 0.08 * len(tokens)
 
 
 @pytest.mark.slow
@@ -237,6 +298,7 @@ def test_smollm2_command_reports_and_writes(smollm2_path, smollm2_calibration, t
     text = capsys.readouterr().out
     p = smollm2_calibration.profile
     assert f"emergence layer:   {p.layer}" in text and f"precision {p.precision:.3f}" in text
-    assert "segment 0 position    0" in text
+    assert f"after layer {p.layer:2d}:" in text and "-> chosen" in text
+    assert "layer  sinks  predicted  precision  recall" in text
     with GGUFFile(str(out)) as f:
         assert read_profile(f.metadata) == p
