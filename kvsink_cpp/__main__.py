@@ -62,12 +62,20 @@ def _cmd_info(args) -> int:
               f"({len(tokens) if tokens else '?'} tokens, pre-tokenizer "
               f"{meta.get('tokenizer.ggml.pre', 'default')})")
         print(f"{'chat template:':<26}{'yes' if 'tokenizer.chat_template' in meta else 'no (chatml is used)'}")
-        profile = {k: v for k, v in meta.items() if k.startswith("kvsink.")}
-        if profile:
-            print(f"{'sink profile:':<26}" + ", ".join(f"{k[len('kvsink.'):]}={v}" for k, v in sorted(profile.items())))
-        else:
-            print(f"{'sink profile:':<26}none")
+        print(f"{'sink profile:':<26}{_describe_profile(f, meta)}")
     return 0
+
+
+def _describe_profile(f, meta) -> str:
+    """The sink profile a model runs with and where it comes from."""
+    from .profile import read_profile
+    from .sink_profiles import find_shipped_profile
+    p = read_profile(meta) or find_shipped_profile(f.handle)
+    if p is None:
+        return "none (sinks=kvsink falls back to pfn:1; `python -m kvsink_cpp profile` calibrates one)"
+    notes = f", calibrated on {p.n_tokens} tokens of {p.text}: precision {p.precision:.3f}, recall {p.recall:.3f}"
+    return (f"layer {p.layer}, channels {', '.join(map(str, p.channels))}, threshold {p.threshold:.6g} "
+            f"(from {p.source}{notes if p.n_tokens else ''})")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser, n_predict_default: int) -> None:

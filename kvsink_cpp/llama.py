@@ -17,6 +17,7 @@ from .completion import (StopMatcher, chat_chunk, chat_response, completion_chun
 from .errors import ContextFullError
 from .gguf_file import read_metadata
 from .sampling import Sampler, SamplingParams
+from .sink_profiles import resolve_profile
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -185,6 +186,9 @@ class Llama:
         params = ffi.new("kvs_model_params *", lib.kvs_model_default_params())
         check(lib.kvs_model_load(self.model_path.encode(), params, model_ptr))
         self._model = ffi.gc(model_ptr[0], lib.kvs_model_free)
+        self._typed_metadata = read_metadata(lib.kvs_model_gguf(self._model))
+        # before the context: it falls back to pfn:1 when the model has no profile
+        self.sink_profile = resolve_profile(self._model, self._typed_metadata)
 
         ctx_params = ffi.new("kvs_context_params *", lib.kvs_context_default_params())
         ctx_params.n_ctx = n_ctx
@@ -215,7 +219,6 @@ class Llama:
         self.logits_all = bool(logits_all)
         self._n_ctx = lib.kvs_context_n_ctx(self._ctx)
         self._n_vocab = lib.kvs_model_n_vocab(self._model)
-        self._typed_metadata = read_metadata(lib.kvs_model_gguf(self._model))
         if ctx_params.sink_policy == lib.KVS_SINKS_KVSINK and not lib.kvs_model_has_sink_profile(self._model):
             self._warn_no_profile()
         # llama-cpp-python reports metadata values as strings
@@ -243,8 +246,9 @@ class Llama:
         if self.model_path in _warned_no_profile:
             return
         _warned_no_profile.add(self.model_path)
-        print(f"kvsink_cpp: {os.path.basename(self.model_path)} has no sink profile; sinks=kvsink falls "
-              f"back to pfn:1 (run `python -m kvsink_cpp profile` to calibrate one)", file=sys.stderr)
+        print(f"kvsink_cpp: {os.path.basename(self.model_path)} has no sink profile (none in the file, none "
+              f"shipped for these weights); sinks=kvsink falls back to pfn:1 (run `python -m kvsink_cpp profile` "
+              f"to calibrate one)", file=sys.stderr)
 
     def kv_cache_bytes_per_token(self) -> float:
         """KV cache bytes per token once quantized (all layers, K and V, scales included)."""

@@ -579,7 +579,9 @@ def _report(cal: Calibration, n_show: int = 16, verbose: bool = False) -> None:
 
 
 def _cmd_profile(args) -> int:
-    if _same_file(args.model, args.output):
+    if args.output is None and args.json is None:
+        raise ValueError("give an output GGUF, --json PATH, or both")
+    if args.output is not None and _same_file(args.model, args.output):
         raise ValueError(f"refusing to overwrite the source model {args.model}; give another output path")
     try:
         cal = run_calibration(args.model, args.text, args.tokens, progress=not args.quiet,
@@ -588,8 +590,16 @@ def _cmd_profile(args) -> int:
         print(f"no sink profile: {exc}; nothing written", file=sys.stderr)
         return 2
     _report(cal, verbose=args.verbose)
-    write_profile(args.model, args.output, cal.profile, progress=not args.quiet)
-    print(f"wrote {args.output}")
+    if args.json is not None:
+        from .gguf_file import GGUFFile
+        from .sink_profiles import write_shipped_profile
+        with GGUFFile(args.model) as f:
+            name = str(f.metadata.get("general.name", Path(args.model).stem))
+            write_shipped_profile(args.json, cal.profile, f.handle, f"{name} ({Path(args.model).name})")
+        print(f"wrote {args.json}")
+    if args.output is not None:
+        write_profile(args.model, args.output, cal.profile, progress=not args.quiet)
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -599,7 +609,10 @@ _DESCRIPTION = ("Find the model's attention sinks and write a copy of the GGUF w
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input GGUF file")
-    p.add_argument("output", help="output GGUF file (must differ from the input)")
+    p.add_argument("output", nargs="?", default=None, help="output GGUF file (must differ from the input)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also (or only) write the profile as JSON keyed by the weights' fingerprint, as "
+                        "shipped in kvsink_cpp/data/profiles/")
     p.add_argument("--text", default=None, help="calibration text file (default: the builtin English text)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                    help=f"most calibration tokens to use (default {DEFAULT_TOKENS})")

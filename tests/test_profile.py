@@ -302,3 +302,81 @@ def test_smollm2_command_reports_and_writes(smollm2_path, smollm2_calibration, t
     assert "layer  sinks  predicted  precision  recall" in text
     with GGUFFile(str(out)) as f:
         assert read_profile(f.metadata) == p
+
+
+# ---- shipped profiles ----------------------------------------------------------
+
+def test_shipped_profile_is_found_by_the_weights_fingerprint(synthetic_path, tmp_path):
+    from kvsink_cpp.sink_profiles import find_shipped_profile, fingerprint, write_shipped_profile
+    shipped = tmp_path / "profiles"
+    shipped.mkdir()
+    with GGUFFile(str(synthetic_path)) as f:
+        assert find_shipped_profile(f.handle, shipped) is None
+        write_shipped_profile(shipped / "random.json", PROFILE, f.handle, "random")
+        found = find_shipped_profile(f.handle, shipped)
+        key = fingerprint(f.handle)
+    assert (found.layer, found.channels, found.threshold) == (PROFILE.layer, PROFILE.channels, PROFILE.threshold)
+    assert found.source == "shipped with kvsink_cpp (random.json)"
+    # one changed weight byte is another model
+    other = tmp_path / "other.gguf"
+    data = bytearray(synthetic_path.read_bytes())
+    with GGUFFile(str(synthetic_path)) as f:
+        data[f.data_offset + 100] ^= 1
+    other.write_bytes(bytes(data))
+    with GGUFFile(str(other)) as f:
+        assert fingerprint(f.handle) != key and find_shipped_profile(f.handle, shipped) is None
+
+
+def test_gguf_keys_win_over_a_shipped_profile(synthetic_path, tmp_path, monkeypatch):
+    from kvsink_cpp import sink_profiles
+    shipped = tmp_path / "profiles"
+    shipped.mkdir()
+    with GGUFFile(str(synthetic_path)) as f:
+        sink_profiles.write_shipped_profile(shipped / "random.json", PROFILE, f.handle, "random")
+    monkeypatch.setattr(sink_profiles, "PROFILE_DIR", shipped)
+    with Llama(str(synthetic_path), n_ctx=32, verbose=False) as llm:
+        assert llm.sink_profile.source.startswith("shipped") and llm.sink_profile.layer == PROFILE.layer
+    in_file = tmp_path / "in-file.gguf"
+    own = SinkProfile(layer=1, channels=[5], threshold=9.0)
+    write_profile(synthetic_path, in_file, own, progress=False)
+    with Llama(str(in_file), n_ctx=32, verbose=False) as llm:
+        assert llm.sink_profile.source == "GGUF metadata" and llm.sink_profile.channels == [5]
+
+
+def test_set_sink_profile_checks_its_input(synthetic_path):
+    from kvsink_cpp._native import check, ffi, lib
+    from kvsink_cpp.errors import InvalidArgumentError
+    with Llama(str(synthetic_path), n_ctx=32, verbose=False) as llm:
+        model = llm._model
+        for layer, channels, threshold, pattern in ((4, [1], 1.0, "not a layer"), (0, [256], 1.0, "not a channel"),
+                                                    (0, [1], 0.0, "positive threshold"), (0, [], 1.0, "1..n_embd")):
+            with pytest.raises(InvalidArgumentError, match=pattern):
+                check(lib.kvs_model_set_sink_profile(model, layer, ffi.new("int32_t[]", channels or [0]),
+                                                     len(channels), threshold))
+        check(lib.kvs_model_set_sink_profile(model, 3, ffi.new("int32_t[]", [1, 2]), 2, 5.0))
+        assert lib.kvs_model_has_sink_profile(model)
+
+
+@pytest.mark.model
+def test_default_model_runs_with_its_shipped_profile(smollm2_path):
+    with Llama(str(smollm2_path), n_ctx=256, n_threads=2, verbose=False, type_k="q4", type_v="q4") as llm:
+        p = llm.sink_profile
+        assert p is not None and p.source == "shipped with kvsink_cpp (smollm2-135m-instruct-q4_1.json)"
+        assert p.layer == 2 and p.channels == [247, 507]
+        llm.eval(llm.tokenize(HELD_OUT))
+        stats = llm.kv_cache_stats()
+    assert stats["sink_positions"][0] == 0 and len(stats["sink_positions"]) >= 4   # beyond position 0
+    info = subprocess.run([sys.executable, "-m", "kvsink_cpp", "info", str(smollm2_path)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "from shipped with kvsink_cpp (smollm2-135m-instruct-q4_1.json)" in info
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_shipped_smollm2_profile_is_what_the_calibration_finds(smollm2_calibration):
+    from kvsink_cpp.sink_profiles import PROFILE_DIR
+    import json
+    shipped = json.loads((PROFILE_DIR / "smollm2-135m-instruct-q4_1.json").read_text())
+    p = smollm2_calibration.profile
+    assert (shipped["layer"], shipped["channels"]) == (p.layer, p.channels)
+    assert shipped["threshold"] == pytest.approx(p.threshold, rel=1e-6)
