@@ -175,6 +175,11 @@ typedef enum kvs_kv_type {
     KVS_KV_Q2 = 5
 } kvs_kv_type;
 
+typedef enum kvs_kv_rotate {
+    KVS_KV_ROTATE_K = 1,
+    KVS_KV_ROTATE_V = 2
+} kvs_kv_rotate;
+
 typedef enum kvs_sink_policy {
     KVS_SINKS_NONE = 0,
     KVS_SINKS_PFN = 1,
@@ -197,6 +202,7 @@ typedef struct kvs_context_params {
     int32_t sink_capacity;
     int32_t kv_ring;
     int32_t matmul;
+    int32_t kv_rotate;
 } kvs_context_params;
 
 kvs_context_params kvs_context_default_params(void);

@@ -92,6 +92,18 @@ def parse_sinks(value) -> tuple:
     raise ValueError(f"sinks must be none, pfn:N, kvsink or kvsink:N, got {value!r}")
 
 
+KV_ROTATE = {"none": 0, "k": 1, "v": 2, "kv": 3}
+
+
+def _kv_rotate(value, default: int) -> int:
+    """"none", "k", "v" or "kv": which quantized blocks are Hadamard-rotated."""
+    if value is None:
+        return default
+    if value not in KV_ROTATE:
+        raise ValueError(f"kv_rotate must be one of {', '.join(KV_ROTATE)}, got {value!r}")
+    return KV_ROTATE[value]
+
+
 _warned_no_profile: set = set()
 
 
@@ -157,6 +169,7 @@ class Llama:
         kv_block: Optional[int] = None,
         kv_recent: Optional[int] = None,
         kv_ring: bool = False,
+        kv_rotate: Optional[str] = None,
         matmul: Optional[str] = None,
         **llama_cpp_options,
     ):
@@ -209,6 +222,7 @@ class Llama:
             raise ValueError("kv_ring cannot be combined with logits_all (scores has n_ctx rows)")
         ctx_params.kv_ring = int(bool(kv_ring))
         ctx_params.matmul = _matmul_mode(matmul, ctx_params.matmul)
+        ctx_params.kv_rotate = _kv_rotate(kv_rotate, ctx_params.kv_rotate)
         self.kv_ring = bool(kv_ring)
         ctx_ptr = ffi.new("kvs_context **")
         check(lib.kvs_context_create(self._model, ctx_params, ctx_ptr))

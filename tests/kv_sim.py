@@ -10,6 +10,14 @@ import numpy as np
 BITS = {"q8": 8, "q4": 4, "q3": 3, "q2": 2}
 
 
+def hadamard(n: int) -> np.ndarray:
+    """The normalized Walsh-Hadamard matrix of order n (Sylvester's construction)."""
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
 def quantize_group(x: np.ndarray, bits: int, skip=None) -> np.ndarray:
     """Asymmetric min/max round trip of one group, as kv_quant.c computes it in float32."""
     x = np.asarray(x, dtype=np.float32)
@@ -37,11 +45,16 @@ class KVSinkSim:
     quantized again with it, from their dequantized values)."""
 
     def __init__(self, type_k: str, type_v: str, block: int, recent: int, group: int, sinks: set,
-                 capacity: int | None = None, profile=None):
+                 capacity: int | None = None, profile=None, rotate: str = "none", rope=None):
         self.kbits, self.vbits = BITS.get(type_k, 0), BITS.get(type_v, 0)
         self.f16 = {"k": type_k == "f16", "v": type_v == "f16"}
         self.block, self.recent, self.group = block, recent, group
         self.capacity, self.profile = capacity, profile
+        # kv_rotate: quantized keys are stored as H (RoPE by the offset in the block) k,
+        # values as H v; rope(x (n, heads, hd), positions) is the model's RoPE
+        self.rot_k = "k" in rotate and self.kbits > 0
+        self.rot_v = "v" in rotate and self.vbits > 0
+        self.rope = rope
         self.scores = {p: math.inf for p in sinks}
         self.table: list = []      # positions with a sink row, increasing
         self.masks: dict = {}      # block start -> the block's sink sets over time
@@ -105,12 +118,26 @@ class KVSinkSim:
             self._block(v32, v_eff, rows, masks, self.vbits, per_channel=False, f16=self.f16["v"])
         return k_eff.astype(np.float64), v_eff.astype(np.float64)
 
+    def _to_block_space(self, tile, per_channel, inverse=False):
+        """Rows (B, hd) into (or back from) the space a rotated block is quantized in."""
+        rotated = self.rot_k if per_channel else self.rot_v
+        if not rotated:
+            return tile
+        h = hadamard(tile.shape[1])
+        offsets = np.arange(len(tile), dtype=np.float64)
+        if not per_channel:
+            return (tile.astype(np.float64) @ h).astype(np.float32)
+        if inverse:
+            x = tile.astype(np.float64) @ h
+            return self.rope(x[:, None, :], -offsets)[:, 0, :].astype(np.float32)
+        return (self.rope(tile.astype(np.float64)[:, None, :], offsets)[:, 0, :] @ h).astype(np.float32)
+
     def _block(self, raw, eff, rows, masks, bits, per_channel, f16):
         if bits == 0:
             return  # f16 blocks hold the same fp16 rows as the window
         n_kv, hd = raw.shape[1], raw.shape[2]
         for h in range(n_kv):
-            tile = raw[rows, h, :]
+            tile = self._to_block_space(raw[rows, h, :], per_channel)
             out = np.empty_like(tile)
             if per_channel:
                 for d in range(hd):
@@ -125,4 +152,4 @@ class KVSinkSim:
                     for c0 in range(0, hd, g):
                         out[t, c0:c0 + g] = quantize_group(tile[t, c0:c0 + g], bits)
             keep = ~masks[-1]
-            eff[rows[keep], h, :] = out[keep]
+            eff[rows[keep], h, :] = self._to_block_space(out, per_channel, inverse=True)[keep]

@@ -155,10 +155,11 @@ def _assert_well_apart(scores: dict) -> None:
     assert np.diff(np.log(values)).min() > 1e-5
 
 
-@pytest.mark.parametrize("type_k,type_v,capacity,ubatch,impl", [("q4", "q2", 3, 8, "auto"), ("q2", "q4", 4, 1, "auto"),
-                                                            ("q3", "q3", 2, 8, "scalar"), ("f16", "q4", 3, 8, "auto")])
+@pytest.mark.parametrize("type_k,type_v,capacity,ubatch,impl,rotate", [
+    ("q4", "q2", 3, 8, "auto", "none"), ("q2", "q4", 4, 1, "auto", "none"), ("q3", "q3", 2, 8, "scalar", "none"),
+    ("f16", "q4", 3, 8, "auto", "none"), ("q3", "q4", 3, 8, "auto", "kv"), ("q4", "q2", 2, 1, "auto", "kv")])
 def test_kvsink_n_keeps_the_strongest_sinks_and_requantizes_the_rest(qwen, tmp_path, type_k, type_v, capacity,
-                                                                     ubatch, impl):
+                                                                     ubatch, impl, rotate):
     """kvsink:N: position 0 pinned, then the highest-scoring predicted sinks; a
     stronger sink displaces the weakest row, whose token is quantized with its
     block again. Logits, sink positions and the dropped count match the sim."""
@@ -168,14 +169,15 @@ def test_kvsink_n_keeps_the_strongest_sinks_and_requantizes_the_rest(qwen, tmp_p
     profiled, threshold = _with_profile(path, tmp_path, ref, tokens, layer, channels, share=0.35)
     block, recent = 8, 8
     sim = KVSinkSim(type_k, type_v, block, recent, group=32, sinks={0}, capacity=capacity,
-                    profile=(layer, channels, threshold))
+                    profile=(layer, channels, threshold), rotate=rotate, rope=ref._rope)
     want = ref.forward_cached(tokens, sim, ubatch=ubatch)
     predicted = {p: s for p, s in sim.scores.items() if p != 0}
     assert all(abs(np.log(s)) > 1e-4 for s in predicted.values())
     _assert_well_apart(predicted)
     assert sim.dropped > 0 and len(sim.table) == capacity  # the rule was exercised
     with Llama(str(profiled), n_ctx=128, n_batch=ubatch, n_threads=2, logits_all=True, verbose=False, impl=impl,
-               type_k=type_k, type_v=type_v, sinks=f"kvsink:{capacity}", kv_block=block, kv_recent=recent) as llm:
+               type_k=type_k, type_v=type_v, sinks=f"kvsink:{capacity}", kv_block=block, kv_recent=recent,
+               kv_rotate=rotate) as llm:
         llm.eval(tokens)
         got = llm.scores[:len(tokens)].copy()
         stats = llm.kv_cache_stats()
@@ -221,6 +223,45 @@ def test_bad_sink_options(qwen):
     for sinks in ("kvsink:0", "kvsink:x", "pfn:-1"):
         with pytest.raises(ValueError, match="sinks|kvsink"):
             Llama(str(path), verbose=False, sinks=sinks)
+
+
+ROTATE_CASES = [("q4", "q4", "kv", "pfn:2", 8, "auto"), ("q2", "q3", "k", "pfn:1", 8, "scalar"),
+                ("q3", "q2", "v", "none", 8, "auto"), ("q4", "q2", "kv", "pfn:2", 1, "auto"),
+                ("q2", "q4", "kv", "pfn:1", 1, "scalar"), ("f16", "q4", "kv", "pfn:1", 1, "auto")]
+
+
+@pytest.mark.parametrize("type_k,type_v,rotate,sinks,ubatch,impl", ROTATE_CASES)
+def test_rotated_blocks_match_numpy(qwen, type_k, type_v, rotate, sinks, ubatch, impl):
+    """kv_rotate: keys stored as H (RoPE by the offset in the block) k and
+    values as H v before quantizing; attention must give the logits of a cache
+    whose blocks hold exactly those round trips, rotated back (batched prefill
+    and token-by-token decode)."""
+    path, ref = qwen
+    tokens = [int(t) for t in np.random.default_rng(11).integers(0, 320, size=56)]
+    block, recent = 8, 8
+    n_sinks = 0 if sinks == "none" else int(sinks[4:])
+    sim = KVSinkSim(type_k, type_v, block, recent, group=32, sinks=set(range(n_sinks)), rotate=rotate,
+                    rope=ref._rope)
+    want = ref.forward_cached(tokens, sim, ubatch=ubatch)
+    with Llama(str(path), n_ctx=64, n_batch=ubatch, n_threads=2, logits_all=True, verbose=False, impl=impl,
+               type_k=type_k, type_v=type_v, sinks=sinks, kv_block=block, kv_recent=recent, kv_rotate=rotate) as llm:
+        for start in range(0, len(tokens), ubatch):
+            llm.eval(tokens[start:start + ubatch])
+        got = llm.scores[:len(tokens)].copy()
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    # the rotation is real: without it the cache gives other logits
+    plain = ref.forward_cached(tokens, KVSinkSim(type_k, type_v, block, recent, 32, set(range(n_sinks))), ubatch)
+    assert np.abs(plain - want).max() > 10 * np.abs(got - want).max()
+
+
+def test_rotation_needs_a_power_of_two_head(tmp_path):
+    from kvsink_cpp import UnsupportedError
+    path = synthetic.write_model(tmp_path / "hd48.gguf", "llama", {k: synthetic.T.F16 for k in
+                                 ("embd", "q", "k", "v", "o", "gate", "up", "down", "out")}, n_embd=192, n_head=4)
+    with pytest.raises(UnsupportedError, match="power-of-two head_dim"):
+        Llama(str(path), verbose=False, type_k="q4", type_v="q4", kv_rotate="kv")
+    with pytest.raises(ValueError, match="kv_rotate"):
+        Llama(str(path), verbose=False, kv_rotate="yes")
 
 
 def test_cache_bytes_per_token(qwen):

@@ -231,6 +231,17 @@ typedef enum kvs_kv_type {
     KVS_KV_Q2 = 5
 } kvs_kv_type;
 
+/* Bits of kvs_context_params.kv_rotate: a Hadamard rotation (over head_dim, a
+ * power of two) of quantized blocks, spreading outlier channels over all
+ * channels before the integer groups are formed. Keys are stored rotated by
+ * RoPE at their offset in the block and then by H, so attention rotates the
+ * query instead of every key; value sums over rotated blocks are rotated back
+ * once per head. Float caches and sink rows are never rotated. */
+typedef enum kvs_kv_rotate {
+    KVS_KV_ROTATE_K = 1,
+    KVS_KV_ROTATE_V = 2
+} kvs_kv_rotate;
+
 /* Which tokens keep exact fp16 K/V rows. */
 typedef enum kvs_sink_policy {
     KVS_SINKS_NONE = 0,
@@ -259,6 +270,7 @@ typedef struct kvs_context_params {
     int32_t kv_ring;     /* 1: when full, evict the oldest blocks and keep the sinks
                             (StreamingLLM); 0 (default): eval fails with CONTEXT_FULL      */
     int32_t matmul;      /* kvs_matmul_mode of the matrix products (default KVS_MATMUL_F32) */
+    int32_t kv_rotate;   /* KVS_KV_ROTATE_* bits (default 0: no rotation)                   */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);

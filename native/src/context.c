@@ -54,6 +54,9 @@ static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
     if (p->matmul != KVS_MATMUL_F32 && p->matmul != KVS_MATMUL_Q8) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown matmul mode %d", p->matmul);
     }
+    if (p->kv_rotate & ~(KVS_KV_ROTATE_K | KVS_KV_ROTATE_V)) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown kv_rotate bits %d", p->kv_rotate);
+    }
     if (p->sink_pfn < 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink_pfn must be >= 0, got %d", p->sink_pfn);
     if (p->sink_capacity < 0) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink_capacity must be >= 0, got %d", p->sink_capacity);
@@ -74,7 +77,7 @@ static kvs_status create_cache(kvs_context *ctx) {
     ctx->ubatch = is_float_type(p->type_k) && is_float_type(p->type_v) ? p->n_batch
                   : (p->kv_block < p->n_batch ? p->kv_block : p->n_batch);
     kvs_kv_params kp = {p->type_k, p->type_v, p->kv_block, p->kv_recent, ctx->ubatch,
-                        p->sink_capacity, p->kv_key_per_token, p->kv_group, p->kv_ring};
+                        p->sink_capacity, p->kv_key_per_token, p->kv_group, p->kv_ring, p->kv_rotate};
     ctx->sink_policy = p->sink_policy;
     ctx->sink_pfn = p->sink_pfn;
     if (p->sink_policy == KVS_SINKS_KVSINK && !ctx->model->profile.present) {

@@ -87,6 +87,20 @@ static void key_tile_scalar(int bits, int32_t n, const uint8_t *data, int64_t gr
     }
 }
 
+void kvs_fwht(int32_t n, float *x) {
+    for (int32_t h = 1; h < n; h *= 2) {
+        for (int32_t i = 0; i < n; i += 2 * h) {
+            for (int32_t j = i; j < i + h; j++) {
+                const float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+    }
+    const float norm = 1.0f / sqrtf((float)n);
+    for (int32_t i = 0; i < n; i++) x[i] *= norm;
+}
+
 static const kvs_attention_kernels scalar_kernels = {rotate_pair_scalar, dot_tile_scalar, weighted_rows_scalar,
                                                      f16_to_f32_scalar, rotate_query_scalar, dequant_groups_scalar,
                                                      exp_shifted_scalar, weighted_groups_scalar, key_tile_scalar};

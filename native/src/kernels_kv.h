@@ -76,6 +76,12 @@ void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, co
                               const float *p, int64_t p_stride, float *out, int64_t out_stride);
 #endif
 
+/* x <- H x for the normalized Walsh-Hadamard matrix of order n (a power of
+ * two): orthogonal and its own inverse, so a rotation applied before
+ * quantizing is undone by applying it again. Plain C (the compiler
+ * vectorizes it); it runs once per row, not per key. */
+void kvs_fwht(int32_t n, float *x);
+
 /* Kept for the dequantizers: f16 -> f32 of impl. */
 kvs_f16_to_f32_fn kvs_f16_to_f32_kernel(int32_t impl);
 

@@ -17,6 +17,7 @@ struct kvs_kv_cache {
     kvs_kv_params p;
     int32_t n_layer, n_kv, hd, n_rot, neox;
     int32_t kbits, vbits, B, G, Wcap, S, NB, P;
+    int32_t rot_k, rot_v;          /* quantized keys / values of blocks are Hadamard-rotated */
     int32_t n_ctx;
     size_t row_elem;               /* window and sink rows: 4 (f32) or 2 (f16) */
     int64_t k_bytes, v_bytes;      /* one block of one (layer, head) */
@@ -56,6 +57,9 @@ static kvs_status check_params(const kvs_hparams *hp, const kvs_kv_params *p) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink capacity must be in 0..65536, got %d", p->sink_capacity);
     }
     if (p->group < 1) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv group must be positive, got %d", p->group);
+    if (p->rotate && (hp->head_dim & (hp->head_dim - 1))) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kv_rotate needs a power-of-two head_dim, got %d", hp->head_dim);
+    }
     if (hp->head_dim > KV_MAX_HEAD_DIM) {
         return kvs_fail(KVS_ERR_UNSUPPORTED, "head_dim %d is larger than the KV cache supports (%d)",
                         hp->head_dim, KV_MAX_HEAD_DIM);
@@ -162,6 +166,8 @@ kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, i
     c->neox = hp->rope_neox;
     c->kbits = kvs_kv_bits(params->type_k);
     c->vbits = kvs_kv_bits(params->type_v);
+    c->rot_k = (params->rotate & KVS_KV_ROTATE_K) && c->kbits > 0;
+    c->rot_v = (params->rotate & KVS_KV_ROTATE_V) && c->vbits > 0;
     c->B = params->block;
     /* groups must tile a head: fall back to the whole head when they do not */
     c->G = c->hd % params->group == 0 ? params->group : c->hd;
@@ -304,6 +310,27 @@ static void window_tile(const kvs_kv_cache *c, const uint8_t *base, int32_t o0, 
     }
 }
 
+/* A key row as rotated blocks store it: RoPE by its offset t in the block,
+ * then the Hadamard rotation (attention rotates the query to match). */
+static void rotate_key_row(const kvs_kv_cache *c, float *row, int32_t t) {
+    for (int32_t k = 0; k < c->n_rot / 2; k++) {
+        const int32_t a = c->pair_a[k], b = c->pair_b[k];
+        const float cs = c->blk_cos[a * c->B + t], sn = c->blk_sin[a * c->B + t], x = row[a], y = row[b];
+        row[a] = x * cs - y * sn;
+        row[b] = x * sn + y * cs;
+    }
+    kvs_fwht(c->hd, row);
+}
+
+/* Rows of one (layer, head) tile brought into the space their block is quantized in. */
+static void rotate_tile(const kvs_kv_cache *c, float *tile, int is_key) {
+    if (is_key ? !c->rot_k : !c->rot_v) return;
+    for (int32_t t = 0; t < c->B; t++) {
+        if (is_key) rotate_key_row(c, tile + (int64_t)t * c->hd, t);
+        else kvs_fwht(c->hd, tile + (int64_t)t * c->hd);
+    }
+}
+
 /* The sink row that a stronger sink displaces: the lowest score, the newest
  * on ties; pinned rows (+inf) never go. -1 when every row is pinned. */
 static int32_t weakest_sink(const kvs_kv_cache *c) {
@@ -351,6 +378,7 @@ static void requantize_with_sink(kvs_kv_cache *c, int32_t r, int32_t slot) {
                 for (int32_t i = 0; i < B; i++) tile[(int64_t)i * hd + d] = column[i];
             }
             get_row(c, c->sink_k, row_index(c, r, il, h), tile + (int64_t)t * hd, KVS_IMPL_SCALAR);
+            if (c->rot_k) rotate_key_row(c, tile + (int64_t)t * hd, t);
             encode_block(c, tile, skip, c->p.type_k, c->kbits, 1, data);
         }
     }
@@ -412,8 +440,10 @@ static void commit_block(kvs_kv_cache *c) {
         for (int32_t h = 0; h < c->n_kv; h++) {
             uint8_t *dst = block_data(c, slot, il, h);
             window_tile(c, c->win_k, o0, il, h, tile);
+            rotate_tile(c, tile, 1);
             encode_block(c, tile, skip, c->p.type_k, c->kbits, 1, dst);
             window_tile(c, c->win_v, o0, il, h, tile);
+            rotate_tile(c, tile, 0);
             encode_block(c, tile, skip, c->p.type_v, c->vbits, 0, dst + c->k_bytes);
         }
     }
@@ -487,18 +517,21 @@ typedef struct attend_scratch {
     float *vt;      /* [B][hd] value tile, token-major; also key staging */
     float *qb;      /* [hd] query rotated to a segment's start */
     float *seg;     /* [B] scores of one segment */
+    float *rot;     /* [n_heads][hd] value sums of rotated blocks, rotated back at the end */
 } attend_scratch;
 
 int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *c, int32_t max_queries) {
-    return (int64_t)max_queries * c->P + 2 * (int64_t)c->hd * c->B + 2 * c->hd + c->B;
+    return (int64_t)max_queries * (c->P + c->hd) + 2 * (int64_t)c->hd * c->B + 2 * c->hd + c->B;
 }
 
 /* q rotated to a segment whose first key is `dist` positions before the
- * query, times the softmax scale. */
-static void rotate_query(const kvs_kv_cache *c, const kvs_attention_kernels *kk, const float *q, int32_t dist,
-                         float scale, float *qb) {
+ * query, times the softmax scale; for a block of Hadamard-rotated keys, also
+ * rotated by H, as its keys are (H is orthogonal: the dot is unchanged). */
+static void rotate_query(const kvs_kv_cache *c, const kvs_attention_kernels *kk, const segment *sg, const float *q,
+                         int32_t dist, float scale, float *qb) {
     const int64_t at = (int64_t)dist * (c->n_rot / 2);
     kk->rotate_query(c->n_rot, c->hd, c->neox, c->rel_cos + at, c->rel_sin + at, q, scale, qb);
+    if (sg->kind == 1 && c->rot_k) kvs_fwht(c->hd, qb);
 }
 
 /* Sink-table or window rows of a segment into vt, token-major. */
@@ -558,6 +591,7 @@ static void load_values(const kvs_kv_cache *c, int32_t il, int32_t h, const segm
     const uint8_t *data = block_data(c, sg->index, il, h) + c->k_bytes;
     if (c->vbits == 0) load_raw_block(c, data, c->p.type_v, s->vt, impl);
     else load_groups(c, data, c->vbits, s, impl);
+    if (c->rot_v) for (int32_t t = 0; t < c->B; t++) kvs_fwht(c->hd, s->vt + (int64_t)t * c->hd);
 }
 
 /* Keys of a segment that query position m_orig may see (causal inside the window). */
@@ -581,6 +615,7 @@ static attend_scratch split_scratch(const kvs_kv_cache *c, const kvs_attend_job 
     s.vt = s.kt + (int64_t)hd * c->B;
     s.qb = s.vt + (int64_t)hd * c->B;
     s.seg = s.qb + hd;
+    s.rot = s.seg + c->B;
     return s;
 }
 
@@ -591,6 +626,12 @@ static attend_scratch split_scratch(const kvs_kv_cache *c, const kvs_attend_job 
 static void load_rotated_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s,
                               const kvs_attention_kernels *kk, int32_t impl) {
     const int32_t half = c->n_rot / 2;
+    if (sg->kind == 1 && c->rot_k) { /* stored rotated: the query is brought to them (block_query) */
+        if (c->p.key_per_token) load_keys(c, il, h, sg, s, impl);
+        else kk->dequant_groups(c->kbits, c->hd, c->B, block_data(c, sg->index, il, h), kvs_kv_group_bytes(c->kbits, c->B),
+                                s->kt, c->B);
+        return;
+    }
     if (sg->kind == 1 && c->kbits > 0 && !c->p.key_per_token) {
         const uint8_t *data = block_data(c, sg->index, il, h);
         const int64_t gb = kvs_kv_group_bytes(c->kbits, c->B);
@@ -620,7 +661,7 @@ static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, att
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
                 const float *q = job->q + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
                 float *scores = s->scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
-                rotate_query(c, kk, q, m_orig - c->n_evicted - sg.c0, job->scale, s->qb);
+                rotate_query(c, kk, &sg, q, m_orig - c->n_evicted - sg.c0, job->scale, s->qb);
                 if (!sg.mask) { /* the usual case: no sink in the segment */
                     kk->dot_tile(n, hd, c->B, s->kt, s->qb, scores + sg.c0);
                     continue;
@@ -654,7 +695,7 @@ static int32_t score_part(const kvs_kv_cache *c, const kvs_attend_job *job, atte
         load_rotated_keys(c, job->il, job->kv_head, &sg, s, kk, impl);
         for (int32_t j = 0; j < job->n_heads; j++) {
             float *scores = s->scores + (int64_t)j * c->P + off;
-            rotate_query(c, kk, job->q + job->t0 * job->q_stride + (int64_t)(job->h0 + j) * hd,
+            rotate_query(c, kk, &sg, job->q + job->t0 * job->q_stride + (int64_t)(job->h0 + j) * hd,
                          m - c->n_evicted - sg.c0, job->scale, s->qb);
             kk->dot_tile(n, hd, c->B, s->kt, s->qb, scores);
             for (uint64_t mask = sg.mask; mask; mask &= mask - 1) {
@@ -683,11 +724,13 @@ void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, 
      * all heads; sink rows and the window go through f32 rows */
     segment sg;
     int32_t off = 0;
+    if (c->rot_v) memset(s.rot, 0, (size_t)job->n_heads * hd * sizeof(float));
     for (int32_t k = k0; k < k1 && get_segment(c, k, m, &sg); k++) {
         const int32_t n = visible(&sg, m);
         if (sg.kind == 1 && c->vbits > 0) {
+            /* rotated blocks sum in their own space, rotated back once below */
             kk->weighted_groups(c->vbits, n, hd, c->G, block_data(c, sg.index, job->il, job->kv_head) + c->k_bytes,
-                                job->n_heads, s.scores + off, c->P, partial + 2, rec);
+                                job->n_heads, s.scores + off, c->P, c->rot_v ? s.rot : partial + 2, c->rot_v ? hd : rec);
         } else {
             load_values(c, job->il, job->kv_head, &sg, &s, impl);
             for (int32_t j = 0; j < job->n_heads; j++) {
@@ -695,6 +738,11 @@ void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, 
             }
         }
         off += n;
+    }
+    for (int32_t j = 0; j < job->n_heads && c->rot_v; j++) {
+        float *acc = s.rot + (int64_t)j * hd, *out = partial + j * rec + 2;
+        kvs_fwht(hd, acc);
+        for (int32_t d = 0; d < hd; d++) out[d] += acc[d];
     }
 }
 

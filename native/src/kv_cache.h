@@ -30,6 +30,7 @@ typedef struct kvs_kv_params {
     int32_t key_per_token;   /* 1: keys in per-token groups instead of per channel */
     int32_t group;           /* channels per value (and per-token key) group */
     int32_t ring;            /* 1: evict the oldest blocks when full; 0: refuse */
+    int32_t rotate;          /* KVS_KV_ROTATE_* bits: Hadamard-rotate quantized keys / values */
 } kvs_kv_params;
 
 kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, int32_t n_ctx,
