@@ -39,7 +39,8 @@ from kvsink_cpp.perplexity import (REFERENCE_KV, PerplexityStats, chunk_logprobs
 HERE = Path(__file__).resolve().parent
 DEFAULT_TEXT = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 OUR_TYPES = ("f16", "q8", "q4", "q3", "q2")
-SINKS = ("none", "pfn:1", "pfn:4", "kvsink")
+# pfn:eq is pfn:N with N = the mean number of rows kvsink keeps (measured first, on the same chunks)
+SINKS = ("none", "pfn:1", "pfn:4", "pfn:eq", "kvsink", "kvsink:5")
 REFERENCE = "f16/none"
 # llama.cpp's block formats: bytes per cached element
 LLAMA_CPP_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -55,11 +56,14 @@ class Config:
     own_stats: PerplexityStats = field(default_factory=PerplexityStats)
     kv_bytes: Optional[float] = None
     error: Optional[str] = None
+    kl_tokens: list = field(default_factory=list)   # per-token KL, for paired differences
+    sink_rows: list = field(default_factory=list)   # exact rows at the end of each chunk
 
 
 def all_configs() -> List[Config]:
     configs = [Config("f32", {"type_k": "f32", "type_v": "f32"})]
-    configs += [Config(f"{t}/{s}", {"type_k": t, "type_v": t, "sinks": s}) for t in OUR_TYPES for s in SINKS]
+    configs += [Config(f"{t}/{s}{rot}", {"type_k": t, "type_v": t, "sinks": s, "kv_rotate": "kv" if rot else "none"})
+                for t in OUR_TYPES for rot in ("", " rot") for s in SINKS if t != "f16" or not rot]
     # the fast matrix products against the exact reference (DESIGN 9's bar: as close as llama.cpp)
     configs.append(Config("f16/none matmul=q8", {"type_k": "f16", "type_v": "f16", "sinks": "none", "matmul": "q8"}))
     configs += [Config(f"llama.cpp/{t}", {"ggml_type": t}, llama_cpp=True) for t in LLAMA_CPP_BYTES_PER_ELEMENT]
@@ -76,6 +80,25 @@ def select_names(names: List[str], patterns: Optional[str]) -> List[str]:
         if not any(fnmatch.fnmatchcase(name, p) for name in names):
             raise SystemExit(f"--configs: {p!r} matches none of {', '.join(names)}")
     return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in wanted)]
+
+
+def resolve_equal_budget(configs: List[Config], model: str, chunks: np.ndarray, n_threads: int) -> None:
+    """pfn:eq -> pfn:N, N = the mean number of rows kvsink keeps on these chunks
+    (the predictor's decisions with an f16 cache and fast products: a few
+    comparisons per token, so the mean hardly depends on the cache type)."""
+    rows = []
+    with open_llama(model, chunks.shape[1], n_threads, type_k="f16", type_v="f16", sinks="kvsink",
+                    matmul="q8") as llm:
+        for chunk in tqdm(chunks, desc="kvsink rows", unit="chunk", file=sys.stderr):
+            llm.reset()
+            llm.eval(chunk)
+            rows.append(llm.kv_cache_stats()["n_sinks"])
+    n = max(1, int(round(float(np.mean(rows)))))
+    print(f"kvsink keeps {np.mean(rows):.2f} rows per chunk: pfn:eq is pfn:{n}", file=sys.stderr)
+    for c in configs:
+        if c.kv.get("sinks") == "pfn:eq":
+            c.kv["sinks"] = f"pfn:{n}"
+            c.name = c.name.replace("pfn:eq", f"pfn:{n}")
 
 
 def select(configs: List[Config], patterns: Optional[str]) -> List[Config]:
@@ -153,7 +176,9 @@ class Bench:
             self.by_name[REFERENCE].stats.add(ref, targets, ref)
         for name, llm in contexts.items():
             bar.set_postfix_str(name)
-            self.by_name[name].stats.add(chunk_logprobs(llm, chunk), targets, ref)
+            c = self.by_name[name]
+            c.kl_tokens.append(c.stats.add(chunk_logprobs(llm, chunk), targets, ref))
+            c.sink_rows.append(llm.kv_cache_stats()["n_sinks"])
         own_ref = log_softmax(theirs["f16"]) if "f16" in theirs else None
         for t, logits in theirs.items():
             c = self.by_name[f"llama.cpp/{t}"]
@@ -167,12 +192,33 @@ class Bench:
         return f"[{self.completed}/{n_chunks}] " + ", ".join(f"{c.name} {c.stats.ppl:.4f}" for c in done)
 
 
-def result_of(c: Config) -> dict:
+def paired_difference(a: Config, b: Config) -> tuple:
+    """(mean, standard error) of KL(a) - KL(b) over the same scored tokens."""
+    d = np.concatenate(a.kl_tokens) - np.concatenate(b.kl_tokens)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def sink_row_bytes(metadata: dict) -> int:
+    """Bytes of one exact (fp16) K and V row over all layers."""
+    return 2 * kv_elements_per_token(metadata)
+
+
+def result_of(c: Config, by_name: dict, row_bytes: int, n_ctx: int) -> dict:
     if c.error:
         return {"kv": c.kv, "error": c.error}
     if not c.stats.count:
         return {"kv": c.kv, "error": "no chunk was evaluated"}
     out = {"kv": c.kv, "kv_bytes_per_token": c.kv_bytes, **c.stats.summary()}
+    if c.sink_rows:
+        rows = float(np.mean(c.sink_rows))
+        # sink rows are fp16 beside their (unused) block slots: the memory they add per token of context
+        out.update(sink_rows_per_chunk=rows, kv_bytes_per_token_with_sinks=c.kv_bytes + rows * row_bytes / n_ctx)
+    if c.kv.get("sinks") == "kvsink" and c.kl_tokens:
+        for o in by_name.values():   # every PFN setting of the same cache type and rotation
+            same = o.kv.get("type_k") == c.kv["type_k"] and o.kv.get("kv_rotate") == c.kv.get("kv_rotate")
+            if same and o.kl_tokens and str(o.kv.get("sinks", "")).startswith("pfn:"):
+                mean, err = paired_difference(c, o)
+                out.setdefault("kl_minus", {})[o.name] = {"mean": mean, "error": err}
     if c.own_stats.kl_count:
         own = c.own_stats.summary()
         out.update(kl_vs_own_f16=own["kl_mean"], kl_vs_own_f16_error=own["kl_error"],
@@ -184,16 +230,28 @@ def print_table(report: dict) -> None:
     print(f"{Path(report['model']).name}, {report['n_chunks']} chunks of {report['n_ctx']} tokens of "
           f"{Path(report['file']).name} ({report['n_tokens_scored']} scored tokens); KL and top-1 against "
           f"our {REFERENCE} cache; our matrix products: {report.get('matmul', 'f32')}\n")
-    print("| KV cache | PPL | KL vs our f16 | top-1 vs our f16 | KL vs own f16 | top-1 vs own f16 | KV bytes/token |")
-    print("|---|---|---|---|---|---|---|")
+    print("| KV cache | PPL | KL vs our f16 | top-1 vs our f16 | KL vs own f16 | top-1 vs own f16 | exact rows/chunk "
+          "| KV bytes/token (blocks; with sink rows) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in report["configs"].items():
         if "error" in r:
-            print(f"| {name} | not available: {r['error'][:80]} | | | | | |")
+            print(f"| {name} | not available: {r['error'][:80]} | | | | | | |")
             continue
         own_kl = f"{r['kl_vs_own_f16']:.4g} ± {r['kl_vs_own_f16_error']:.2g}" if "kl_vs_own_f16" in r else "—"
         own_top1 = f"{100 * r['top1_vs_own_f16']:.2f}%" if "top1_vs_own_f16" in r else "—"
+        rows = f"{r['sink_rows_per_chunk']:.1f}" if "sink_rows_per_chunk" in r else "—"
+        size = f"{r['kv_bytes_per_token']:,.0f}"
+        if "kv_bytes_per_token_with_sinks" in r:
+            size += f"; {r['kv_bytes_per_token_with_sinks']:,.0f}"
         print(f"| {name} | {r['ppl']:.4f} ± {r['ppl_error']:.4f} | {r['kl_mean']:.4g} ± {r['kl_error']:.2g} | "
-              f"{100 * r['top1_agreement']:.2f}% | {own_kl} | {own_top1} | {r['kv_bytes_per_token']:,.0f} |")
+              f"{100 * r['top1_agreement']:.2f}% | {own_kl} | {own_top1} | {rows} | {size} |")
+    paired = [(name, other, d) for name, r in report["configs"].items() for other, d in r.get("kl_minus", {}).items()]
+    if paired:
+        print("\nkvsink against PFN, paired over the same tokens (KL(kvsink) - KL(PFN); negative: kvsink better):\n")
+        print("| kvsink | PFN | KL difference | error | difference / error |")
+        print("|---|---|---|---|---|")
+        for name, other, d in paired:
+            print(f"| {name} | {other} | {d['mean']:.4g} | {d['error']:.2g} | {d['mean'] / d['error']:.1f} |")
 
 
 def parse_args(argv=None):
@@ -205,6 +263,8 @@ def parse_args(argv=None):
     ap.add_argument("-t", "--threads", type=int, default=2, help="threads for both runtimes (default 2)")
     ap.add_argument("--matmul", choices=("f32", "q8"), default="f32",
                     help="our matrix products: exact f32 activations (default) or the 8-bit fast path")
+    ap.add_argument("--kv-block", type=int, default=None, help="our tokens per quantized block (default 32)")
+    ap.add_argument("--kv-recent", type=int, default=None, help="our unquantized recent window (default 32)")
     ap.add_argument("--configs", help="comma-separated glob patterns of settings, e.g. 'f16/*,llama.cpp/*'")
     ap.add_argument("--list", action="store_true", help="list the settings and exit")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -220,6 +280,7 @@ def main(argv=None) -> int:
     for c in configs:
         if not c.llama_cpp:
             c.kv.setdefault("matmul", args.matmul)
+            c.kv.update({k: v for k, v in (("kv_block", args.kv_block), ("kv_recent", args.kv_recent)) if v})
     if not Path(args.file).is_file():
         raise SystemExit(f"text file not found: {args.file} (pass -f)")
     if args.model is None:
@@ -230,6 +291,8 @@ def main(argv=None) -> int:
         tokens = ref_llm.tokenize(Path(args.file).read_bytes(), add_bos=True)
         n = count_chunks(len(tokens), args.ctx_size, args.chunks)
         chunks = np.stack([chunk_tokens(tokens, args.ctx_size, i, vocab_bos(ref_llm)) for i in range(n)])
+        if any(c.kv.get("sinks") == "pfn:eq" for c in configs):
+            resolve_equal_budget(configs, args.model, chunks, args.threads)
         contexts = open_ours(configs, args.model, args.ctx_size, args.threads)
         if REFERENCE in (c.name for c in configs):
             next(c for c in configs if c.name == REFERENCE).kv_bytes = ref_llm.kv_cache_bytes_per_token()
@@ -249,7 +312,8 @@ def main(argv=None) -> int:
     report = {"model": args.model, "file": args.file, "n_ctx": args.ctx_size, "n_chunks": bench.completed,
               "matmul": args.matmul,
               "n_tokens": len(tokens), "n_tokens_scored": scored, "reference": REFERENCE,
-              "configs": {c.name: result_of(c) for c in configs}}
+              "configs": {c.name: result_of(c, {x.name: x for x in configs}, sink_row_bytes(ref_llm.metadata),
+                                            args.ctx_size) for c in configs}}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

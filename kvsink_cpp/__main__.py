@@ -102,7 +102,10 @@ def add_kv_cache_args(p: argparse.ArgumentParser, default_type: str) -> None:
     p.add_argument("-ctv", "--cache-type-v", default=default_type, choices=list(KV_TYPES),
                    help=f"KV cache type for values (default {default_type})")
     p.add_argument("--sinks", default="kvsink",
-                   help="tokens kept exact: none, pfn:N (first N) or kvsink (the model's profile; default)")
+                   help="tokens kept exact: none, pfn:N (first N), kvsink (the model's profile; default) or "
+                        "kvsink:N (at most N rows: position 0 and the strongest predicted sinks)")
+    p.add_argument("--kv-rotate", default=None, choices=("none", "k", "v", "kv"),
+                   help="Hadamard-rotate quantized keys, values or both (default none)")
     p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block (default 32)")
     p.add_argument("--kv-recent", type=int, default=None, help="newest tokens kept unquantized (default 32)")
     p.add_argument("--matmul", default="f32", choices=("f32", "q8"),
@@ -112,7 +115,7 @@ def add_kv_cache_args(p: argparse.ArgumentParser, default_type: str) -> None:
 
 def kv_cache_options(args) -> dict:
     return dict(type_k=args.cache_type_k, type_v=args.cache_type_v, sinks=args.sinks,
-                kv_block=args.kv_block, kv_recent=args.kv_recent, matmul=args.matmul)
+                kv_block=args.kv_block, kv_recent=args.kv_recent, kv_rotate=args.kv_rotate, matmul=args.matmul)
 
 def _sampling(args) -> dict:
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,

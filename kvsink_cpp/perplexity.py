@@ -38,7 +38,7 @@ from .llama import Llama
 
 # The cache every setting is compared with (llama.cpp's default KV cache).
 REFERENCE_KV = {"type_k": "f16", "type_v": "f16", "sinks": "none"}
-KV_OPTIONS = ("type_k", "type_v", "sinks", "kv_block", "kv_recent", "matmul")
+KV_OPTIONS = ("type_k", "type_v", "sinks", "kv_block", "kv_recent", "kv_rotate", "matmul")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -69,9 +69,11 @@ class PerplexityStats:
     kl2_sum: float = 0.0
     same_top: int = 0
 
-    def add(self, logprobs: np.ndarray, targets: np.ndarray, ref_logprobs: Optional[np.ndarray] = None) -> None:
+    def add(self, logprobs: np.ndarray, targets: np.ndarray,
+            ref_logprobs: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
         """Score rows of log-probs against the next tokens; with ref_logprobs (the
-        reference setting's rows for the same positions) also KL and top-1."""
+        reference setting's rows for the same positions) also KL and top-1, and
+        return the KL of each token (for paired comparisons)."""
         nll = -logprobs[np.arange(len(targets)), targets]
         self.count += len(nll)
         self.nll_sum += float(nll.sum())
@@ -82,6 +84,8 @@ class PerplexityStats:
             self.kl_sum += float(kl.sum())
             self.kl2_sum += float((kl * kl).sum())
             self.same_top += int((ref_logprobs.argmax(-1) == logprobs.argmax(-1)).sum())
+            return kl
+        return None
 
     @property
     def nll_mean(self) -> float:
@@ -236,6 +240,7 @@ def perplexity(model_path, text, n_ctx: int = 512, n_chunks: Optional[int] = Non
         stats = llm.kv_cache_stats()
         result.update({"model": os.fspath(model_path), **{k: kv_options.get(k) for k in KV_OPTIONS},
                        "kv_bytes_per_token": llm.kv_cache_bytes_per_token(),
+                       "sink_rows_last_chunk": stats["n_sinks"], "sinks_dropped": stats["n_sinks_dropped"],
                        "eval_seconds": stats["eval_seconds"],
                        "sink_predict_seconds": stats["sink_predict_seconds"]})
         if kl_divergence:
@@ -254,7 +259,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=int, default=-1, help="most chunks to evaluate (default -1: all)")
     p.add_argument("-ctk", "--cache-type-k", default=None, help="K cache type: f32 f16 q8 q4 q3 q2")
     p.add_argument("-ctv", "--cache-type-v", default=None, help="V cache type: f32 f16 q8 q4 q3 q2")
-    p.add_argument("--sinks", default=None, help="sink rows kept exact: none, pfn:N, kvsink")
+    p.add_argument("--sinks", default=None, help="sink rows kept exact: none, pfn:N, kvsink, kvsink:N")
+    p.add_argument("--kv-rotate", default=None, choices=("none", "k", "v", "kv"),
+                   help="Hadamard-rotate quantized keys, values or both (default none)")
     p.add_argument("--matmul", default=None, choices=("f32", "q8"),
                    help="matrix products: f32 (exact, default) or q8 (8-bit activations, faster)")
     p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block")
@@ -290,7 +297,8 @@ def run_perplexity_command(args) -> int:
     result = perplexity(model, text, n_ctx=args.ctx_size, n_chunks=None if args.chunks < 0 else args.chunks,
                         n_threads=args.threads, kl_divergence=args.kl_divergence, progress=True,
                         type_k=args.cache_type_k, type_v=args.cache_type_v, sinks=args.sinks,
-                        kv_block=args.kv_block, kv_recent=args.kv_recent, matmul=args.matmul)
+                        kv_block=args.kv_block, kv_recent=args.kv_recent, kv_rotate=args.kv_rotate,
+                        matmul=args.matmul)
     result["file"] = args.file
     if args.json:
         print(json.dumps(result, indent=2))
