@@ -170,6 +170,8 @@ class Llama:
         kv_recent: Optional[int] = None,
         kv_ring: bool = False,
         kv_rotate: Optional[str] = None,
+        kv_group: Optional[int] = None,
+        kv_key_per_token: Optional[bool] = None,
         matmul: Optional[str] = None,
         **llama_cpp_options,
     ):
@@ -211,9 +213,13 @@ class Llama:
         ctx_params.type_k = _kv_type(type_k, "type_k", ctx_params.type_k)
         ctx_params.type_v = _kv_type(type_v, "type_v", ctx_params.type_v)
         ctx_params.sink_policy, ctx_params.sink_pfn, ctx_params.sink_capacity = parse_sinks(sinks)
-        for name, value in (("kv_block", kv_block), ("kv_recent", kv_recent)):
+        for name, value in (("kv_block", kv_block), ("kv_recent", kv_recent), ("kv_group", kv_group)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an int, got {value!r}")
+        if kv_group is not None:
+            ctx_params.kv_group = kv_group
+        if kv_key_per_token is not None:
+            ctx_params.kv_key_per_token = int(bool(kv_key_per_token))
         if kv_block is not None:
             ctx_params.kv_block = kv_block
         if kv_recent is not None:

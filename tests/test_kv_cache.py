@@ -12,6 +12,8 @@ import synthetic
 from kv_sim import BITS, KVSinkSim, quantize_group
 from numpy_llama import NumpyLlama
 
+# the layout the plain numpy cache model (KVSinkSim without rotate) describes
+PLAIN = dict(kv_rotate="none", kv_group=32)
 KV_IDS = {"q8": lib.KVS_KV_Q8, "q4": lib.KVS_KV_Q4, "q3": lib.KVS_KV_Q3, "q2": lib.KVS_KV_Q2}
 
 
@@ -75,7 +77,7 @@ def test_attention_over_sinks_blocks_and_window_matches_numpy(qwen, type_k, type
     n_sinks = 0 if sinks == "none" else int(sinks[4:])
     sim = KVSinkSim(type_k, type_v, block, recent, group=32, sinks=set(range(n_sinks)))
     want = ref.forward_cached(tokens, sim, ubatch=block)
-    with Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False, impl=impl,
+    with Llama(str(path), **PLAIN, n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False, impl=impl,
                type_k=type_k, type_v=type_v, sinks=sinks, kv_block=block, kv_recent=recent) as llm:
         llm.eval(tokens)
         got = llm.scores[:60].copy()
@@ -108,7 +110,7 @@ def test_token_by_token_decode_over_blocks_matches_numpy(qwen, type_k, type_v, s
         sim = KVSinkSim(type_k, type_v, block, recent, group=32, sinks=set(range(n_sinks)))
         want = ref.forward_cached(tokens, sim, ubatch=1)
     got = []
-    with Llama(str(path), n_ctx=128, n_threads=2, verbose=False, impl=impl, type_k=type_k, type_v=type_v,
+    with Llama(str(path), **PLAIN, n_ctx=128, n_threads=2, verbose=False, impl=impl, type_k=type_k, type_v=type_v,
                sinks=sinks, kv_block=block, kv_recent=recent) as llm:
         for tok in tokens:
             llm.eval([int(tok)])
@@ -125,7 +127,7 @@ def test_sink_rows_are_kept_exact(qwen):
     for sinks in ("pfn:4", "none"):
         sim = KVSinkSim("q2", "q2", 8, 8, 32, sinks=set(range(4)) if sinks != "none" else set())
         want = ref.forward_cached(tokens, sim, ubatch=8)
-        with Llama(str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False, type_k="q2", type_v="q2",
+        with Llama(str(path), **PLAIN, n_ctx=64, n_threads=1, logits_all=True, verbose=False, type_k="q2", type_v="q2",
                    sinks=sinks, kv_block=8, kv_recent=8) as llm:
             llm.eval(tokens)
             results[sinks] = (llm.scores[:48].copy(), want)
@@ -177,7 +179,7 @@ def test_kvsink_n_keeps_the_strongest_sinks_and_requantizes_the_rest(qwen, tmp_p
     assert sim.dropped > 0 and len(sim.table) == capacity  # the rule was exercised
     with Llama(str(profiled), n_ctx=128, n_batch=ubatch, n_threads=2, logits_all=True, verbose=False, impl=impl,
                type_k=type_k, type_v=type_v, sinks=f"kvsink:{capacity}", kv_block=block, kv_recent=recent,
-               kv_rotate=rotate) as llm:
+               kv_rotate=rotate, kv_group=32) as llm:
         llm.eval(tokens)
         got = llm.scores[:len(tokens)].copy()
         stats = llm.kv_cache_stats()
@@ -193,7 +195,7 @@ def test_plain_kvsink_keeps_every_predicted_sink(qwen, tmp_path):
     sim = KVSinkSim("q4", "q4", 8, 8, group=32, sinks={0}, profile=(0, [3, 17], threshold))
     want = ref.forward_cached(tokens, sim, ubatch=8)
     assert all(abs(np.log(s)) > 1e-4 for s in sim.scores.values())
-    with Llama(str(profiled), n_ctx=128, n_batch=8, n_threads=2, logits_all=True, verbose=False, type_k="q4",
+    with Llama(str(profiled), **PLAIN, n_ctx=128, n_batch=8, n_threads=2, logits_all=True, verbose=False, type_k="q4",
                type_v="q4", kv_block=8, kv_recent=8) as llm:
         llm.eval(tokens)
         stats = llm.kv_cache_stats()
@@ -244,7 +246,8 @@ def test_rotated_blocks_match_numpy(qwen, type_k, type_v, rotate, sinks, ubatch,
                     rope=ref._rope)
     want = ref.forward_cached(tokens, sim, ubatch=ubatch)
     with Llama(str(path), n_ctx=64, n_batch=ubatch, n_threads=2, logits_all=True, verbose=False, impl=impl,
-               type_k=type_k, type_v=type_v, sinks=sinks, kv_block=block, kv_recent=recent, kv_rotate=rotate) as llm:
+               type_k=type_k, type_v=type_v, sinks=sinks, kv_block=block, kv_recent=recent, kv_rotate=rotate,
+               kv_group=32) as llm:
         for start in range(0, len(tokens), ubatch):
             llm.eval(tokens[start:start + ubatch])
         got = llm.scores[:len(tokens)].copy()
@@ -273,7 +276,10 @@ def test_cache_bytes_per_token(qwen):
     # 2 layers x 2 KV heads x 64 dims, K and V
     assert sizes["f32"] == 2 * 2 * 64 * 2 * 4 and sizes["f16"] == 2 * 2 * 64 * 2 * 2
     per_value = {k: sizes[k] / (2 * 2 * 64 * 2) for k in ("q8", "q4", "q3", "q2")}
-    assert per_value == {"q8": 9 / 8 + 0.0, "q4": 5 / 8, "q3": 4 / 8, "q2": 3 / 8}
+    # q4 by default: blocks of 64 tokens (keys per channel) and 64-channel value groups, 4.5 bits
+    assert per_value == {"q8": 9 / 8 + 0.0, "q4": 9 / 16, "q3": 4 / 8, "q2": 3 / 8}
+    with Llama(str(path), n_ctx=64, verbose=False, type_k="q4", type_v="q4", kv_block=32, kv_group=32) as llm:
+        assert llm.kv_cache_bytes_per_token() / (2 * 2 * 64 * 2) == 5 / 8
 
 
 @pytest.mark.parametrize("type_kv", ["f32", "q4"])

@@ -256,9 +256,11 @@ typedef struct kvs_context_params {
     int32_t impl;        /* kvs_impl: kernels to use                                       */
     int32_t type_k;      /* kvs_kv_type of keys (default KVS_KV_F32: exact)                 */
     int32_t type_v;      /* kvs_kv_type of values                                          */
-    int32_t kv_block;    /* tokens per quantized block: multiple of 8 in 8..64 (default 32) */
+    int32_t kv_block;    /* tokens per quantized block: multiple of 8 in 8..64; 0 (default):
+                            64 when a cache type is q4, else 32                            */
     int32_t kv_recent;   /* newest tokens always kept unquantized (default 32)             */
-    int32_t kv_group;    /* channels per value group, and per key group when per token (32) */
+    int32_t kv_group;    /* channels per value group, and per key group when per token;
+                            0 (default): 64 for q4 (when head_dim allows), else 32          */
     int32_t kv_key_per_token; /* 0: keys quantized per channel across a block (KIVI, default);
                                  1: per token in groups of kv_group channels                */
     int32_t sink_policy; /* kvs_sink_policy (default KVS_SINKS_KVSINK)                      */
@@ -270,7 +272,8 @@ typedef struct kvs_context_params {
     int32_t kv_ring;     /* 1: when full, evict the oldest blocks and keep the sinks
                             (StreamingLLM); 0 (default): eval fails with CONTEXT_FULL      */
     int32_t matmul;      /* kvs_matmul_mode of the matrix products (default KVS_MATMUL_F32) */
-    int32_t kv_rotate;   /* KVS_KV_ROTATE_* bits (default 0: no rotation)                   */
+    int32_t kv_rotate;   /* KVS_KV_ROTATE_* bits; -1 (default): keys and values when head_dim
+                            is a power of two, else none                                   */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);

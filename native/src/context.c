@@ -20,16 +20,29 @@ kvs_context_params kvs_context_default_params(void) {
     /* exact by default: an f16 cache moves SmolLM2's logits by ~1e-3 of their range */
     params.type_k = KVS_KV_F32;
     params.type_v = KVS_KV_F32;
-    params.kv_block = 32;
+    params.kv_block = 0;    /* per type: see resolve_kv_layout */
     params.kv_recent = 32;
-    params.kv_group = 32;
+    params.kv_group = 0;
     params.kv_key_per_token = 0;
     params.sink_policy = KVS_SINKS_KVSINK;
     params.sink_pfn = 1;
     params.sink_capacity = 0;
     params.kv_ring = 0;
     params.matmul = KVS_MATMUL_F32;
+    params.kv_rotate = -1;
     return params;
+}
+
+/* The measured defaults (README, bench/kv_quality.py): q4 in blocks of 64
+ * tokens with 64-channel value groups (4.5 bits, llama.cpp q4_0's size, and
+ * less KL than 32/32 once rotated); other types 32/32. Quantized blocks are
+ * Hadamard-rotated when the head allows it (a power of two). */
+static void resolve_kv_layout(const kvs_model *m, kvs_context_params *p) {
+    const int q4 = p->type_k == KVS_KV_Q4 || p->type_v == KVS_KV_Q4;
+    const int32_t hd = m->hp.head_dim;
+    if (p->kv_block == 0) p->kv_block = q4 ? 64 : 32;
+    if (p->kv_group == 0) p->kv_group = q4 && hd % 64 == 0 ? 64 : 32;
+    if (p->kv_rotate < 0) p->kv_rotate = hd > 0 && (hd & (hd - 1)) == 0 ? KVS_KV_ROTATE_K | KVS_KV_ROTATE_V : 0;
 }
 
 static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
@@ -54,6 +67,7 @@ static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
     if (p->matmul != KVS_MATMUL_F32 && p->matmul != KVS_MATMUL_Q8) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown matmul mode %d", p->matmul);
     }
+    resolve_kv_layout(m, p);
     if (p->kv_rotate & ~(KVS_KV_ROTATE_K | KVS_KV_ROTATE_V)) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown kv_rotate bits %d", p->kv_rotate);
     }
