@@ -45,8 +45,9 @@ CONFIGS = {
     "kvsink_cpp/q8": ("kvsink_cpp", {"type_k": "q8", "type_v": "q8", "sinks": "kvsink", **FAST}),
     "kvsink_cpp/q4": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", **FAST}),
     "kvsink_cpp/q2": ("kvsink_cpp", {"type_k": "q2", "type_v": "q2", "sinks": "kvsink", **FAST}),
-    "kvsink_cpp/q4 rot": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "kv_rotate": "kv", **FAST}),
-    "kvsink_cpp/q2 rot": ("kvsink_cpp", {"type_k": "q2", "type_v": "q2", "sinks": "kvsink", "kv_rotate": "kv", **FAST}),
+    # the layout before the measured defaults (blocks and groups of 32, no rotation), for comparison
+    "kvsink_cpp/q4 32/32 unrotated": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "kv_block": 32,
+                                                     "kv_group": 32, "kv_rotate": "none", **FAST}),
     "kvsink_cpp/q4 exact": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "matmul": "f32"}),
     "llama.cpp/f16": ("llama.cpp", {"type_k": GGML_TYPES["f16"], "type_v": GGML_TYPES["f16"]}),
     "llama.cpp/q4_0": ("llama.cpp", {"type_k": GGML_TYPES["q4_0"], "type_v": GGML_TYPES["q4_0"]}),
