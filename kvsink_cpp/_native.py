@@ -162,6 +162,8 @@ int32_t kvs_model_has_sink_profile(const kvs_model *model);
 kvs_status kvs_model_set_sink_profile(kvs_model *model, int32_t layer, const int32_t *channels,
                                               int32_t n_channels, float threshold);
 
+kvs_status kvs_hadamard(int32_t impl, int64_t n, float *x);
+
 kvs_status kvs_kv_roundtrip(int32_t kv_type, int32_t impl, const float *x, int64_t n, float *y);
 
 typedef struct kvs_context kvs_context;

@@ -49,6 +49,26 @@ def test_avx2_dequantization_equals_scalar(kind):
         np.testing.assert_array_equal(roundtrip(kind, x, lib.KVS_IMPL_AVX2), roundtrip(kind, x))
 
 
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
+def test_hadamard_kernels_equal_the_matrix_and_each_other(n):
+    from kv_sim import hadamard
+    x = np.random.default_rng(n).normal(size=n).astype(np.float32) * 10
+    out = {}
+    impls = [lib.KVS_IMPL_SCALAR] + ([lib.KVS_IMPL_AVX2] if lib.kvs_cpu_has_avx2() else [])
+    for impl in impls:
+        y = x.copy()
+        check(lib.kvs_hadamard(impl, n, ffi.from_buffer("float[]", y, require_writable=True)))
+        out[impl] = y
+        np.testing.assert_allclose(y, hadamard(n) @ x.astype(np.float64), rtol=0, atol=1e-5 * np.abs(x).sum())
+        twice = y.copy()
+        check(lib.kvs_hadamard(impl, n, ffi.from_buffer("float[]", twice, require_writable=True)))
+        np.testing.assert_allclose(twice, x, rtol=0, atol=1e-5 * np.abs(x).max())  # its own inverse
+    for y in out.values():
+        np.testing.assert_array_equal(y, out[lib.KVS_IMPL_SCALAR])  # the AVX2 twin rounds as the scalar one
+    with pytest.raises(ValueError, match="power of two"):
+        check(lib.kvs_hadamard(lib.KVS_IMPL_SCALAR, 48, ffi.new("float[]", 48)))
+
+
 def test_constant_group_is_exact_up_to_fp16():
     x = np.full(32, 3.25, np.float32)
     np.testing.assert_array_equal(roundtrip("q2", x), x)

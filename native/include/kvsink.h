@@ -215,6 +215,10 @@ KVS_API kvs_status kvs_model_set_sink_profile(kvs_model *model, int32_t layer, c
 
 /* ---- contexts (a KV cache plus scratch; many per model) ----------------- */
 
+/* x <- H x with the normalized Walsh-Hadamard matrix of order n (a power of
+ * two up to 4096) and impl's kernel: the rotation of kv_rotate's blocks. */
+KVS_API kvs_status kvs_hadamard(int32_t impl, int64_t n, float *x);
+
 /* Quantize n values as one KV cache group of kv_type (kvs_kv_type; Q types
  * only) and dequantize them into y with impl's kernels: the cache's round trip. */
 KVS_API kvs_status kvs_kv_roundtrip(int32_t kv_type, int32_t impl, const float *x, int64_t n, float *y);

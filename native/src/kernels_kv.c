@@ -103,11 +103,13 @@ void kvs_fwht(int32_t n, float *x) {
 
 static const kvs_attention_kernels scalar_kernels = {rotate_pair_scalar, dot_tile_scalar, weighted_rows_scalar,
                                                      f16_to_f32_scalar, rotate_query_scalar, dequant_groups_scalar,
-                                                     exp_shifted_scalar, weighted_groups_scalar, key_tile_scalar};
+                                                     exp_shifted_scalar, weighted_groups_scalar, key_tile_scalar,
+                                                     kvs_fwht};
 #if defined(KVS_HAVE_AVX2_BUILD)
 static const kvs_attention_kernels avx2_kernels = {kvs_rotate_pair_avx2, kvs_dot_tile_avx2, kvs_weighted_rows_avx2,
                                                    kvs_f16_to_f32_avx2, kvs_rotate_query_avx2, kvs_dequant_groups_avx2,
-                                                   kvs_exp_shifted_avx2, kvs_weighted_groups_avx2, kvs_key_tile_avx2};
+                                                   kvs_exp_shifted_avx2, kvs_weighted_groups_avx2, kvs_key_tile_avx2,
+                                                   kvs_fwht_avx2};
 #endif
 
 const kvs_attention_kernels *kvs_attention_kernels_find(int32_t impl) {

@@ -43,6 +43,10 @@ typedef float (*kvs_exp_shifted_fn)(int32_t n, float *x, float *max_out);
 typedef void (*kvs_weighted_groups_fn)(int bits, int32_t n_tok, int32_t hd, int32_t G, const uint8_t *data,
                                        int32_t n_heads, const float *p, int64_t p_stride, float *out,
                                        int64_t out_stride);
+/* x <- H x for the normalized Walsh-Hadamard matrix of order n (a power of
+ * two): orthogonal and its own inverse, so a rotation applied before
+ * quantizing is undone by applying it again. */
+typedef void (*kvs_fwht_fn)(int32_t n, float *x);
 
 typedef struct {
     kvs_rotate_pair_fn rotate_pair;
@@ -54,6 +58,7 @@ typedef struct {
     kvs_exp_shifted_fn exp_shifted;
     kvs_weighted_groups_fn weighted_groups;
     kvs_key_tile_fn key_tile;
+    kvs_fwht_fn fwht;
 } kvs_attention_kernels;
 
 /* The kernels of impl (SCALAR, or AVX2 when built). */
@@ -74,12 +79,10 @@ void kvs_key_tile_avx2(int bits, int32_t n, const uint8_t *data, int64_t group_b
                        int64_t stride, float *kt);
 void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, const uint8_t *data, int32_t n_heads,
                               const float *p, int64_t p_stride, float *out, int64_t out_stride);
+void kvs_fwht_avx2(int32_t n, float *x);
 #endif
 
-/* x <- H x for the normalized Walsh-Hadamard matrix of order n (a power of
- * two): orthogonal and its own inverse, so a rotation applied before
- * quantizing is undone by applying it again. Plain C (the compiler
- * vectorizes it); it runs once per row, not per key. */
+/* The scalar kvs_fwht_fn (the AVX2 one's oracle; also used when blocks are encoded). */
 void kvs_fwht(int32_t n, float *x);
 
 /* Kept for the dequantizers: f16 -> f32 of impl. */

@@ -307,3 +307,33 @@ void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, co
         }
     }
 }
+
+/* Butterflies of distance 1, 2 and 4 inside a vector: x + partner in the
+ * first half of each pair of runs, partner - x in the second (x * -1 is
+ * exact, so each lane rounds as the scalar a + b or a - b does). */
+static inline __m256 fwht8(__m256 x) {
+    const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1), s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+    const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+    x = _mm256_fmadd_ps(x, s1, _mm256_permute_ps(x, 0xB1));
+    x = _mm256_fmadd_ps(x, s2, _mm256_permute_ps(x, 0x4E));
+    return _mm256_fmadd_ps(x, s4, _mm256_permute2f128_ps(x, x, 1));
+}
+
+void kvs_fwht_avx2(int32_t n, float *x) {
+    if (n < 8) {
+        kvs_fwht(n, x);
+        return;
+    }
+    for (int32_t i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, fwht8(_mm256_loadu_ps(x + i)));
+    for (int32_t h = 8; h < n; h *= 2) {
+        for (int32_t i = 0; i < n; i += 2 * h) {
+            for (int32_t j = i; j < i + h; j += 8) {
+                const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
+                _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+                _mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
+            }
+        }
+    }
+    const __m256 norm = _mm256_set1_ps(1.0f / sqrtf((float)n));
+    for (int32_t i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), norm));
+}

@@ -531,7 +531,7 @@ static void rotate_query(const kvs_kv_cache *c, const kvs_attention_kernels *kk,
                          int32_t dist, float scale, float *qb) {
     const int64_t at = (int64_t)dist * (c->n_rot / 2);
     kk->rotate_query(c->n_rot, c->hd, c->neox, c->rel_cos + at, c->rel_sin + at, q, scale, qb);
-    if (sg->kind == 1 && c->rot_k) kvs_fwht(c->hd, qb);
+    if (sg->kind == 1 && c->rot_k) kk->fwht(c->hd, qb);
 }
 
 /* Sink-table or window rows of a segment into vt, token-major. */
@@ -591,7 +591,10 @@ static void load_values(const kvs_kv_cache *c, int32_t il, int32_t h, const segm
     const uint8_t *data = block_data(c, sg->index, il, h) + c->k_bytes;
     if (c->vbits == 0) load_raw_block(c, data, c->p.type_v, s->vt, impl);
     else load_groups(c, data, c->vbits, s, impl);
-    if (c->rot_v) for (int32_t t = 0; t < c->B; t++) kvs_fwht(c->hd, s->vt + (int64_t)t * c->hd);
+    if (c->rot_v) {
+        const kvs_fwht_fn fwht = kvs_attention_kernels_find(impl)->fwht;
+        for (int32_t t = 0; t < c->B; t++) fwht(c->hd, s->vt + (int64_t)t * c->hd);
+    }
 }
 
 /* Keys of a segment that query position m_orig may see (causal inside the window). */
@@ -741,7 +744,7 @@ void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, 
     }
     for (int32_t j = 0; j < job->n_heads && c->rot_v; j++) {
         float *acc = s.rot + (int64_t)j * hd, *out = partial + j * rec + 2;
-        kvs_fwht(hd, acc);
+        kk->fwht(hd, acc);
         for (int32_t d = 0; d < hd; d++) out[d] += acc[d];
     }
 }

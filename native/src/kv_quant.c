@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "formats.h"
+#include "kernels_kv.h"
 #include "status.h"
 
 kvs_status kvs_kv_roundtrip(int32_t kv_type, int32_t impl, const float *x, int64_t n, float *y) {
@@ -15,6 +16,17 @@ kvs_status kvs_kv_roundtrip(int32_t kv_type, int32_t impl, const float *x, int64
     if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "this CPU (or build) has no AVX2");
     kvs_kv_quantize_group(x, 1, NULL, n, bits, buf);
     kvs_kv_dequantize_group_impl(buf, n, bits, y, impl == KVS_IMPL_AUTO && kvs_avx2_available() ? KVS_IMPL_AVX2 : impl);
+    return KVS_OK;
+}
+
+kvs_status kvs_hadamard(int32_t impl, int64_t n, float *x) {
+    if (!x || n < 1 || n > 4096 || (n & (n - 1))) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_hadamard needs a buffer of a power of two up to 4096 values, got %lld",
+                        (long long)n);
+    }
+    if (impl == KVS_IMPL_AVX2 && !kvs_avx2_available()) return kvs_fail(KVS_ERR_UNSUPPORTED, "this CPU (or build) has no AVX2");
+    if (impl == KVS_IMPL_AUTO) impl = kvs_avx2_available() ? KVS_IMPL_AVX2 : KVS_IMPL_SCALAR;
+    kvs_attention_kernels_find(impl)->fwht((int32_t)n, x);
     return KVS_OK;
 }
 
