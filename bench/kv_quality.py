@@ -64,6 +64,9 @@ def all_configs() -> List[Config]:
     configs = [Config("f32", {"type_k": "f32", "type_v": "f32"})]
     configs += [Config(f"{t}/{s}{rot}", {"type_k": t, "type_v": t, "sinks": s, "kv_rotate": "kv" if rot else "none"})
                 for t in OUR_TYPES for rot in ("", " rot") for s in SINKS if t != "f16" or not rot]
+    # q4 as it was before the measured defaults: blocks and value groups of 32, no rotation
+    configs.append(Config("q4/kvsink 32/32 unrotated", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink",
+                                                        "kv_block": 32, "kv_group": 32, "kv_rotate": "none"}))
     # the fast matrix products against the exact reference (DESIGN 9's bar: as close as llama.cpp)
     configs.append(Config("f16/none matmul=q8", {"type_k": "f16", "type_v": "f16", "sinks": "none", "matmul": "q8"}))
     configs += [Config(f"llama.cpp/{t}", {"ggml_type": t}, llama_cpp=True) for t in LLAMA_CPP_BYTES_PER_ELEMENT]
