@@ -105,7 +105,7 @@ def add_kv_cache_args(p: argparse.ArgumentParser, default_type: str) -> None:
                    help="tokens kept exact: none, pfn:N (first N), kvsink (the model's profile; default) or "
                         "kvsink:N (at most N rows: position 0 and the strongest predicted sinks)")
     p.add_argument("--kv-rotate", default=None, choices=("none", "k", "v", "kv"),
-                   help="Hadamard-rotate quantized keys, values or both (default kv when head_dim is a power of two)")
+                   help="Hadamard-rotate quantized keys, values or both (default: q4/q3/q2 blocks when head_dim is a power of two)")
     p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block (default 64 for q4, else 32)")
     p.add_argument("--kv-recent", type=int, default=None, help="newest tokens kept unquantized (default 32)")
     p.add_argument("--matmul", default="f32", choices=("f32", "q8"),

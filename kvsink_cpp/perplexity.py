@@ -261,7 +261,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ctv", "--cache-type-v", default=None, help="V cache type: f32 f16 q8 q4 q3 q2")
     p.add_argument("--sinks", default=None, help="sink rows kept exact: none, pfn:N, kvsink, kvsink:N")
     p.add_argument("--kv-rotate", default=None, choices=("none", "k", "v", "kv"),
-                   help="Hadamard-rotate quantized keys, values or both (default kv when head_dim is a power of two)")
+                   help="Hadamard-rotate quantized keys, values or both (default: q4/q3/q2 blocks when head_dim is a power of two)")
     p.add_argument("--matmul", default=None, choices=("f32", "q8"),
                    help="matrix products: f32 (exact, default) or q8 (8-bit activations, faster)")
     p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block")

@@ -371,3 +371,22 @@ def test_bad_cache_options(qwen):
                             ({"kv_block": 12}, "kv_block"), ({"kv_recent": -1}, "kv_recent")):
         with pytest.raises(ValueError, match=pattern):
             Llama(str(path), verbose=False, **kwargs)
+
+
+def test_default_layout_is_the_measured_one(qwen):
+    """q4: blocks and value groups of 64, rotated; q3/q2 rotated; q8 not (README, KV quality)."""
+    path, _ = qwen
+    tokens = [int(t) for t in np.random.default_rng(12).integers(0, 320, size=200)]  # several blocks committed
+
+    def last_logits(**kw):
+        with Llama(str(path), n_ctx=256, n_threads=2, verbose=False, **kw) as llm:
+            llm.eval(tokens)
+            return llm.last_logits().copy()
+
+    for kind, explicit in (("q4", dict(kv_rotate="kv", kv_block=64, kv_group=64)),
+                           ("q2", dict(kv_rotate="kv", kv_block=32, kv_group=32)),
+                           ("q8", dict(kv_rotate="none", kv_block=32, kv_group=32))):
+        default = last_logits(type_k=kind, type_v=kind)
+        np.testing.assert_array_equal(default, last_logits(type_k=kind, type_v=kind, **explicit))
+        other = dict(explicit, kv_rotate="none" if explicit["kv_rotate"] == "kv" else "kv")
+        assert np.abs(default - last_logits(type_k=kind, type_v=kind, **other)).max() > 0

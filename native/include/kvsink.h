@@ -276,8 +276,8 @@ typedef struct kvs_context_params {
     int32_t kv_ring;     /* 1: when full, evict the oldest blocks and keep the sinks
                             (StreamingLLM); 0 (default): eval fails with CONTEXT_FULL      */
     int32_t matmul;      /* kvs_matmul_mode of the matrix products (default KVS_MATMUL_F32) */
-    int32_t kv_rotate;   /* KVS_KV_ROTATE_* bits; -1 (default): keys and values when head_dim
-                            is a power of two, else none                                   */
+    int32_t kv_rotate;   /* KVS_KV_ROTATE_* bits; -1 (default): the q4/q3/q2 ones of keys and
+                            values when head_dim is a power of two, else none              */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);

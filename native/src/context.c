@@ -33,16 +33,23 @@ kvs_context_params kvs_context_default_params(void) {
     return params;
 }
 
+static int is_low_bit(int32_t type) { return type == KVS_KV_Q4 || type == KVS_KV_Q3 || type == KVS_KV_Q2; }
+
 /* The measured defaults (README, bench/kv_quality.py): q4 in blocks of 64
  * tokens with 64-channel value groups (4.5 bits, llama.cpp q4_0's size, and
- * less KL than 32/32 once rotated); other types 32/32. Quantized blocks are
- * Hadamard-rotated when the head allows it (a power of two). */
+ * less KL than 32/32 once rotated); other types 32/32. q4/q3/q2 blocks are
+ * Hadamard-rotated when the head allows it (a power of two): there rotation
+ * wins; at q8 it changes nothing measurable and is left off. */
 static void resolve_kv_layout(const kvs_model *m, kvs_context_params *p) {
     const int q4 = p->type_k == KVS_KV_Q4 || p->type_v == KVS_KV_Q4;
     const int32_t hd = m->hp.head_dim;
     if (p->kv_block == 0) p->kv_block = q4 ? 64 : 32;
     if (p->kv_group == 0) p->kv_group = q4 && hd % 64 == 0 ? 64 : 32;
-    if (p->kv_rotate < 0) p->kv_rotate = hd > 0 && (hd & (hd - 1)) == 0 ? KVS_KV_ROTATE_K | KVS_KV_ROTATE_V : 0;
+    if (p->kv_rotate < 0) {
+        const int pow2 = hd > 0 && (hd & (hd - 1)) == 0;
+        p->kv_rotate = pow2 ? (is_low_bit(p->type_k) ? KVS_KV_ROTATE_K : 0) | (is_low_bit(p->type_v) ? KVS_KV_ROTATE_V : 0)
+                            : 0;
+    }
 }
 
 static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
