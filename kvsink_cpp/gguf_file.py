@@ -80,6 +80,16 @@ def _value(handle, index: int, kv) -> Any:
     return _numbers(kv.type, kv.data, 1)[0]
 
 
+def read_value(handle, key: str, default: Any = None) -> Any:
+    """One metadata value of a `kvs_gguf *`, or default when the key is absent."""
+    index = lib.kvs_gguf_find_key(handle, key.encode())
+    if index < 0:
+        return default
+    kv = ffi.new("kvs_gguf_kv_info *")
+    check(lib.kvs_gguf_kv(handle, index, kv))
+    return _value(handle, index, kv)
+
+
 def read_metadata(handle) -> dict[str, Any]:
     """key -> Python value (int, float, bool, str or list) for a `kvs_gguf *`."""
     kv = ffi.new("kvs_gguf_kv_info *")

@@ -271,9 +271,14 @@ def _shown(llm, token: int, name: str):
     return token if name == "tokens" else llm.detokenize([token]).decode("utf-8", "replace")
 
 
+def _flat(segments) -> list:
+    """(segment, position, token) of every calibration token, in text order."""
+    return [(i, j, t) for i, seg in enumerate(segments) for j, t in enumerate(seg)]
+
+
 def _sink_table(llm, segments, sink_by_layer, target, scores, predicted, name) -> list:
     """One dict per target sink or predicted token, in text order."""
-    flat = [(i, j, t) for i, seg in enumerate(segments) for j, t in enumerate(seg)]
+    flat = _flat(segments)
     rows = []
     for k in np.flatnonzero(target | predicted):
         i, j, t = flat[k]
@@ -285,7 +290,7 @@ def _sink_table(llm, segments, sink_by_layer, target, scores, predicted, name) -
 
 def _by_layer(llm, segments, sink_by_layer, predicted, name) -> list:
     """Per layer: the sinks by attention, how many the profile predicts, precision and recall."""
-    flat = [(i, j, t) for i, seg in enumerate(segments) for j, t in enumerate(seg)]
+    flat = _flat(segments)
     out = []
     for layer, sinks in enumerate(sink_by_layer):
         hits = int((sinks & predicted).sum())
@@ -319,7 +324,7 @@ def run_calibration(model_path, text=None, n_tokens: int = DEFAULT_TOKENS, progr
         predicted = scores > profile.threshold
         table = _sink_table(llm, segments, sink_by_layer, target, scores, predicted, name)
         by_layer = _by_layer(llm, segments, sink_by_layer, predicted & labelled, name)
-    where = [(i, j) for i, seg in enumerate(segments) for j in range(len(seg))]
+    where = [(i, j) for i, j, _ in _flat(segments)]
     return Calibration(profile=profile, sinks=table, by_layer=by_layer, candidates=examined,
                        predicted=[where[k] for k in np.flatnonzero(predicted)],
                        sink_scores=scores[target],

@@ -21,24 +21,17 @@ from pathlib import Path
 from typing import Optional
 
 from ._native import check, ffi, lib
+from .gguf_file import read_value
 
 PROFILE_DIR = Path(__file__).resolve().parent / "data" / "profiles"
 SAMPLE_BYTES = 4096
 FORMAT = "kvsink-profile"
 
 
-def _architecture(handle) -> bytes:
-    index = lib.kvs_gguf_find_key(handle, b"general.architecture")
-    if index < 0:
-        return b""
-    kv = ffi.new("kvs_gguf_kv_info *")
-    check(lib.kvs_gguf_kv(handle, index, kv))
-    return bytes(ffi.buffer(kv.data, kv.count)) if kv.type == 8 else b""  # 8: GGUF string
-
-
 def fingerprint(handle) -> str:
     """The weights' fingerprint of an open GGUF (`kvs_gguf *`)."""
-    h = hashlib.sha256(b"kvsink-fingerprint-1\0" + _architecture(handle) + b"\0")
+    arch = str(read_value(handle, "general.architecture", "")).encode()
+    h = hashlib.sha256(b"kvsink-fingerprint-1\0" + arch + b"\0")
     info = ffi.new("kvs_gguf_tensor_info *")
     for i in range(lib.kvs_gguf_n_tensors(handle)):
         check(lib.kvs_gguf_tensor(handle, i, info))

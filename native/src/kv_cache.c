@@ -629,7 +629,7 @@ static attend_scratch split_scratch(const kvs_kv_cache *c, const kvs_attend_job 
 static void load_rotated_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s,
                               const kvs_attention_kernels *kk, int32_t impl) {
     const int32_t half = c->n_rot / 2;
-    if (sg->kind == 1 && c->rot_k) { /* stored rotated: the query is brought to them (block_query) */
+    if (sg->kind == 1 && c->rot_k) { /* stored rotated: rotate_query brings the query to them */
         if (c->p.key_per_token) load_keys(c, il, h, sg, s, impl);
         else kk->dequant_groups(c->kbits, c->hd, c->B, block_data(c, sg->index, il, h), kvs_kv_group_bytes(c->kbits, c->B),
                                 s->kt, c->B);
