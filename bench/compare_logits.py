@@ -1,7 +1,9 @@
 """Logits of kvsink_cpp and llama.cpp on the same GGUF and the same token ids,
 each compared with an exact float64 numpy forward pass (tests/numpy_llama.py):
-our exact path (f32 activations), with an f16 cache, and our fast path (8-bit
-activations, matmul="q8").
+our exact path (f32 activations), with an f16 cache, our fast path (8-bit
+activations, matmul="q8") with massive activations split off (the default)
+and without (act_outlier_ratio=0, the fast path before the split), and what
+Llama(path) runs with no options.
 
     python bench/compare_logits.py [-m MODEL] [-n 96] [-t 2] [--json]
 
@@ -61,8 +63,12 @@ def main() -> int:
 
     results = {"model": model, "n_tokens": len(tokens)}
     exact = NumpyLlama(model).forward(tokens)
-    runs = (("kvsink_cpp", {"matmul": "f32"}), ("kvsink_cpp f16 KV", {"matmul": "f32", "type_k": "f16", "type_v": "f16"}),
-            ("kvsink_cpp q8 matmul", {"matmul": "q8"}))
+    f32_kv = {"type_k": "f32", "type_v": "f32"}
+    runs = (("kvsink_cpp exact", {"matmul": "f32", **f32_kv}),
+            ("kvsink_cpp f16 KV", {"matmul": "f32", "type_k": "f16", "type_v": "f16"}),
+            ("kvsink_cpp q8 matmul, plain", {"matmul": "q8", "act_outlier_ratio": 0, **f32_kv}),
+            ("kvsink_cpp q8 matmul", {"matmul": "q8", **f32_kv}),
+            ("kvsink_cpp defaults", {}))
     for label, kw in runs:
         with Llama(model, n_ctx=len(tokens), n_batch=len(tokens), n_threads=args.threads,
                    logits_all=True, verbose=False, **kw) as llm:

@@ -42,6 +42,7 @@ OUR_TYPES = ("f16", "q8", "q4", "q3", "q2")
 # pfn:eq is pfn:N with N = the mean number of rows kvsink keeps (measured first, on the same chunks)
 SINKS = ("none", "pfn:1", "pfn:4", "pfn:eq", "kvsink", "kvsink:5")
 REFERENCE = "f16/none"
+DEFAULTS = "defaults"
 # llama.cpp's block formats: bytes per cached element
 LLAMA_CPP_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 CHUNKS_PER_WORKER_RUN = 4  # bounds the logits held in memory (~50 MB per chunk and type for SmolLM2)
@@ -67,8 +68,13 @@ def all_configs() -> List[Config]:
     # q4 as it was before the measured defaults: blocks and value groups of 32, no rotation
     configs.append(Config("q4/kvsink 32/32 unrotated", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink",
                                                         "kv_block": 32, "kv_group": 32, "kv_rotate": "none"}))
-    # the fast matrix products against the exact reference (DESIGN 9's bar: as close as llama.cpp)
+    # the fast matrix products against the exact reference (DESIGN 9's bar: as close as llama.cpp),
+    # with massive activations split off (the default) and without (before the split)
     configs.append(Config("f16/none matmul=q8", {"type_k": "f16", "type_v": "f16", "sinks": "none", "matmul": "q8"}))
+    configs.append(Config("f16/none matmul=q8 plain", {"type_k": "f16", "type_v": "f16", "sinks": "none",
+                                                       "matmul": "q8", "act_outlier_ratio": 0}))
+    # what Llama(path) runs with no options (matmul and KV cache included)
+    configs.append(Config(DEFAULTS, {}))
     configs += [Config(f"llama.cpp/{t}", {"ggml_type": t}, llama_cpp=True) for t in LLAMA_CPP_BYTES_PER_ELEMENT]
     return configs
 
@@ -281,7 +287,7 @@ def main(argv=None) -> int:
         return 0
     configs = select(all_configs(), args.configs)
     for c in configs:
-        if not c.llama_cpp:
+        if not c.llama_cpp and c.name != DEFAULTS:
             c.kv.setdefault("matmul", args.matmul)
             c.kv.update({k: v for k, v in (("kv_block", args.kv_block), ("kv_recent", args.kv_recent)) if v})
     if not Path(args.file).is_file():

@@ -41,6 +41,8 @@ GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 FAST = {"matmul": "q8"}  # our fast path (8-bit activations), as llama.cpp's own products are
 CONFIGS = {
+    # what Llama(path) runs with no options: the defaults a user gets
+    "kvsink_cpp/default": ("kvsink_cpp", {}),
     "kvsink_cpp/f16": ("kvsink_cpp", {"type_k": "f16", "type_v": "f16", "sinks": "kvsink", **FAST}),
     "kvsink_cpp/q8": ("kvsink_cpp", {"type_k": "q8", "type_v": "q8", "sinks": "kvsink", **FAST}),
     "kvsink_cpp/q4": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", **FAST}),
@@ -48,6 +50,9 @@ CONFIGS = {
     # the layout before the measured defaults (blocks and groups of 32, no rotation), for comparison
     "kvsink_cpp/q4 32/32 unrotated": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "kv_block": 32,
                                                      "kv_group": 32, "kv_rotate": "none", **FAST}),
+    # the fast path before massive activations were split off, for comparison
+    "kvsink_cpp/q4 plain": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "act_outlier_ratio": 0,
+                                           **FAST}),
     "kvsink_cpp/q4 exact": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "matmul": "f32"}),
     "llama.cpp/f16": ("llama.cpp", {"type_k": GGML_TYPES["f16"], "type_v": GGML_TYPES["f16"]}),
     "llama.cpp/q4_0": ("llama.cpp", {"type_k": GGML_TYPES["q4_0"], "type_v": GGML_TYPES["q4_0"]}),
@@ -121,8 +126,9 @@ def model_metadata(model: str) -> dict:
 def print_table(report: dict) -> None:
     spec = report["spec"]
     labels = [(key, label.format(**spec)) for key, label in CASES if key in ("pp", "tg") or spec["depth"]]
+    busy = f"; {spec['busy']} competing busy process(es)" if spec.get("busy") else ""
     print(f"{Path(report['model']).name}; median of {spec['reps']} runs after a warm-up; ratio to "
-          f"{REFERENCE} at the same thread count in this run\n")
+          f"{REFERENCE} at the same thread count in this run{busy}\n")
     print("| threads | engine / KV | " + " | ".join(label for _, label in labels)
           + " | KV bytes/token | peak RSS (MB) |")
     print("|---|---|" + "---|" * len(labels) + "---|---|")
@@ -176,9 +182,27 @@ def parse_args(argv=None):
     ap.add_argument("--depth", type=int, default=4096, help="cached tokens for the deep tg case (0: skip it)")
     ap.add_argument("-c", "--ctx-size", type=int, default=8192, help="n_ctx of every context (default 8192)")
     ap.add_argument("--configs", help="comma-separated glob patterns, e.g. 'kvsink_cpp/q4,llama.cpp/*'")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="competing busy processes kept running during the timings (a shared desktop; default 0)")
     ap.add_argument("--list", action="store_true", help="list the settings and exit")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return ap.parse_args(argv)
+
+
+class BusyProcesses:
+    """n processes spinning on a core each, for timings on a machine that is not quiet."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
 
 
 def main(argv=None) -> int:
@@ -198,11 +222,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"-c {args.ctx_size} is too small for depth {args.depth} + {args.n_gen} tokens")
     threads = args.threads or [2]
     spec = {"n_ctx": args.ctx_size, "reps": args.reps, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-            "depth": args.depth}
+            "depth": args.depth, "busy": args.busy}
     report = {"model": args.model, "spec": spec, "weight_bytes_per_token": weight_bytes_per_token(args.model),
               "model_bytes": os.path.getsize(args.model),
               "bandwidth": {}, "runs": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, BusyProcesses(args.busy):
         tokens_file = os.path.join(tmp, "tokens.npy")
         np.save(tokens_file, bench_tokens(args.model, text, max(args.n_prompt, args.depth + args.n_gen)))
         for n in threads:

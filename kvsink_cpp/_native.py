@@ -14,7 +14,7 @@ import cffi
 
 from .errors import raise_for_status
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 CDEF = """
 typedef enum kvs_status {
@@ -74,7 +74,7 @@ typedef enum kvs_matmul_mode {
 
 kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_t n, int8_t *q, float *d);
 
-kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
+kvs_status kvs_matmul_q8(int32_t type, int32_t impl, float outlier_ratio, const void *rows, int64_t n_rows, int64_t n,
                                  const float *x, int64_t n_tokens, float *out);
 
 kvs_status kvs_matmul_q16(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
@@ -205,6 +205,7 @@ typedef struct kvs_context_params {
     int32_t kv_ring;
     int32_t matmul;
     int32_t kv_rotate;
+    float act_outlier_ratio;
 } kvs_context_params;
 
 kvs_context_params kvs_context_default_params(void);
@@ -226,6 +227,7 @@ int32_t kvs_context_n_evicted(const kvs_context *ctx);
 
 int32_t kvs_context_n_sinks_dropped(const kvs_context *ctx);
 
+void kvs_context_activation_outliers(const kvs_context *ctx, int64_t *rows, int64_t *activations);
 int32_t kvs_context_sink_capacity(const kvs_context *ctx);
 
 int32_t kvs_context_sink_positions(const kvs_context *ctx, int32_t *positions, int32_t capacity);

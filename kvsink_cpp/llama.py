@@ -139,8 +139,28 @@ class _Cancelled(Exception):
     """cancel() was called while a generation evaluated its prompt."""
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on: the distinct (package, core)
+    pairs of the CPUs in its affinity mask (Linux sysfs), else the CPU count.
+    Hyperthread siblings share one core's arithmetic units, so the matrix
+    products gain nothing from a second thread on them."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(os.cpu_count() or 1, 1)
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as pkg, open(topology + "core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology: count the CPU itself
+    return max(len(cores), 1)
+
+
 def _default_threads() -> int:
-    return max((os.cpu_count() or 2) // 2, 1)
+    return min(physical_cores(), 16)
 
 
 class Llama:
@@ -173,6 +193,7 @@ class Llama:
         kv_group: Optional[int] = None,
         kv_key_per_token: Optional[bool] = None,
         matmul: Optional[str] = None,
+        act_outlier_ratio: Optional[float] = None,
         **llama_cpp_options,
     ):
         self._model = None
@@ -229,6 +250,11 @@ class Llama:
         ctx_params.kv_ring = int(bool(kv_ring))
         ctx_params.matmul = _matmul_mode(matmul, ctx_params.matmul)
         ctx_params.kv_rotate = _kv_rotate(kv_rotate, ctx_params.kv_rotate)
+        if act_outlier_ratio is not None:
+            if not isinstance(act_outlier_ratio, (int, float)) or isinstance(act_outlier_ratio, bool) \
+                    or not (0 <= act_outlier_ratio < float("inf")):
+                raise ValueError(f"act_outlier_ratio must be a finite number >= 0, got {act_outlier_ratio!r}")
+            ctx_params.act_outlier_ratio = float(act_outlier_ratio)
         self.kv_ring = bool(kv_ring)
         ctx_ptr = ffi.new("kvs_context **")
         check(lib.kvs_context_create(self._model, ctx_params, ctx_ptr))

@@ -47,22 +47,24 @@ def numpy_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(-1), d
 
 
-def run_product(entry, type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
-    """(n_tokens, n_rows) from a test entry with kvs_matmul_q8's arguments."""
+def run_product(entry, type_id: int, impl: int, rows: list, x: np.ndarray, *extra) -> np.ndarray:
+    """(n_tokens, n_rows) from a test entry with kvs_matmul_q8's arguments
+    (`extra` goes after impl)."""
     x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
     data = np.ascontiguousarray(np.stack(rows))
     out = np.empty((x.shape[0], len(rows)), dtype=np.float32)
-    check(entry(type_id, impl, ffi.cast("void *", ffi.from_buffer(data)), len(rows), x.shape[1],
+    check(entry(type_id, impl, *extra, ffi.cast("void *", ffi.from_buffer(data)), len(rows), x.shape[1],
                 ffi.from_buffer("float[]", x), x.shape[0], ffi.from_buffer("float[]", out, require_writable=True)))
     return out
 
 
-def matmul_q8(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
+def matmul_q8(type_id: int, impl: int, rows: list, x: np.ndarray, outlier_ratio: float = 0.0) -> np.ndarray:
     """The fast path's product as the forward pass runs it: (n_tokens, n_rows)
     for x of shape (n_tokens, n). Full groups of 8 rows are packed (see
     test_repack.py); the other rows take the unpacked-quad kernel for
-    several tokens, the four-row and one-row kernels for one."""
-    return run_product(lib.kvs_matmul_q8, type_id, impl, rows, x)
+    several tokens, the four-row and one-row kernels for one. Plain 8-bit
+    activations unless outlier_ratio > 0 (massive activations split off)."""
+    return run_product(lib.kvs_matmul_q8, type_id, impl, rows, x, outlier_ratio)
 
 
 def matvec_q8(type_id: int, impl: int, rows: list, x: np.ndarray) -> np.ndarray:
@@ -165,6 +167,89 @@ def test_quantizer_rejects_partial_blocks():
 def test_unknown_matmul_mode_is_rejected(tiny_llama_path):
     with pytest.raises(ValueError, match="matmul must be one of"):
         Llama(str(tiny_llama_path), matmul="int4", verbose=False)
+
+
+# ---- massive activations split off (act_outlier_ratio) ---------------------
+
+MAX_OUTLIERS = 8  # act_q8.h's ACT_MAX_OUTLIERS
+
+
+def numpy_split_outliers(x: np.ndarray, ratio: float) -> tuple[np.ndarray, list]:
+    """act_q8.h's rule, written independently: an element above ratio times
+    the median block maximum ((nb//2)-th smallest scale x 127) is taken out,
+    at most 8 per row in column order. Returns x without them and the
+    (column, value) pairs."""
+    d = numpy_quantize(x)[1]
+    typical = np.float32(np.sort(d)[d.size // 2] * np.float32(127))
+    limit = np.float32(ratio) * typical
+    if not typical > 0:
+        return x.copy(), []
+    rest, taken = x.copy(), []
+    for j in np.flatnonzero(np.abs(x) > limit)[:MAX_OUTLIERS]:
+        taken.append((int(j), float(x[j])))
+        rest[j] = 0
+    return rest, taken
+
+
+def numpy_matmul_split(name: str, rows: list, x: np.ndarray, ratio: float) -> np.ndarray:
+    """float64: the 8-bit product of the row without its outliers plus their exact terms."""
+    w = np.stack([oracle(name, row) for row in rows]).astype(np.float64)
+    out = []
+    for xt in np.atleast_2d(x):
+        rest, taken = numpy_split_outliers(xt, ratio)
+        q, d = numpy_quantize(rest)
+        xq = (q.reshape(-1, 32).astype(np.float64) * d[:, None].astype(np.float64)).reshape(-1)
+        y = w @ xq
+        for j, v in taken:
+            y += w[:, j] * v
+        out.append(y)
+    return np.stack(out)
+
+
+def sink_rows(n: int, n_tokens: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows like a sink token's normalized hidden state: ~1 everywhere, one
+    or two channels ~10,000 times larger (and one ordinary row)."""
+    x = rng.standard_normal((n_tokens, n)).astype(np.float32)
+    for t in range(1, n_tokens):
+        x[t, rng.integers(0, n, 1 + t % 2)] = rng.choice([-1, 1]) * np.float32(1e4)
+    x[-1, :12] = 50.0  # more candidates than a row gives up: the first 8 are taken
+    return x
+
+
+@pytest.mark.parametrize("name", FAST_TYPES)
+@pytest.mark.parametrize("impl", impls())
+def test_outlier_split_matches_numpy(name, impl):
+    """Packed groups and leftover rows, one token and several: the product is
+    the 8-bit product without the outliers plus their exact terms."""
+    rng = np.random.default_rng(1200 + TYPES[name])
+    n, n_rows = 576, 21
+    rows = [random_row(name, n, rng) for _ in range(n_rows)]
+    x = sink_rows(n, 4, rng)
+    w = np.stack([oracle(name, row) for row in rows]).astype(np.float64)
+    want = numpy_matmul_split(name, rows, x, 8.0)
+    for got in (matmul_q8(TYPES[name], impl, rows, x, 8.0),
+                np.stack([matmul_q8(TYPES[name], impl, rows, xt, 8.0)[0] for xt in x])):
+        scale = np.abs(x.astype(np.float64)) @ np.abs(w).T
+        assert np.all(np.abs(got - want) <= 1e-5 * scale), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_outlier_split_is_closer_to_exact(name):
+    """The point of the split: a sink row's small channels keep their 8 bits."""
+    rng = np.random.default_rng(1300 + TYPES[name])
+    n = 576
+    rows = [random_row(name, n, rng) for _ in range(16)]
+    x = sink_rows(n, 3, rng)[1:2]
+    w = np.stack([oracle(name, row) for row in rows]).astype(np.float64)
+    exact = x.astype(np.float64) @ w.T
+    plain = matmul_q8(TYPES[name], lib.KVS_IMPL_SCALAR, rows, x, 0.0)
+    split = matmul_q8(TYPES[name], lib.KVS_IMPL_SCALAR, rows, x, 8.0)
+    assert np.abs(split - exact).mean() < 0.2 * np.abs(plain - exact).mean()
+
+
+def test_outlier_ratio_is_checked(tiny_llama_path):
+    with pytest.raises(ValueError, match="act_outlier_ratio"):
+        Llama(str(tiny_llama_path), act_outlier_ratio=-1, verbose=False)
 
 
 # ---- the whole forward pass ---------------------------------------------------

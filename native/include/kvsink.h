@@ -25,7 +25,7 @@ extern "C" {
 #  define KVS_API __attribute__((visibility("default")))
 #endif
 
-#define KVS_ABI_VERSION 3
+#define KVS_ABI_VERSION 4
 
 /* ---- status and errors ------------------------------------------------- */
 
@@ -104,8 +104,11 @@ KVS_API kvs_status kvs_quantize_activations(int32_t impl, const float *x, int64_
 /* The fast path's matrix product, as the forward pass runs it (one thread):
  * out[t * n_rows + r] = dot(row r, token t of x) for n_rows consecutive rows
  * of n elements of `type` and n_tokens rows of n floats in x (quantized as
- * above). KVS_ERR_UNSUPPORTED for a type without an integer dot. */
-KVS_API kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
+ * above; with outlier_ratio > 0, elements above outlier_ratio times their
+ * row's median block maximum are taken out and multiplied exactly, as
+ * kvs_context_params.act_outlier_ratio does). KVS_ERR_UNSUPPORTED for a type
+ * without an integer dot. */
+KVS_API kvs_status kvs_matmul_q8(int32_t type, int32_t impl, float outlier_ratio, const void *rows, int64_t n_rows, int64_t n,
                                  const float *x, int64_t n_tokens, float *out);
 /* The fast path's logits product (one thread, token by token): x quantized
  * to 16 bits per 32 (one scale each), int8 weights widened to 16 bits; the
@@ -278,6 +281,10 @@ typedef struct kvs_context_params {
     int32_t matmul;      /* kvs_matmul_mode of the matrix products (default KVS_MATMUL_F32) */
     int32_t kv_rotate;   /* KVS_KV_ROTATE_* bits; -1 (default): the q4/q3/q2 ones of keys and
                             values when head_dim is a power of two, else none              */
+    float act_outlier_ratio; /* fast path: an activation above this many times its row's
+                            median 32-block maximum (a massive activation, as sink tokens
+                            carry) is taken out of its 8-bit block and multiplied exactly;
+                            0: none (plain 8-bit). Default 8 */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);
@@ -300,6 +307,9 @@ KVS_API int32_t kvs_context_n_sinks(const kvs_context *ctx);
 KVS_API int32_t kvs_context_n_evicted(const kvs_context *ctx);
 /* Predicted sinks that were quantized after all: no free row, or a stronger one took theirs. */
 KVS_API int32_t kvs_context_n_sinks_dropped(const kvs_context *ctx);
+/* Fast path: token rows of matrix-product inputs that had massive
+ * activations taken out, and how many activations, since the context began. */
+KVS_API void kvs_context_activation_outliers(const kvs_context *ctx, int64_t *rows, int64_t *activations);
 /* Rows of the sink table (sink_capacity resolved). */
 KVS_API int32_t kvs_context_sink_capacity(const kvs_context *ctx);
 /* Positions of the tokens in the sink table, increasing: writes at most

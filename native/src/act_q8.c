@@ -161,6 +161,80 @@ DEFINE_Q8_UNPACK4(q4_1, block_q4_1)
 DEFINE_Q8_UNPACK4(q5_0, block_q5_0)
 DEFINE_Q8_UNPACK4(q5_1, block_q5_1)
 
+/* ---- massive activations (act_q8.h) ------------------------------------ */
+
+static void swap_floats(float *a, float *b) {
+    const float t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* The k-th smallest of v[0..n) (0-based; v is reordered): Hoare's selection. */
+static float kth_smallest(float *v, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const float pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] < pivot) i++;
+            while (v[j] > pivot) j--;
+            if (i <= j) swap_floats(&v[i++], &v[j--]);
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else break;
+    }
+    return v[k];
+}
+
+int kvs_split_outliers(const float *x, block_q8_act *y, int64_t n, float ratio, act_outliers *out, float *scratch) {
+    const int64_t nb = n / QK_ACT;
+    out->n = 0;
+    if (!(ratio > 0.0f) || nb < 1) return 0;
+    for (int64_t i = 0; i < nb; i++) scratch[i] = y[i].d;
+    const float typical = kth_smallest(scratch, nb, nb / 2) * 127.0f; /* median block maximum */
+    if (!(typical > 0.0f)) return 0; /* half the blocks are zero: nothing to compare with */
+    const float limit = ratio * typical;
+    for (int64_t i = 0; i < nb && out->n < ACT_MAX_OUTLIERS; i++) {
+        if (!(y[i].d * 127.0f > limit)) continue;
+        float block[QK_ACT];
+        memcpy(block, x + i * QK_ACT, sizeof block);
+        for (int j = 0; j < QK_ACT && out->n < ACT_MAX_OUTLIERS; j++) {
+            if (!(fabsf(block[j]) > limit)) continue;
+            out->index[out->n] = (int32_t)(i * QK_ACT + j);
+            out->value[out->n] = block[j];
+            out->n++;
+            block[j] = 0.0f;
+        }
+        kvs_quantize_act_scalar(block, y + i, QK_ACT);
+    }
+    return out->n;
+}
+
+static const struct {
+    int32_t type;
+    unpack_fn unpack;
+    size_t bytes;
+} column_formats[] = {
+    {KVS_TYPE_Q4_0, unpack_q4_0, sizeof(block_q4_0)}, {KVS_TYPE_Q4_1, unpack_q4_1, sizeof(block_q4_1)},
+    {KVS_TYPE_Q5_0, unpack_q5_0, sizeof(block_q5_0)}, {KVS_TYPE_Q5_1, unpack_q5_1, sizeof(block_q5_1)},
+    {KVS_TYPE_Q8_0, unpack_q8_0, sizeof(block_q8_0)},
+};
+
+void kvs_q8_weight_column(int32_t type, const void *data, int64_t row_bytes, int64_t j, int64_t r0, int64_t r1,
+                          float *out) {
+    for (size_t f = 0; f < sizeof column_formats / sizeof column_formats[0]; f++) {
+        if (column_formats[f].type != type) continue;
+        const uint8_t *block = (const uint8_t *)data + j / QK_ACT * (int64_t)column_formats[f].bytes;
+        for (int64_t r = r0; r < r1; r++) {
+            int_block b;
+            column_formats[f].unpack(block + r * row_bytes, &b);
+            out[r - r0] = b.d * (float)b.q[j % QK_ACT] + b.m;
+        }
+        return;
+    }
+}
+
 #if defined(KVS_HAVE_AVX2_BUILD)
 #  define AVX2(name) {kvs_q8_dot_##name##_avx2, kvs_q8_dot4_##name##_avx2, kvs_q8_unpack4_##name##_avx2, kvs_q8_quad_dot_avx2}
 #  define AVX2_SIGNED(name) {kvs_q8_dot_##name##_avx2, kvs_q8_dot4_##name##_avx2, NULL, NULL}

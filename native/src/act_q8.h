@@ -51,6 +51,36 @@ typedef struct {
 
 void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n);
 
+/* Massive activations. One element far above the rest of its row (a sink
+ * token of SmolLM2 carries ~29,000 in one channel where the others are ~2)
+ * sets the scale of its 8-bit block and rounds its 31 neighbours to zero, in
+ * exactly the rows whose keys and values every later token reads. The fast
+ * path takes such elements out (LLM.int8()'s decomposition): the row is
+ * quantized without them and each one's product is added exactly, f32
+ * activation times the dequantized weight column. An element is an outlier
+ * when |x| exceeds ratio times the median of its row's block maxima (the
+ * (nb / 2)-th smallest of the nb = n / 32 of them); a row gives up to
+ * ACT_MAX_OUTLIERS, the first found. */
+#define ACT_MAX_OUTLIERS 8
+
+typedef struct {
+    int32_t n;                          /* outliers taken out of the row */
+    int32_t index[ACT_MAX_OUTLIERS];    /* their columns, increasing     */
+    float value[ACT_MAX_OUTLIERS];      /* their exact values            */
+} act_outliers;
+
+/* After x (n floats) was quantized to y: find x's outliers (ratio > 0), record
+ * them in out and quantize their blocks again without them. scratch holds
+ * n / 32 floats. Returns out->n. Scalar for every impl: the quantizers agree
+ * bit for bit, so the outliers do too. */
+int kvs_split_outliers(const float *x, block_q8_act *y, int64_t n, float ratio, act_outliers *out, float *scratch);
+
+/* out[r - r0] = w[r][j] for rows r0..r1 of a weight of a fast type in the
+ * original layout (row r at data + r * row_bytes), dequantized as the exact
+ * path does: the column an outlier multiplies. */
+void kvs_q8_weight_column(int32_t type, const void *data, int64_t row_bytes, int64_t j, int64_t r0, int64_t r1,
+                          float *out);
+
 /* The quantizer for impl (SCALAR or AVX2 resolved; AVX2 falls back to scalar
  * when not built). Both give bit-identical blocks. */
 kvs_quantize_act_fn kvs_quantize_act_kernel(int32_t impl);

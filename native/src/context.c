@@ -2,6 +2,7 @@
  * evaluation of token batches with every input checked first. */
 #include "context.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -30,6 +31,9 @@ kvs_context_params kvs_context_default_params(void) {
     params.kv_ring = 0;
     params.matmul = KVS_MATMUL_F32;
     params.kv_rotate = -1;
+    /* 8x the median block maximum: a massive activation then costs its 31
+     * neighbours at least 3 of their 8 bits (measured: bench/compare_logits.py) */
+    params.act_outlier_ratio = 8.0f;
     return params;
 }
 
@@ -73,6 +77,10 @@ static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
     }
     if (p->matmul != KVS_MATMUL_F32 && p->matmul != KVS_MATMUL_Q8) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown matmul mode %d", p->matmul);
+    }
+    if (!(p->act_outlier_ratio >= 0.0f) || isinf(p->act_outlier_ratio)) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "act_outlier_ratio must be finite and >= 0, got %g",
+                        (double)p->act_outlier_ratio);
     }
     resolve_kv_layout(m, p);
     if (p->kv_rotate & ~(KVS_KV_ROTATE_K | KVS_KV_ROTATE_V)) {
@@ -133,7 +141,9 @@ static kvs_status alloc_scratch(kvs_context *ctx) {
     }
     ctx->cpu.act_scratch = malloc((size_t)(nb * (row / QK_ACT + 1)) * sizeof(block_q8_act));
     ctx->cpu.act16_scratch = malloc((size_t)(hp->n_embd / QK_ACT16 + 1) * sizeof(block_q16_act));
-    if (!ctx->cpu.act_scratch || !ctx->cpu.act16_scratch) {
+    ctx->cpu.outliers = malloc((size_t)nb * sizeof(act_outliers));
+    ctx->cpu.block_scratch = malloc((size_t)ctx->params.n_threads * (size_t)(row / QK_ACT + 1) * sizeof(float));
+    if (!ctx->cpu.act_scratch || !ctx->cpu.act16_scratch || !ctx->cpu.outliers || !ctx->cpu.block_scratch) {
         return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the activation scratch");
     }
     return KVS_OK;
@@ -159,6 +169,7 @@ kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params
     }
     ctx->cpu.impl = ctx->params.impl;
     ctx->cpu.matmul = ctx->params.matmul;
+    ctx->cpu.outlier_ratio = ctx->params.act_outlier_ratio;
     *out = ctx;
     return KVS_OK;
 }
@@ -172,6 +183,8 @@ void kvs_context_free(kvs_context *ctx) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(ctx->cpu.act_scratch);
     free(ctx->cpu.act16_scratch);
+    free(ctx->cpu.outliers);
+    free(ctx->cpu.block_scratch);
     free(ctx);
 }
 
@@ -182,6 +195,11 @@ int32_t kvs_context_n_sinks(const kvs_context *ctx) { return ctx ? kvs_kv_cache_
 int32_t kvs_context_n_evicted(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_evicted(ctx->kv) : 0; }
 int32_t kvs_context_n_sinks_dropped(const kvs_context *ctx) { return ctx ? kvs_kv_cache_n_dropped(ctx->kv) : 0; }
 int32_t kvs_context_sink_capacity(const kvs_context *ctx) { return ctx ? ctx->params.sink_capacity : 0; }
+
+void kvs_context_activation_outliers(const kvs_context *ctx, int64_t *rows, int64_t *activations) {
+    if (rows) *rows = ctx ? ctx->cpu.n_outlier_rows : 0;
+    if (activations) *activations = ctx ? ctx->cpu.n_outliers : 0;
+}
 int32_t kvs_context_sink_positions(const kvs_context *ctx, int32_t *positions, int32_t capacity) {
     if (!ctx) return 0;
     return kvs_kv_cache_sink_positions(ctx->kv, positions, positions ? capacity : 0);

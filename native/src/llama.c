@@ -17,19 +17,19 @@ typedef struct attention_job {
 /* Tasks are (KV head, run of ATTN_TOKENS tokens): the query heads sharing a
  * KV head read each dequantized block together. Interleaved over threads,
  * since later tokens see more keys. */
-static void attention_task(void *arg, int ith, int nth) {
+static void attention_task(void *arg, int part, int n_parts, int thread) {
     const attention_job *job = arg;
     kvs_context *ctx = job->ctx;
     const kvs_hparams *hp = &ctx->model->hp;
     const int32_t group = hp->n_head / hp->n_head_kv;
     const int32_t n_runs = (job->n_tokens + ATTN_TOKENS - 1) / ATTN_TOKENS;
-    float *scratch = ctx->scores + (int64_t)ith * ctx->scratch_len;
-    for (int32_t task = ith; task < n_runs * hp->n_head_kv; task += nth) {
+    float *scratch = ctx->scores + (int64_t)thread * ctx->scratch_len;
+    for (int32_t task = part; task < n_runs * hp->n_head_kv; task += n_parts) {
         const int32_t kv_head = task % hp->n_head_kv, run = task / hp->n_head_kv;
         const int32_t t1 = (run + 1) * ATTN_TOKENS < job->n_tokens ? (run + 1) * ATTN_TOKENS : job->n_tokens;
         kvs_attend_job aj = {job->il, kv_head, run * ATTN_TOKENS, t1, kv_head * group, group,
                              ctx->q, (int64_t)hp->n_head * hp->head_dim, 1.0f / sqrtf((float)hp->head_dim),
-                             ctx->att, ctx->trace_mass ? ctx->trace_mass + (int64_t)ith * ctx->scratch_len : NULL};
+                             ctx->att, ctx->trace_mass ? ctx->trace_mass + (int64_t)thread * ctx->scratch_len : NULL};
         kvs_kv_cache_attend(ctx->kv, &aj, scratch, ctx->cpu.impl);
     }
 }
@@ -37,20 +37,20 @@ static void attention_task(void *arg, int ith, int nth) {
 /* Decoding one token: tasks are (KV head, part of the keys), so that a model
  * with fewer KV heads than threads keeps every thread busy; the parts are
  * merged afterwards (attention_combine). */
-static void attention_split_task(void *arg, int ith, int nth) {
+static void attention_split_task(void *arg, int part, int n_parts, int thread) {
     const attention_job *job = arg;
     kvs_context *ctx = job->ctx;
     const kvs_hparams *hp = &ctx->model->hp;
     const int32_t group = hp->n_head / hp->n_head_kv;
-    float *scratch = ctx->scores + (int64_t)ith * ctx->scratch_len;
-    for (int32_t task = ith; task < job->n_parts * hp->n_head_kv; task += nth) {
-        const int32_t kv_head = task % hp->n_head_kv, part = task / hp->n_head_kv;
-        const int32_t k0 = (int32_t)((int64_t)job->n_segments * part / job->n_parts);
-        const int32_t k1 = (int32_t)((int64_t)job->n_segments * (part + 1) / job->n_parts);
+    float *scratch = ctx->scores + (int64_t)thread * ctx->scratch_len;
+    for (int32_t task = part; task < job->n_parts * hp->n_head_kv; task += n_parts) {
+        const int32_t kv_head = task % hp->n_head_kv, keys = task / hp->n_head_kv;
+        const int32_t k0 = (int32_t)((int64_t)job->n_segments * keys / job->n_parts);
+        const int32_t k1 = (int32_t)((int64_t)job->n_segments * (keys + 1) / job->n_parts);
         kvs_attend_job aj = {job->il, kv_head, 0, 1, kv_head * group, group,
                              ctx->q, (int64_t)hp->n_head * hp->head_dim, 1.0f / sqrtf((float)hp->head_dim),
                              ctx->att, NULL};
-        float *partial = ctx->attn_partial + ((int64_t)kv_head * job->n_parts + part) * group * (hp->head_dim + 2);
+        float *partial = ctx->attn_partial + ((int64_t)kv_head * job->n_parts + keys) * group * (hp->head_dim + 2);
         kvs_kv_cache_attend_part(ctx->kv, &aj, k0, k1, scratch, partial, ctx->cpu.impl);
     }
 }

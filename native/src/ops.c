@@ -22,6 +22,7 @@ typedef struct matmul_job {
     float *const *y;             /* y[i]: n_tokens x w[i]->ne[1] outputs  */
     const float *x;              /* n_tokens x n_in                       */
     const block_q8_act *xq;      /* x quantized, when any weight uses it  */
+    const act_outliers *outliers; /* per token, when any token has some   */
     int64_t n_tokens, n_in;
 } matmul_job;
 
@@ -76,10 +77,10 @@ static void matmul_one_token(const matmul_job *job, const kvs_tensor *w, float *
  * the thread's row scratch) and stay in L1 while every token's quantized
  * activations stream past them. Signed formats (no quads) take the per-token
  * four-row kernel. */
-static void matmul_many_tokens_q8(const matmul_job *job, int ith, const kvs_q8_kernels *k, const kvs_tensor *w,
+static void matmul_many_tokens_q8(const matmul_job *job, int thread, const kvs_q8_kernels *k, const kvs_tensor *w,
                                   float *y, int64_t r0, int64_t r1) {
     const int64_t n_in = w->ne[0], n_out = w->ne[1], nb = n_in / QK_ACT;
-    q8_quad *quads = (q8_quad *)(job->cpu->row_scratch + (int64_t)ith * job->cpu->row_scratch_len * MATMUL_ROWS);
+    q8_quad *quads = (q8_quad *)(job->cpu->row_scratch + (int64_t)thread * job->cpu->row_scratch_len * MATMUL_ROWS);
     const uint8_t *base = w->data;
     for (int64_t tile = r0; tile < r1; tile += MATMUL_ROWS) {
         const int64_t tile_end = r1 - tile < MATMUL_ROWS ? r1 : tile + MATMUL_ROWS;
@@ -116,10 +117,10 @@ static void matmul_many_tokens_packed(const matmul_job *job, const kvs_repack_ke
 /* Many tokens, exact path: dequantize MATMUL_ROWS weight rows at a time, then
  * take every token against all of them, so each token's activations are read
  * once per row tile (from L1) instead of once per row. */
-static void matmul_many_tokens(const matmul_job *job, int ith, const kvs_tensor *w, float *y, int64_t r0, int64_t r1) {
+static void matmul_many_tokens(const matmul_job *job, int thread, const kvs_tensor *w, float *y, int64_t r0, int64_t r1) {
     const kvs_type_kernels *kernels = kvs_type_kernels_find(w->type);
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
-    float *rows = job->cpu->row_scratch + (int64_t)ith * job->cpu->row_scratch_len * MATMUL_ROWS;
+    float *rows = job->cpu->row_scratch + (int64_t)thread * job->cpu->row_scratch_len * MATMUL_ROWS;
     const uint8_t *base = w->data;
     for (int64_t tile = r0; tile < r1; tile += MATMUL_ROWS) {
         const int64_t n_rows = r1 - tile < MATMUL_ROWS ? r1 - tile : MATMUL_ROWS;
@@ -146,7 +147,7 @@ static void matmul_many_tokens(const matmul_job *job, int ith, const kvs_tensor 
 }
 
 /* Many tokens: packed groups, then the leftover rows on the original layout. */
-static void matmul_many_tokens_fast(const matmul_job *job, int ith, const kvs_q8_kernels *q8, const kvs_tensor *w,
+static void matmul_many_tokens_fast(const matmul_job *job, int thread, const kvs_q8_kernels *q8, const kvs_tensor *w,
                                     float *y, int64_t r0, int64_t r1) {
     const kvs_repack_kernels *packed = packed_dot(job->cpu, w);
     if (packed) {
@@ -154,20 +155,58 @@ static void matmul_many_tokens_fast(const matmul_job *job, int ith, const kvs_q8
         if (r0 < end) matmul_many_tokens_packed(job, packed, w, y, r0, end);
         r0 = r0 > end ? r0 : end;
     }
-    if (r0 < r1) matmul_many_tokens_q8(job, ith, q8, w, y, r0, r1);
+    if (r0 < r1) matmul_many_tokens_q8(job, thread, q8, w, y, r0, r1);
 }
 
 /* Units of rows the threads split: 8 rows, so a packed group never straddles
  * two threads (the last unit of a weight may be shorter). */
 static int64_t row_units(const kvs_tensor *w) { return (w->ne[1] + REPACK_ROWS - 1) / REPACK_ROWS; }
 
+/* Columns of a weight a thread keeps dequantized while it adds the outlier
+ * terms: outliers recur in a few channels, so a batch reuses them. */
+#define OUTLIER_COLUMNS 8
+_Static_assert(OUTLIER_COLUMNS <= MATMUL_ROWS, "the columns live in a thread's row scratch");
+
+/* out[r - r0] = w[r][j], read from the packed groups where the fast path
+ * reads them (the original rows' pages may be dropped), else the original rows. */
+static void weight_column(const kvs_cpu *cpu, const kvs_tensor *w, int64_t j, int64_t r0, int64_t r1, float *out) {
+    const int64_t split = packed_dot(cpu, w) ? (packed_end(w, r1) > r0 ? packed_end(w, r1) : r0) : r0;
+    if (r0 < split) kvs_repack_weight_column(w->type, w->packed, w->ne[0], j, r0, split, out);
+    if (split < r1) kvs_q8_weight_column(w->type, w->data, w->row_bytes, j, split, r1, out + (split - r0));
+}
+
+/* The exact terms of the massive activations taken out of the tokens' rows
+ * (act_q8.h): y[t][r] += x[t][j] * w[r][j] for rows r0..r1. */
+static void add_outlier_terms(const matmul_job *job, int thread, const kvs_tensor *w, float *y, int64_t r0,
+                              int64_t r1) {
+    const int64_t n = r1 - r0;
+    /* the thread's row scratch holds MATMUL_ROWS rows of at least n floats */
+    float *columns = job->cpu->row_scratch + (int64_t)thread * job->cpu->row_scratch_len * MATMUL_ROWS;
+    int64_t cached[OUTLIER_COLUMNS];
+    for (int i = 0; i < OUTLIER_COLUMNS; i++) cached[i] = -1;
+    for (int64_t t = 0; t < job->n_tokens; t++) {
+        const act_outliers *o = &job->outliers[t];
+        float *yt = y + t * w->ne[1] + r0;
+        for (int32_t k = 0; k < o->n; k++) {
+            const int slot = o->index[k] % OUTLIER_COLUMNS;
+            float *column = columns + slot * n;
+            if (cached[slot] != o->index[k]) {
+                weight_column(job->cpu, w, o->index[k], r0, r1, column);
+                cached[slot] = o->index[k];
+            }
+            const float v = o->value[k];
+            for (int64_t r = 0; r < n; r++) yt[r] += v * column[r];
+        }
+    }
+}
+
 /* Threads split the rows of all the job's weights taken end to end. */
-static void matmul_task(void *arg, int ith, int nth) {
+static void matmul_task(void *arg, int part, int n_parts, int thread) {
     const matmul_job *job = arg;
     int64_t n_units = 0;
     for (int i = 0; i < job->n_w; i++) n_units += row_units(job->w[i]);
     int64_t u0, u1;
-    kvs_split_range(n_units, ith, nth, &u0, &u1);
+    kvs_split_range(n_units, part, n_parts, &u0, &u1);
     for (int64_t i = 0, first = 0; i < job->n_w; first += row_units(job->w[i]), i++) {
         const kvs_tensor *w = job->w[i];
         const int64_t b = (u0 > first ? u0 - first : 0) * REPACK_ROWS;
@@ -175,28 +214,52 @@ static void matmul_task(void *arg, int ith, int nth) {
         if (b >= e) continue;
         const kvs_q8_kernels *q8 = fast_dot(job->cpu, w);
         if (job->n_tokens == 1) matmul_one_token(job, w, job->y[i], b, e);
-        else if (q8) matmul_many_tokens_fast(job, ith, q8, w, job->y[i], b, e);
-        else matmul_many_tokens(job, ith, w, job->y[i], b, e);
+        else if (q8) matmul_many_tokens_fast(job, thread, q8, w, job->y[i], b, e);
+        else matmul_many_tokens(job, thread, w, job->y[i], b, e);
+        if (q8 && job->outliers) add_outlier_terms(job, thread, w, job->y[i], b, e);
     }
 }
 
-static void quantize_task(void *arg, int ith, int nth) {
+static void quantize_task(void *arg, int part, int n_parts, int thread) {
     const matmul_job *job = arg;
     int64_t t0, t1;
-    kvs_split_range(job->n_tokens, ith, nth, &t0, &t1);
+    kvs_split_range(job->n_tokens, part, n_parts, &t0, &t1);
     kvs_quantize_act_fn quantize = kvs_quantize_act_kernel(job->cpu->impl);
-    quantize(job->x + t0 * job->n_in, job->cpu->act_scratch + t0 * (job->n_in / QK_ACT), (t1 - t0) * job->n_in);
+    const int64_t nb = job->n_in / QK_ACT;
+    kvs_cpu *cpu = job->cpu;
+    quantize(job->x + t0 * job->n_in, cpu->act_scratch + t0 * nb, (t1 - t0) * job->n_in);
+    if (!(cpu->outlier_ratio > 0.0f)) return;
+    float *scratch = cpu->block_scratch + (int64_t)thread * (cpu->row_scratch_len / QK_ACT + 1);
+    for (int64_t t = t0; t < t1; t++) {
+        kvs_split_outliers(job->x + t * job->n_in, cpu->act_scratch + t * nb, job->n_in, cpu->outlier_ratio,
+                           &cpu->outliers[t], scratch);
+    }
+}
+
+/* Point the job at the tokens' outliers when there are any, and count them. */
+static void collect_outliers(matmul_job *job) {
+    kvs_cpu *cpu = job->cpu;
+    if (!(cpu->outlier_ratio > 0.0f)) return;
+    int64_t rows = 0, total = 0;
+    for (int64_t t = 0; t < job->n_tokens; t++) {
+        rows += cpu->outliers[t].n > 0;
+        total += cpu->outliers[t].n;
+    }
+    cpu->n_outlier_rows += rows;
+    cpu->n_outliers += total;
+    if (total) job->outliers = cpu->outliers;
 }
 
 void kvs_matmul_shared(kvs_cpu *cpu, int n_w, const kvs_tensor *const *w, const float *x, int64_t n_tokens,
                        float *const *y) {
-    matmul_job job = {cpu, n_w, w, y, x, NULL, n_tokens, w[0]->ne[0]};
+    matmul_job job = {cpu, n_w, w, y, x, NULL, NULL, n_tokens, w[0]->ne[0]};
     int any_fast = 0;
     for (int i = 0; i < n_w; i++) any_fast |= fast_dot(cpu, w[i]) != NULL;
     if (any_fast) {
         job.xq = cpu->act_scratch;
-        if (n_tokens == 1) quantize_task(&job, 0, 1);
+        if (n_tokens == 1) quantize_task(&job, 0, 1, 0);
         else kvs_threadpool_run(cpu->pool, quantize_task, &job);
+        collect_outliers(&job);
     }
     kvs_threadpool_run(cpu->pool, matmul_task, &job);
 }
@@ -217,10 +280,11 @@ static void q16_rows(const kvs_q16_kernels *k, const kvs_tensor *w, const block_
     for (; r < r1; r++) y[r] = k->dot(w->ne[0], base + r * w->row_bytes, xq);
 }
 
-static void logits_task(void *arg, int ith, int nth) {
+static void logits_task(void *arg, int part, int n_parts, int thread) {
+    (void)thread;
     const logits_job *job = arg;
     int64_t u0, u1; /* units of four rows */
-    kvs_split_range((job->w->ne[1] + 3) / 4, ith, nth, &u0, &u1);
+    kvs_split_range((job->w->ne[1] + 3) / 4, part, n_parts, &u0, &u1);
     const int64_t r1 = 4 * u1 < job->w->ne[1] ? 4 * u1 : job->w->ne[1];
     if (4 * u0 < r1) q16_rows(job->k, job->w, job->xq, job->y, 4 * u0, r1);
 }
@@ -304,8 +368,8 @@ static kvs_status check_product_args(const char *who, const kvs_type_layout_info
     return KVS_OK;
 }
 
-kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n, const float *x,
-                         int64_t n_tokens, float *out) {
+kvs_status kvs_matmul_q8(int32_t type, int32_t impl, float outlier_ratio, const void *rows, int64_t n_rows, int64_t n,
+                         const float *x, int64_t n_tokens, float *out) {
     const kvs_type_layout_info *info = kvs_type_layout_find(type);
     if (!info) return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: unsupported tensor type id %d", (int)type);
     kvs_status st = check_product_args("kvs_matmul_q8", info, rows, n_rows, n, x, n_tokens, out, &impl);
@@ -313,14 +377,18 @@ kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n
     if (!kvs_q8_kernels_find(type, impl)) {
         return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_matmul_q8: %s has no integer dot", info->name);
     }
+    if (!(outlier_ratio >= 0.0f)) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kvs_matmul_q8: outlier_ratio < 0");
     kvs_tensor w = {rows, type, {n, n_rows, 1, 1}, n / info->block_elems * info->block_bytes, NULL};
-    kvs_cpu cpu = {NULL, impl, KVS_MATMUL_Q8, NULL, n, NULL, NULL};
+    kvs_cpu cpu = {.impl = impl, .matmul = KVS_MATMUL_Q8, .row_scratch_len = n, .outlier_ratio = outlier_ratio};
     /* packed like a model's layer weights, so tests cover that path too */
     const size_t packed_bytes = kvs_repack_bytes(type, n_rows, n);
     void *packed = packed_bytes ? malloc(packed_bytes) : NULL;
-    cpu.row_scratch = malloc((size_t)(MATMUL_ROWS * n) * sizeof(float));
+    cpu.row_scratch_len = n > n_rows ? n : n_rows; /* quads of a row, or the outliers' columns */
+    cpu.row_scratch = malloc((size_t)(MATMUL_ROWS * cpu.row_scratch_len) * sizeof(float));
     cpu.act_scratch = malloc((size_t)(n_tokens * (n / QK_ACT)) * sizeof(block_q8_act));
-    st = cpu.row_scratch && cpu.act_scratch && (packed || !packed_bytes)
+    cpu.outliers = malloc((size_t)n_tokens * sizeof(act_outliers));
+    cpu.block_scratch = malloc((size_t)(n / QK_ACT + 1) * sizeof(float));
+    st = cpu.row_scratch && cpu.act_scratch && cpu.outliers && cpu.block_scratch && (packed || !packed_bytes)
              ? kvs_threadpool_create(1, &cpu.pool)
              : kvs_fail(KVS_ERR_OUT_OF_MEMORY, "kvs_matmul_q8: no memory");
     if (st == KVS_OK && packed) st = kvs_repack(type, rows, w.row_bytes, n_rows, n, packed);
@@ -330,6 +398,8 @@ kvs_status kvs_matmul_q8(int32_t type, int32_t impl, const void *rows, int64_t n
     free(packed);
     free(cpu.row_scratch);
     free(cpu.act_scratch);
+    free(cpu.outliers);
+    free(cpu.block_scratch);
     return st;
 }
 

@@ -24,6 +24,10 @@ typedef struct kvs_cpu {
     int64_t row_scratch_len;
     block_q8_act *act_scratch;   /* n_batch x row_scratch_len / 32 quantized activation blocks */
     block_q16_act *act16_scratch; /* one token's input of the logits, 16-bit (n_embd / 32 blocks) */
+    float outlier_ratio;   /* fast path: massive activations taken out above this (act_q8.h); 0 = none */
+    act_outliers *outliers;  /* n_batch of them: each token's outliers in the current product */
+    float *block_scratch;    /* n_threads x (row_scratch_len / 32 + 1) floats for the median */
+    int64_t n_outlier_rows, n_outliers; /* counted over the context's products */
 } kvs_cpu;
 
 /* y[t, r] = dot(row r of w, x[t]) for n_tokens rows of x (w->ne[0] floats each). */

@@ -129,6 +129,35 @@ static void gemv_q8_0(int64_t n, const void *group, const block_q8_act *x, float
     }
 }
 
+/* Element e of row r in packed block b, dequantized as the exact path does. */
+static float packed_weight(int32_t type, const uint8_t *b, int r, int e) {
+    switch (type) {
+    case KVS_TYPE_Q4_0: {
+        const block_q4_0x8 *q = (const block_q4_0x8 *)b;
+        return half(&q->d[r]) * (float)(packed_nibble(q->qs, r, e) - 8);
+    }
+    case KVS_TYPE_Q4_1: {
+        const block_q4_1x8 *q = (const block_q4_1x8 *)b;
+        return half(&q->d[r]) * (float)packed_nibble(q->qs, r, e) + half(&q->m[r]);
+    }
+    default: {
+        const block_q8_0x8 *q = (const block_q8_0x8 *)b;
+        return half(&q->d[r]) * (float)packed_byte(q->qs, r, e);
+    }
+    }
+}
+
+void kvs_repack_weight_column(int32_t type, const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1,
+                              float *out) {
+    const repack_format *f = format_find(type);
+    if (!f) return;
+    const int64_t group_bytes = n_cols / QK_ACT * REPACK_ROWS * (int64_t)f->block_bytes;
+    const uint8_t *column = (const uint8_t *)packed + j / QK_ACT * REPACK_ROWS * (int64_t)f->block_bytes;
+    for (int64_t r = r0; r < r1; r++) {
+        out[r - r0] = packed_weight(type, column + r / REPACK_ROWS * group_bytes, (int)(r % REPACK_ROWS), (int)(j % QK_ACT));
+    }
+}
+
 /* The batched twin is the one-token twin per token. */
 #define DEFINE_GEMM(name)                                                                                \
     static void gemm_##name(int64_t n, const void *group, const block_q8_act *x, int64_t n_tokens, float *y, \

@@ -65,6 +65,12 @@ size_t kvs_repack_bytes(int32_t type, int64_t n_rows, int64_t n_cols);
  * into dst (kvs_repack_bytes of it). KVS_ERR_UNSUPPORTED for other types. */
 kvs_status kvs_repack(int32_t type, const void *src, int64_t row_bytes, int64_t n_rows, int64_t n_cols, void *dst);
 
+/* out[r - r0] = w[r][j] for rows r0..r1 (within the full groups) of a weight
+ * of n_cols columns packed by kvs_repack: the column an outlier multiplies
+ * (act_q8.h), dequantized as the exact path does. */
+void kvs_repack_weight_column(int32_t type, const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1,
+                              float *out);
+
 /* The packed kernels for a type with impl resolved (SCALAR or AVX2; AVX2
  * falls back to scalar when not built), or NULL for an unsupported type. */
 const kvs_repack_kernels *kvs_repack_kernels_find(int32_t type, int32_t impl);
