@@ -81,7 +81,7 @@ def _describe_profile(f, meta) -> str:
 def _add_runtime_args(p: argparse.ArgumentParser, n_predict_default: int) -> None:
     """Flags shared by chat and generate, named as llama.cpp's."""
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: half the CPUs)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: the physical cores)")
     p.add_argument("-n", "--n-predict", type=int, default=n_predict_default,
                    help=f"most tokens to generate, -1 = until the context is full (default {n_predict_default})")
     p.add_argument("--temp", type=float, default=0.8, help="temperature, 0 = greedy (default 0.8)")
@@ -91,16 +91,16 @@ def _add_runtime_args(p: argparse.ArgumentParser, n_predict_default: int) -> Non
     p.add_argument("--typical", type=float, default=1.0, help="locally typical sampling, 1.0 = off")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1.0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    add_kv_cache_args(p, default_type="q8")
+    add_kv_cache_args(p)
 
 
-def add_kv_cache_args(p: argparse.ArgumentParser, default_type: str) -> None:
-    """KV cache flags, named as llama.cpp's where it has them."""
-    from .llama import KV_TYPES
-    p.add_argument("-ctk", "--cache-type-k", default=default_type, choices=list(KV_TYPES),
-                   help=f"KV cache type for keys (default {default_type})")
-    p.add_argument("-ctv", "--cache-type-v", default=default_type, choices=list(KV_TYPES),
-                   help=f"KV cache type for values (default {default_type})")
+def add_kv_cache_args(p: argparse.ArgumentParser) -> None:
+    """KV cache flags, named as llama.cpp's where it has them; None = the library's default."""
+    from .llama import DEFAULT_KV_TYPE, KV_TYPES
+    p.add_argument("-ctk", "--cache-type-k", default=None, choices=list(KV_TYPES),
+                   help=f"KV cache type for keys (default {DEFAULT_KV_TYPE})")
+    p.add_argument("-ctv", "--cache-type-v", default=None, choices=list(KV_TYPES),
+                   help=f"KV cache type for values (default {DEFAULT_KV_TYPE})")
     p.add_argument("--sinks", default="kvsink",
                    help="tokens kept exact: none, pfn:N (first N), kvsink (the model's profile; default) or "
                         "kvsink:N (at most N rows: position 0 and the strongest predicted sinks)")
@@ -108,9 +108,9 @@ def add_kv_cache_args(p: argparse.ArgumentParser, default_type: str) -> None:
                    help="Hadamard-rotate quantized keys, values or both (default: q4/q3/q2 blocks when head_dim is a power of two)")
     p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block (default 64 for q4, else 32)")
     p.add_argument("--kv-recent", type=int, default=None, help="newest tokens kept unquantized (default 32)")
-    p.add_argument("--matmul", default="f32", choices=("f32", "q8"),
-                   help="matrix products: f32 (exact; default) or q8 (8-bit activations and integer dots, "
-                        "~1.5-2x faster, about as close to exact as llama.cpp)")
+    p.add_argument("--matmul", default=None, choices=("f32", "q8"),
+                   help="matrix products: q8 (default: 8-bit activations, outliers exact, integer dots; closer "
+                        "to exact than llama.cpp) or f32 (exact, the reference; ~1.5-2x slower)")
 
 
 def kv_cache_options(args) -> dict:

@@ -213,6 +213,7 @@ kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params
                                       kvs_context **out);
 void kvs_context_free(kvs_context *ctx);
 
+kvs_context_params kvs_context_get_params(const kvs_context *ctx);
 int32_t kvs_context_n_ctx(const kvs_context *ctx);
 int32_t kvs_context_n_batch(const kvs_context *ctx);
 

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 from .llama import Llama
 
-HELP = "commands: /reset (new conversation), /stats (speed of the last reply), /exit; Ctrl-C stops a reply"
+HELP = ("commands: /reset (new conversation), /stats (speed of the last reply and the settings), /exit; "
+        "Ctrl-C stops a reply")
 
 
 class ChatSession:
@@ -27,13 +28,14 @@ class ChatSession:
 
     def stats(self) -> str:
         t = self.llm.last_timings
+        settings = f"settings: {self.llm.describe_settings()}"
         if not t:
-            return "no reply yet"
+            return f"no reply yet\n{settings}"
         pp = t["prompt_tokens"] / t["prompt_seconds"] if t["prompt_seconds"] else 0.0
         tg = (t["generated_tokens"] - 1) / t["generation_seconds"] if t["generation_seconds"] else 0.0
         return (f"prompt: {t['prompt_tokens']} tokens, {pp:.1f} tokens/s; "
                 f"generation: {t['generated_tokens']} tokens, {tg:.1f} tokens/s; "
-                f"context: {self.llm.n_tokens}/{self.llm.n_ctx()} tokens")
+                f"context: {self.llm.n_tokens}/{self.llm.n_ctx()} tokens\n{settings}")
 
     def _fit_context(self) -> None:
         """Drop the oldest exchanges (never the system prompt or the new message)

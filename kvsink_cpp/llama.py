@@ -42,6 +42,8 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8": 2, "q4": 3, "q3": 4, "q2": 5}
 # llama-cpp-python passes GGML type ids: F32, F16, Q8_0, Q4_0 map to ours
 _GGML_KV_TYPES = {0: 0, 1: 1, 8: 2, 2: 3}
 _KV_ALIASES = {"q8_0": "q8", "q4_0": "q4"}
+# what a context gets when no type is given (kvs_context_default_params)
+DEFAULT_KV_TYPE = {v: k for k, v in KV_TYPES.items()}[lib.kvs_context_default_params().type_k]
 
 
 def _kv_type(value, name: str, default: int) -> int:
@@ -234,6 +236,7 @@ class Llama:
         ctx_params.type_k = _kv_type(type_k, "type_k", ctx_params.type_k)
         ctx_params.type_v = _kv_type(type_v, "type_v", ctx_params.type_v)
         ctx_params.sink_policy, ctx_params.sink_pfn, ctx_params.sink_capacity = parse_sinks(sinks)
+        self._sinks_arg = sinks
         for name, value in (("kv_block", kv_block), ("kv_recent", kv_recent), ("kv_group", kv_group)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an int, got {value!r}")
@@ -285,7 +288,7 @@ class Llama:
         if verbose:
             arch = self._typed_metadata.get("general.architecture", "?")
             print(f"kvsink_cpp: loaded {self.model_path} ({arch}, n_vocab {self._n_vocab}, "
-                  f"n_ctx {self._n_ctx}, {n_threads} threads)", file=sys.stderr)
+                  f"n_ctx {self._n_ctx})\nkvsink_cpp: {self.describe_settings()}", file=sys.stderr)
 
     def _warn_no_profile(self) -> None:
         """Say once per model file that kvsink fell back to pfn:1."""
@@ -295,6 +298,42 @@ class Llama:
         print(f"kvsink_cpp: {os.path.basename(self.model_path)} has no sink profile (none in the file, none "
               f"shipped for these weights); sinks=kvsink falls back to pfn:1 (run `python -m kvsink_cpp profile` "
               f"to calibrate one)", file=sys.stderr)
+
+    def settings(self) -> Dict[str, object]:
+        """What this context runs with, defaults resolved: matrix products,
+        KV cache types and layout, sink policy, KV bytes per token, threads."""
+        p = lib.kvs_context_get_params(self._require_context())
+        names = {v: k for k, v in KV_TYPES.items()}
+        if p.sink_policy == lib.KVS_SINKS_NONE:
+            sinks = "none"
+        elif p.sink_policy == lib.KVS_SINKS_PFN:
+            sinks = f"pfn:{p.sink_pfn}"
+        else:
+            sinks = "kvsink" if self._sinks_arg in (None, "kvsink") else str(self._sinks_arg)
+        rotate = {v: k for k, v in KV_ROTATE.items()}.get(p.kv_rotate, str(p.kv_rotate))
+        return {"matmul": "q8" if p.matmul == lib.KVS_MATMUL_Q8 else "f32",
+                "act_outlier_ratio": float(p.act_outlier_ratio),
+                "type_k": names.get(p.type_k, str(p.type_k)), "type_v": names.get(p.type_v, str(p.type_v)),
+                "kv_block": p.kv_block, "kv_group": p.kv_group, "kv_rotate": rotate, "kv_recent": p.kv_recent,
+                "sinks": sinks, "sink_capacity": p.sink_capacity,
+                "kv_bytes_per_token": self.kv_cache_bytes_per_token(), "n_threads": p.n_threads,
+                "impl": "avx2" if p.impl == lib.KVS_IMPL_AVX2 else "scalar"}
+
+    def describe_settings(self) -> str:
+        """settings() in one line, as verbose=True and chat's /stats print it."""
+        s = self.settings()
+        if s["matmul"] == "q8":
+            outliers = f", outliers above {s['act_outlier_ratio']:g}x split off exactly" if s["act_outlier_ratio"] else ""
+            matmul = f"q8 (8-bit activations{outliers})"
+        else:
+            matmul = "f32 (exact)"
+        quantized = [t for t in (s["type_k"], s["type_v"]) if t not in ("f32", "f16")]
+        layout = (f", blocks of {s['kv_block']}, groups of {s['kv_group']}, rotate {s['kv_rotate']}"
+                  if quantized else "")
+        profile = (f" [profile {self.sink_profile.source}]" if s["sinks"].startswith("kvsink") and self.sink_profile
+                   else "")
+        return (f"matmul {matmul}; KV {s['type_k']}/{s['type_v']}{layout}; sinks {s['sinks']}{profile}; "
+                f"{s['kv_bytes_per_token']:,.0f} KV bytes/token; {s['n_threads']} threads, {s['impl']}")
 
     def kv_cache_bytes_per_token(self) -> float:
         """KV cache bytes per token once quantized (all layers, K and V, scales included)."""

@@ -310,9 +310,9 @@ def run_calibration(model_path, text=None, n_tokens: int = DEFAULT_TOKENS, progr
     from .llama import Llama
     if segment < 2 * MIN_QUERIES:
         raise ValueError(f"segments need at least {2 * MIN_QUERIES} tokens, got {segment}")
-    # an exact (f32) cache and no sink policy: calibration measures the model itself
+    # exact products, an exact (f32) cache and no sink policy: calibration measures the model itself
     with Llama(str(model_path), n_ctx=segment, n_batch=segment, n_threads=n_threads, verbose=False,
-               type_k="f32", type_v="f32", sinks="none") as llm:
+               type_k="f32", type_v="f32", sinks="none", matmul="f32") as llm:
         ids, name = _calibration_tokens(llm, text, n_tokens, tokens)
         if len(ids) < 2 * MIN_QUERIES:
             raise ValueError(f"calibration needs at least {2 * MIN_QUERIES} tokens, got {len(ids)}")

@@ -9,6 +9,9 @@ from kvsink_cpp import Llama
 from numpy_llama import NumpyLlama
 import synthetic
 
+# the exact path (the default is the fast one): f32 products and cache
+EXACT = dict(matmul="f32", type_k="f32", type_v="f32")
+
 TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning there was only the "
         "river, and the people who lived by the water learned to read the seasons from the "
         "colour of its banks. Every spring the floods came, and every autumn the fields were "
@@ -35,13 +38,13 @@ def assert_logits_close(got, want):
 
 
 def run_batched(path, tokens, **kw):
-    with Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, **kw) as llm:
+    with Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, **{**EXACT, **kw}) as llm:
         llm.eval(tokens)
         return llm.scores[: len(tokens)].copy()
 
 
 def run_token_by_token(path, tokens, **kw):
-    with Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, **kw) as llm:
+    with Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, **{**EXACT, **kw}) as llm:
         for t in tokens:
             llm.eval([t])
         return llm.scores[: len(tokens)].copy()
@@ -96,7 +99,7 @@ def test_trace_matches_numpy(tmp_path, n_batch):
     tokens = list(np.random.default_rng(3).integers(0, 320, size=48))
     want = {}
     NumpyLlama(path).forward(tokens, trace=want)
-    with Llama(str(path), n_ctx=64, n_batch=n_batch, n_threads=2, verbose=False) as llm:
+    with Llama(str(path), n_ctx=64, n_batch=n_batch, n_threads=2, verbose=False, **EXACT) as llm:
         hidden, mass = llm.trace(tokens)
     want_hidden = np.stack(want["hidden"])
     np.testing.assert_allclose(hidden, want_hidden, rtol=0, atol=1e-4 * np.abs(want_hidden).max())

@@ -13,7 +13,7 @@ from kv_sim import BITS, KVSinkSim, quantize_group
 from numpy_llama import NumpyLlama
 
 # the layout the plain numpy cache model (KVSinkSim without rotate) describes
-PLAIN = dict(kv_rotate="none", kv_group=32)
+PLAIN = dict(kv_rotate="none", kv_group=32, matmul="f32")
 KV_IDS = {"q8": lib.KVS_KV_Q8, "q4": lib.KVS_KV_Q4, "q3": lib.KVS_KV_Q3, "q2": lib.KVS_KV_Q2}
 
 
@@ -199,7 +199,7 @@ def test_kvsink_n_keeps_the_strongest_sinks_and_requantizes_the_rest(qwen, tmp_p
     assert sim.dropped > 0 and len(sim.table) == capacity  # the rule was exercised
     with Llama(str(profiled), n_ctx=128, n_batch=ubatch, n_threads=2, logits_all=True, verbose=False, impl=impl,
                type_k=type_k, type_v=type_v, sinks=f"kvsink:{capacity}", kv_block=block, kv_recent=recent,
-               kv_rotate=rotate, kv_group=32) as llm:
+               kv_rotate=rotate, kv_group=32, matmul="f32") as llm:
         llm.eval(tokens)
         got = llm.scores[:len(tokens)].copy()
         stats = llm.kv_cache_stats()
@@ -267,7 +267,7 @@ def test_rotated_blocks_match_numpy(qwen, type_k, type_v, rotate, sinks, ubatch,
     want = ref.forward_cached(tokens, sim, ubatch=ubatch)
     with Llama(str(path), n_ctx=64, n_batch=ubatch, n_threads=2, logits_all=True, verbose=False, impl=impl,
                type_k=type_k, type_v=type_v, sinks=sinks, kv_block=block, kv_recent=recent, kv_rotate=rotate,
-               kv_group=32) as llm:
+               kv_group=32, matmul="f32") as llm:
         for start in range(0, len(tokens), ubatch):
             llm.eval(tokens[start:start + ubatch])
         got = llm.scores[:len(tokens)].copy()
@@ -310,7 +310,7 @@ def test_eviction_keeps_sinks_and_positions(qwen, type_kv):
     rng = np.random.default_rng(6)
     tokens = [int(t) for t in rng.integers(0, 320, size=70)]
     kw = dict(n_ctx=32, n_batch=8, n_threads=2, verbose=False, kv_block=8, kv_recent=8, type_k=type_kv,
-              type_v=type_kv)
+              type_v=type_kv, matmul="f32")
     with Llama(str(path), sinks="pfn:2", kv_ring=True, **kw) as llm:
         llm.eval(tokens)
         stats = llm.kv_cache_stats()

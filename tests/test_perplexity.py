@@ -98,7 +98,7 @@ def paragraph_file(tmp_path_factory):
 
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 def test_smollm2_perplexity_matches_numpy(smollm2_path, smollm2_numpy, kv):
-    with open_llama(smollm2_path, 64, n_threads=2, type_k=kv, type_v=kv) as llm:
+    with open_llama(smollm2_path, 64, n_threads=2, type_k=kv, type_v=kv, matmul="f32") as llm:
         tokens = llm.tokenize(PARAGRAPH.encode(), add_bos=True)
         assert vocab_bos(llm) is None, "SmolLM2's vocab adds no BOS: chunks are used as they are"
         got = perplexity_of_tokens(llm, tokens, 64, n_chunks=2, bos_id=vocab_bos(llm))
@@ -198,7 +198,8 @@ def test_kl_of_a_setting_against_itself_is_zero(tiny_model, tiny_tokens):
 
 
 def test_f32_cache_is_close_to_the_f16_reference(tiny_model, tiny_tokens):
-    with open_llama(tiny_model, 16) as llm, open_llama(tiny_model, 16, **ppl_mod.REFERENCE_KV) as ref:
+    with open_llama(tiny_model, 16, type_k="f32", type_v="f32") as llm, \
+            open_llama(tiny_model, 16, **ppl_mod.REFERENCE_KV) as ref:
         got = perplexity_of_tokens(llm, tiny_tokens, 16, reference=ref)
     assert 0.0 < got["kl_mean"] < 1e-4
     assert got["top1_agreement"] > 0.9
@@ -253,16 +254,16 @@ def test_cli_json_with_kl_divergence(smollm2_path, paragraph_file, capsys):
 
 
 def test_cli_fast_matmul_kl_is_against_the_same_path(smollm2_path, paragraph_file, capsys):
-    """--matmul q8: the f16 cache against an f16 reference with the same
-    matrix products is the same distribution (KL measures the cache alone),
-    and the perplexity moves only a little from the exact path's."""
+    """--matmul q8 (the default): the f16 cache against an f16 reference with
+    the same matrix products is the same distribution (KL measures the cache
+    alone), and the perplexity moves only a little from the exact path's."""
     args = [str(smollm2_path), "-f", str(paragraph_file), "-c", "64", "-t", "2", "-ctk", "f16", "-ctv", "f16",
             "--kl-divergence", "--json"]
-    assert ppl_mod.main(args + ["--matmul", "q8"]) == 0
-    fast = json.loads(capsys.readouterr().out)
     assert ppl_mod.main(args) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert ppl_mod.main(args + ["--matmul", "f32"]) == 0
     exact = json.loads(capsys.readouterr().out)
-    assert fast["matmul"] == "q8" and exact["matmul"] is None
+    assert fast["matmul"] is None and exact["matmul"] == "f32"
     assert fast["kl_mean"] == pytest.approx(0.0, abs=1e-12)
     assert fast["ppl"] != exact["ppl"] and abs(fast["ppl"] / exact["ppl"] - 1) < 0.05
 

@@ -23,7 +23,7 @@ assert lib.kvs_cpu_has_avx2() == 0, "the scalar-only build must not offer AVX2"
 path = synthetic.write_qwen2_legacy({model!r})
 tokens = list(range(3, 40))
 want = NumpyLlama(path).forward(tokens)
-with Llama(str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False) as llm:
+with Llama(str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False, matmul="f32", type_k="f32", type_v="f32") as llm:
     llm.eval(tokens)
     got = llm.scores[:len(tokens)]
 assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()

@@ -143,7 +143,8 @@ def first_token_logits(path: Path, impl: str) -> np.ndarray:
     with Llama(str(path), verbose=False) as llm:
         token = llm.tokenize(GOLDEN_TEXT)[0]
     # the plain 8-bit path: the split of massive activations has its own oracle (test_fast_matmul)
-    with Llama(str(path), n_ctx=8, verbose=False, n_threads=2, matmul="q8", act_outlier_ratio=0, impl=impl) as llm:
+    with Llama(str(path), n_ctx=8, verbose=False, n_threads=2, matmul="q8", act_outlier_ratio=0, impl=impl,
+               type_k="f32", type_v="f32") as llm:
         llm.eval([token])
         return np.array(llm.scores[0], dtype=np.float32)
 

@@ -261,7 +261,7 @@ typedef struct kvs_context_params {
     int32_t n_batch;     /* most tokens per kvs_context_eval call                          */
     int32_t n_threads;   /* worker threads for matrix products, >= 1                       */
     int32_t impl;        /* kvs_impl: kernels to use                                       */
-    int32_t type_k;      /* kvs_kv_type of keys (default KVS_KV_F32: exact)                 */
+    int32_t type_k;      /* kvs_kv_type of keys (default KVS_KV_Q8; KVS_KV_F32 is exact)     */
     int32_t type_v;      /* kvs_kv_type of values                                          */
     int32_t kv_block;    /* tokens per quantized block: multiple of 8 in 8..64; 0 (default):
                             64 when a cache type is q4, else 32                            */
@@ -278,13 +278,14 @@ typedef struct kvs_context_params {
                               first pfn tokens and position 0 under kvsink are pinned     */
     int32_t kv_ring;     /* 1: when full, evict the oldest blocks and keep the sinks
                             (StreamingLLM); 0 (default): eval fails with CONTEXT_FULL      */
-    int32_t matmul;      /* kvs_matmul_mode of the matrix products (default KVS_MATMUL_F32) */
+    int32_t matmul;      /* kvs_matmul_mode of the matrix products (default KVS_MATMUL_Q8;
+                            KVS_MATMUL_F32 is the exact reference)                          */
     int32_t kv_rotate;   /* KVS_KV_ROTATE_* bits; -1 (default): the q4/q3/q2 ones of keys and
                             values when head_dim is a power of two, else none              */
     float act_outlier_ratio; /* fast path: an activation above this many times its row's
                             median 32-block maximum (a massive activation, as sink tokens
                             carry) is taken out of its 8-bit block and multiplied exactly;
-                            0: none (plain 8-bit). Default 8 */
+                            0: none (plain 8-bit). Default 4 */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);
@@ -292,6 +293,10 @@ KVS_API kvs_status kvs_context_create(kvs_model *model, const kvs_context_params
                                       kvs_context **out);
 KVS_API void kvs_context_free(kvs_context *ctx);
 
+/* The parameters the context runs with: defaults resolved (n_ctx, n_batch,
+ * kv_block, kv_group, kv_rotate, sink_capacity, impl) and the sink policy as
+ * it runs (kvsink on a model without a profile reads pfn with sink_pfn 1). */
+KVS_API kvs_context_params kvs_context_get_params(const kvs_context *ctx);
 KVS_API int32_t kvs_context_n_ctx(const kvs_context *ctx);
 KVS_API int32_t kvs_context_n_batch(const kvs_context *ctx);
 /* Tokens evaluated so far (positions 0 .. n_past-1; some may have been evicted). */

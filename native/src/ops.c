@@ -170,8 +170,9 @@ _Static_assert(OUTLIER_COLUMNS <= MATMUL_ROWS, "the columns live in a thread's r
 /* out[r - r0] = w[r][j], read from the packed groups where the fast path
  * reads them (the original rows' pages may be dropped), else the original rows. */
 static void weight_column(const kvs_cpu *cpu, const kvs_tensor *w, int64_t j, int64_t r0, int64_t r1, float *out) {
-    const int64_t split = packed_dot(cpu, w) ? (packed_end(w, r1) > r0 ? packed_end(w, r1) : r0) : r0;
-    if (r0 < split) kvs_repack_weight_column(w->type, w->packed, w->ne[0], j, r0, split, out);
+    const kvs_repack_kernels *packed = packed_dot(cpu, w);
+    const int64_t split = packed ? (packed_end(w, r1) > r0 ? packed_end(w, r1) : r0) : r0;
+    if (r0 < split) packed->column(w->packed, w->ne[0], j, r0, split, out);
     if (split < r1) kvs_q8_weight_column(w->type, w->data, w->row_bytes, j, split, r1, out + (split - r0));
 }
 

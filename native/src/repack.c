@@ -147,16 +147,24 @@ static float packed_weight(int32_t type, const uint8_t *b, int r, int e) {
     }
 }
 
-void kvs_repack_weight_column(int32_t type, const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1,
-                              float *out) {
+static void weight_column(int32_t type, const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1,
+                          float *out) {
     const repack_format *f = format_find(type);
-    if (!f) return;
     const int64_t group_bytes = n_cols / QK_ACT * REPACK_ROWS * (int64_t)f->block_bytes;
     const uint8_t *column = (const uint8_t *)packed + j / QK_ACT * REPACK_ROWS * (int64_t)f->block_bytes;
     for (int64_t r = r0; r < r1; r++) {
         out[r - r0] = packed_weight(type, column + r / REPACK_ROWS * group_bytes, (int)(r % REPACK_ROWS), (int)(j % QK_ACT));
     }
 }
+
+#define DEFINE_COLUMN(name, type)                                                                                 \
+    static void column_##name(const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1, float *out) { \
+        weight_column(type, packed, n_cols, j, r0, r1, out);                                                     \
+    }
+
+DEFINE_COLUMN(q4_0, KVS_TYPE_Q4_0)
+DEFINE_COLUMN(q4_1, KVS_TYPE_Q4_1)
+DEFINE_COLUMN(q8_0, KVS_TYPE_Q8_0)
 
 /* The batched twin is the one-token twin per token. */
 #define DEFINE_GEMM(name)                                                                                \
@@ -170,9 +178,9 @@ DEFINE_GEMM(q4_1)
 DEFINE_GEMM(q8_0)
 
 #if defined(KVS_HAVE_AVX2_BUILD)
-#  define AVX2(name) {kvs_repack_gemv_##name##_avx2, kvs_repack_gemm_##name##_avx2}
+#  define AVX2(name) {kvs_repack_gemv_##name##_avx2, kvs_repack_gemm_##name##_avx2, kvs_repack_column_##name##_avx2}
 #else
-#  define AVX2(name) {NULL, NULL}
+#  define AVX2(name) {NULL, NULL, NULL}
 #endif
 
 typedef struct {
@@ -180,7 +188,7 @@ typedef struct {
     kvs_repack_kernels scalar, avx2;
 } repack_entry;
 
-#define ENTRY(type, name) {type, {gemv_##name, gemm_##name}, AVX2(name)}
+#define ENTRY(type, name) {type, {gemv_##name, gemm_##name, column_##name}, AVX2(name)}
 
 static const repack_entry kernels[] = {
     ENTRY(KVS_TYPE_Q4_0, q4_0),

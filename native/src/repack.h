@@ -49,9 +49,17 @@ typedef void (*kvs_repack_gemv_fn)(int64_t n, const void *group, const block_q8_
 typedef void (*kvs_repack_gemm_fn)(int64_t n, const void *group, const block_q8_act *x, int64_t n_tokens,
                                    float *y, int64_t y_stride);
 
+/* out[r - r0] = w[r][j] for rows r0..r1 (within the full groups) of a weight
+ * of n_cols columns packed by kvs_repack, dequantized as the exact path does
+ * (d * q + m, no fused multiply-add): the column an outlier activation
+ * multiplies (act_q8.h). */
+typedef void (*kvs_repack_column_fn)(const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1,
+                                     float *out);
+
 typedef struct {
     kvs_repack_gemv_fn gemv;
     kvs_repack_gemm_fn gemm;
+    kvs_repack_column_fn column;
 } kvs_repack_kernels;
 
 /* 1 when the fast path has packed kernels for this weight type. */
@@ -65,12 +73,6 @@ size_t kvs_repack_bytes(int32_t type, int64_t n_rows, int64_t n_cols);
  * into dst (kvs_repack_bytes of it). KVS_ERR_UNSUPPORTED for other types. */
 kvs_status kvs_repack(int32_t type, const void *src, int64_t row_bytes, int64_t n_rows, int64_t n_cols, void *dst);
 
-/* out[r - r0] = w[r][j] for rows r0..r1 (within the full groups) of a weight
- * of n_cols columns packed by kvs_repack: the column an outlier multiplies
- * (act_q8.h), dequantized as the exact path does. */
-void kvs_repack_weight_column(int32_t type, const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1,
-                              float *out);
-
 /* The packed kernels for a type with impl resolved (SCALAR or AVX2; AVX2
  * falls back to scalar when not built), or NULL for an unsupported type. */
 const kvs_repack_kernels *kvs_repack_kernels_find(int32_t type, int32_t impl);
@@ -82,6 +84,9 @@ void kvs_repack_gemm_q4_0_avx2(int64_t n, const void *group, const block_q8_act 
 void kvs_repack_gemv_q4_1_avx2(int64_t n, const void *group, const block_q8_act *x, float out[REPACK_ROWS]);
 void kvs_repack_gemm_q4_1_avx2(int64_t n, const void *group, const block_q8_act *x, int64_t n_tokens, float *y,
                                int64_t y_stride);
+void kvs_repack_column_q4_0_avx2(const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1, float *out);
+void kvs_repack_column_q4_1_avx2(const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1, float *out);
+void kvs_repack_column_q8_0_avx2(const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1, float *out);
 void kvs_repack_gemv_q8_0_avx2(int64_t n, const void *group, const block_q8_act *x, float out[REPACK_ROWS]);
 void kvs_repack_gemm_q8_0_avx2(int64_t n, const void *group, const block_q8_act *x, int64_t n_tokens, float *y,
                                int64_t y_stride);

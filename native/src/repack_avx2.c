@@ -160,4 +160,75 @@ DEFINE_PACKED_KERNELS(q4_0, Q4_0_TILE)
 DEFINE_PACKED_KERNELS(q4_1, Q4_1_TILE)
 DEFINE_PACKED_KERNELS(q8_0, Q8_0_TILE)
 
+/* ---- one column of the packed weights (the outlier terms, act_q8.h) ----------
+ * Lane r is row r of a group: the 32-byte run holding element e gives row r's
+ * byte in bytes 4r..4r+3 of lane r, shifted down and masked; the 8 scales
+ * (and mins) convert in one cvtph each. Multiply and add stay separate, so
+ * the lanes equal the scalar twin's d * q + m bit for bit. Rows outside full
+ * groups (a partial first or last group) take the scalar element loop. */
+
+/* Lane r: byte k % 4 of the 32-bit lane r of the run at p. */
+ALWAYS_INLINE __m256i run_bytes(const uint8_t *p, int k) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_and_si256(_mm256_srli_epi32(v, 8 * (k % 4)), _mm256_set1_epi32(0xff));
+}
+
+/* Element e of the 8 rows of a nibble block's runs, unsigned. */
+ALWAYS_INLINE __m256 nibble_lanes(const uint8_t *qs, int e) {
+    const int k = e % 16;
+    __m256i q = run_bytes(qs + 32 * (k / 4), k);
+    q = e < 16 ? _mm256_and_si256(q, _mm256_set1_epi32(0x0f)) : _mm256_srli_epi32(q, 4);
+    return _mm256_cvtepi32_ps(q);
+}
+
+/* Element e of the 8 rows of a byte block's runs, signed. */
+ALWAYS_INLINE __m256 byte_lanes(const int8_t *qs, int e) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * (e / 4)));
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * (e % 4)), 24));
+}
+
+static __m256 column_lanes(int32_t type, const uint8_t *b, int e) {
+    switch (type) {
+    case KVS_TYPE_Q4_0: {
+        const block_q4_0x8 *q = (const block_q4_0x8 *)b;
+        return _mm256_mul_ps(halves8(q->d), _mm256_sub_ps(nibble_lanes(q->qs, e), _mm256_set1_ps(8.0f)));
+    }
+    case KVS_TYPE_Q4_1: {
+        const block_q4_1x8 *q = (const block_q4_1x8 *)b;
+        return _mm256_add_ps(_mm256_mul_ps(halves8(q->d), nibble_lanes(q->qs, e)), halves8(q->m));
+    }
+    default: {
+        const block_q8_0x8 *q = (const block_q8_0x8 *)b;
+        return _mm256_mul_ps(halves8(q->d), byte_lanes(q->qs, e));
+    }
+    }
+}
+
+static void column_avx2(int32_t type, size_t block_bytes, const kvs_repack_kernels *scalar, const void *packed,
+                        int64_t n_cols, int64_t j, int64_t r0, int64_t r1, float *out) {
+    const int64_t g0 = (r0 + REPACK_ROWS - 1) / REPACK_ROWS, g1 = r1 / REPACK_ROWS;
+    if (g0 >= g1) {
+        scalar->column(packed, n_cols, j, r0, r1, out);
+        return;
+    }
+    if (r0 < g0 * REPACK_ROWS) scalar->column(packed, n_cols, j, r0, g0 * REPACK_ROWS, out);
+    const int64_t group_bytes = n_cols / QK_ACT * REPACK_ROWS * (int64_t)block_bytes;
+    const uint8_t *column = (const uint8_t *)packed + j / QK_ACT * REPACK_ROWS * (int64_t)block_bytes;
+    for (int64_t g = g0; g < g1; g++) {
+        _mm256_storeu_ps(out + g * REPACK_ROWS - r0, column_lanes(type, column + g * group_bytes, (int)(j % QK_ACT)));
+    }
+    if (g1 * REPACK_ROWS < r1) scalar->column(packed, n_cols, j, g1 * REPACK_ROWS, r1, out + (g1 * REPACK_ROWS - r0));
+}
+
+#define DEFINE_COLUMN_AVX2(name, type, block)                                                                   \
+    void kvs_repack_column_##name##_avx2(const void *packed, int64_t n_cols, int64_t j, int64_t r0, int64_t r1,  \
+                                         float *out) {                                                          \
+        column_avx2(type, sizeof(block), kvs_repack_kernels_find(type, KVS_IMPL_SCALAR), packed, n_cols, j, r0, \
+                    r1, out);                                                                                   \
+    }
+
+DEFINE_COLUMN_AVX2(q4_0, KVS_TYPE_Q4_0, block_q4_0)
+DEFINE_COLUMN_AVX2(q4_1, KVS_TYPE_Q4_1, block_q4_1)
+DEFINE_COLUMN_AVX2(q8_0, KVS_TYPE_Q8_0, block_q8_0)
+
 #endif
