@@ -52,6 +52,23 @@ def test_batches_larger_than_n_batch_equal_one_call(model_path, llm):
         np.testing.assert_allclose(llm.scores[:30], one.scores[:30], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("matmul", ["f32", "q8"])
+def test_thread_count_does_not_change_a_batch(tmp_path, matmul):
+    """The pool hands out parts from a shared counter; whichever thread takes
+    a part, each output row is the same dot, so a batch's logits are the same
+    bit for bit with 1 thread, 3, and more threads than this machine has
+    cores (more parts than some products have rows). Legacy quants: the fast
+    path's integer dots and outlier columns run."""
+    path = synthetic.write_qwen2_legacy(tmp_path / "model.gguf")
+    logits = []
+    for n_threads in (1, 3, 9):
+        with Llama(str(path), n_ctx=64, n_threads=n_threads, logits_all=True, verbose=False, matmul=matmul) as m:
+            m.eval(TOKENS * 3)
+            logits.append(m.scores[:30].copy())
+    for other in logits[1:]:
+        np.testing.assert_array_equal(other, logits[0])
+
+
 def test_last_logits_without_logits_all(model_path, llm):
     llm.eval(TOKENS)
     with Llama(str(model_path), n_ctx=64, n_threads=2, verbose=False) as last:
