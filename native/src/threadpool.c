@@ -13,7 +13,17 @@
  * fields are written, then the word becomes (generation, 0) with release
  * order. A worker claims a part by compare-and-swap on the word, so a claim
  * succeeds only for the generation whose fields it read; a worker that wakes
- * after its task ended finds the generation moved on and claims nothing. */
+ * after its task ended finds the generation moved on and claims nothing.
+ *
+ * A part claimed by a thread that is then descheduled still holds up the
+ * caller for the rest of that thread's time slice. When the machine is busy
+ * that happens on most tasks, and two threads sharing a core with another
+ * process end up slower than one thread alone. So the caller watches how long
+ * it waits for such stragglers: after repeated stalls it runs the next tasks
+ * alone (the workers go to sleep), then tries the pool again, and doubles its
+ * time alone while the stalls go on. Measured on 2 cores (README): a quiet
+ * machine stalls a few times in 70,000 tasks and never goes alone; with one
+ * busy process it stalls every ~200 tasks. */
 #include "threadpool.h"
 
 #include <pthread.h>
@@ -22,11 +32,20 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "status.h"
 
 #define SPIN_ITERATIONS 20000
 #define CLOSED 0xffffffffu
+/* A wait for stragglers longer than this is a stall: a descheduled thread
+ * holds its part for a time slice (milliseconds), a quiet wait lasts microseconds. */
+#define STALL_NS 1000000
+/* Tasks run alone after a stall: doubled while stalls continue, up to the max. */
+#define STALL_WINDOW 1024
+#define STALLS_TO_GO_SOLO 3
+#define SOLO_TASKS_MIN 256
+#define SOLO_TASKS_MAX 16384
 
 typedef struct worker {
     kvs_threadpool *pool;
@@ -48,6 +67,11 @@ struct kvs_threadpool {
     _Atomic(kvs_task_fn) task;
     _Atomic(void *) arg;
     atomic_int n_parts;
+    /* the caller's fallback on a busy machine (used by the caller only) */
+    int solo_left;          /* tasks still to run alone                      */
+    int solo_length;        /* the next time alone, after another stall      */
+    int tasks_since_stall;
+    int window_tasks, window_stalls; /* stalls among the last tasks */
 };
 
 static inline void cpu_relax(void) {
@@ -59,8 +83,10 @@ static inline void cpu_relax(void) {
 static uint32_t generation_of(uint64_t word) { return (uint32_t)(word >> 32); }
 static uint32_t next_of(uint64_t word) { return (uint32_t)word; }
 
-/* Claim and run parts of the task of generation gen until none is left. */
-static void run_parts(kvs_threadpool *pool, uint32_t gen, int thread) {
+/* Claim and run parts of the task of generation gen until none is left;
+ * returns how many this thread ran. */
+static int run_parts(kvs_threadpool *pool, uint32_t gen, int thread) {
+    int ran = 0;
     const kvs_task_fn task = atomic_load_explicit(&pool->task, memory_order_relaxed);
     void *const arg = atomic_load_explicit(&pool->arg, memory_order_relaxed);
     const uint32_t n_parts = (uint32_t)atomic_load_explicit(&pool->n_parts, memory_order_relaxed);
@@ -73,8 +99,10 @@ static void run_parts(kvs_threadpool *pool, uint32_t gen, int thread) {
         }
         task(arg, (int)next_of(word), (int)n_parts, thread);
         atomic_fetch_add_explicit(&pool->parts_done, 1, memory_order_release);
+        ran++;
         word = atomic_load_explicit(&pool->word, memory_order_acquire);
     }
+    return ran;
 }
 
 /* An open task of a generation other than seen, or stop. */
@@ -103,7 +131,7 @@ static void *worker_main(void *arg) {
         const uint64_t word = wait_for_task(pool, seen);
         if (atomic_load(&pool->stop)) break;
         seen = generation_of(word);
-        run_parts(pool, seen, w->index);
+        (void)run_parts(pool, seen, w->index);
     }
     return NULL;
 }
@@ -119,6 +147,7 @@ kvs_status kvs_threadpool_create(int n_threads, kvs_threadpool **out) {
     pthread_mutex_init(&pool->mutex, NULL);
     pthread_cond_init(&pool->wake, NULL);
     atomic_store(&pool->word, (uint64_t)CLOSED); /* generation 0, nothing to claim */
+    pool->solo_length = SOLO_TASKS_MIN;
     if (n_threads > 1) {
         pool->workers = calloc((size_t)n_threads - 1, sizeof *pool->workers);
         if (!pool->workers) {
@@ -155,8 +184,38 @@ void kvs_threadpool_free(kvs_threadpool *pool) {
 
 int kvs_threadpool_size(const kvs_threadpool *pool) { return pool->n_threads; }
 
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* After a wait of waited_ns for stragglers: a stall is a wait longer than
+ * STALL_NS and than two of the caller's own parts (a worker merely finishing
+ * a long part is none). STALLS_TO_GO_SOLO stalls within STALL_WINDOW tasks
+ * mean the machine is busy, not that one thread was interrupted once: the
+ * caller then goes alone for a while. */
+static void note_wait(kvs_threadpool *pool, int64_t waited_ns, int64_t part_ns) {
+    if (++pool->window_tasks >= STALL_WINDOW) pool->window_tasks = pool->window_stalls = 0;
+    if (waited_ns < STALL_NS || waited_ns < 2 * part_ns) {
+        /* a long quiet stretch: the next stall starts from the shortest time alone */
+        if (++pool->tasks_since_stall > 4 * SOLO_TASKS_MAX) pool->solo_length = SOLO_TASKS_MIN;
+        return;
+    }
+    pool->tasks_since_stall = 0;
+    if (++pool->window_stalls < STALLS_TO_GO_SOLO) return;
+    pool->window_tasks = pool->window_stalls = 0;
+    pool->solo_left = pool->solo_length;
+    pool->solo_length = pool->solo_length * 2 < SOLO_TASKS_MAX ? pool->solo_length * 2 : SOLO_TASKS_MAX;
+}
+
 void kvs_threadpool_run(kvs_threadpool *pool, kvs_task_fn task, void *arg) {
     if (pool->n_threads == 1) {
+        task(arg, 0, 1, 0);
+        return;
+    }
+    if (pool->solo_left > 0) {
+        pool->solo_left--;
         task(arg, 0, 1, 0);
         return;
     }
@@ -172,14 +231,17 @@ void kvs_threadpool_run(kvs_threadpool *pool, kvs_task_fn task, void *arg) {
     atomic_store_explicit(&pool->word, (uint64_t)gen << 32, memory_order_release);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mutex);
-    run_parts(pool, gen, 0);
+    const int64_t t_start = now_ns();
+    const int ran = run_parts(pool, gen, 0);
     /* every part is claimed; wait for the ones still running: spin first
      * (they finish within microseconds), then yield so a worker that was
      * descheduled mid-part on a busy machine gets the core back */
+    const int64_t t0 = now_ns();
     for (int spins = 0; atomic_load_explicit(&pool->parts_done, memory_order_acquire) < n_parts; spins++) {
         if (spins < SPIN_ITERATIONS) cpu_relax();
         else sched_yield();
     }
+    note_wait(pool, now_ns() - t0, ran ? (t0 - t_start) / ran : 0);
 }
 
 void kvs_split_range(int64_t n, int i, int n_parts, int64_t *begin, int64_t *end) {
