@@ -263,10 +263,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-rotate", default=None, choices=("none", "k", "v", "kv"),
                    help="Hadamard-rotate quantized keys, values or both (default: q4/q3/q2 blocks when head_dim is a power of two)")
     p.add_argument("--matmul", default=None, choices=("f32", "q8"),
-                   help="matrix products: f32 (exact, default) or q8 (8-bit activations, faster)")
+                   help="matrix products: q8 (default: 8-bit activations, outliers exact) or f32 (exact, the reference)")
     p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block")
     p.add_argument("--kv-recent", type=int, default=None, help="most recent tokens kept unquantized")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: half the CPUs)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: the physical cores)")
     p.add_argument("--kl-divergence", action="store_true",
                    help="also evaluate with the f16 cache and report KL-divergence and top-1 agreement")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure")

@@ -623,7 +623,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"most calibration tokens to use (default {DEFAULT_TOKENS})")
     p.add_argument("--segment", type=int, default=DEFAULT_SEGMENT,
                    help=f"tokens per independent segment (default {DEFAULT_SEGMENT})")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: half the CPUs)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: the physical cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="list every sink, per layer and per token")
     p.set_defaults(func=_cmd_profile)
