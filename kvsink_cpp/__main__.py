@@ -117,6 +117,24 @@ def kv_cache_options(args) -> dict:
     return dict(type_k=args.cache_type_k, type_v=args.cache_type_v, sinks=args.sinks,
                 kv_block=args.kv_block, kv_recent=args.kv_recent, kv_rotate=args.kv_rotate, matmul=args.matmul)
 
+def _check_runtime_args(args) -> None:
+    """The generation flags, checked before a model is loaded (a ValueError: `error: ...`)."""
+    checks = (
+        (args.n_predict == -1 or args.n_predict > 0, f"-n must be -1 (no limit) or positive, got {args.n_predict}"),
+        (args.ctx_size >= 0, f"-c must be >= 0 (0: the model's training context), got {args.ctx_size}"),
+        (args.threads is None or args.threads >= 1, f"-t must be positive, got {args.threads}"),
+        (args.temp >= 0, f"--temp must be >= 0 (0: greedy), got {args.temp}"),
+        (args.top_k >= 0, f"--top-k must be >= 0 (0: off), got {args.top_k}"),
+        (0 < args.top_p <= 1, f"--top-p must be in (0, 1] (1: off), got {args.top_p}"),
+        (0 <= args.min_p <= 1, f"--min-p must be in [0, 1] (0: off), got {args.min_p}"),
+        (0 < args.typical <= 1, f"--typical must be in (0, 1] (1: off), got {args.typical}"),
+        (args.repeat_penalty > 0, f"--repeat-penalty must be positive (1: off), got {args.repeat_penalty}"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def _sampling(args) -> dict:
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 typical_p=args.typical, repeat_penalty=args.repeat_penalty, seed=args.seed)
@@ -131,6 +149,7 @@ def _load(path: str, args):
 
 def _cmd_chat(args) -> int:
     from .chat_cli import run_chat
+    _check_runtime_args(args)
     path = _model_or_default(args.model)
     print(f"loading {path}", file=sys.stderr)
     with _load(path, args) as llm:
@@ -139,6 +158,7 @@ def _cmd_chat(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    _check_runtime_args(args)
     path = _model_or_default(args.model)
     with _load(path, args) as llm:
         max_tokens = None if args.n_predict < 0 else args.n_predict

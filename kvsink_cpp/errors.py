@@ -38,10 +38,16 @@ class KvsinkMemoryError(KvsinkError, MemoryError):
     status = 5
 
 
-class ContextFullError(KvsinkError):
-    """More tokens than the context can hold."""
+class ContextFullError(KvsinkError, ValueError):
+    """More tokens than the context can hold (a ValueError, as llama-cpp-python
+    raises for a prompt longer than the context)."""
 
     status = 6
+
+
+class KvsinkWarning(UserWarning):
+    """A notice about how a model runs (e.g. no sink profile), filterable with
+    the warnings module."""
 
 
 _BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, KvsinkIOError, GGUFFormatError,

@@ -5,6 +5,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -14,7 +15,7 @@ from ._native import check, ffi, lib
 from . import chat_format
 from .completion import (StopMatcher, chat_chunk, chat_response, completion_chunk,
                          completion_response, new_id, normalize_stop, now)
-from .errors import ContextFullError
+from .errors import ContextFullError, KvsinkWarning
 from .gguf_file import read_metadata
 from .sampling import Sampler, SamplingParams
 from .sink_profiles import resolve_profile
@@ -295,9 +296,10 @@ class Llama:
         if self.model_path in _warned_no_profile:
             return
         _warned_no_profile.add(self.model_path)
-        print(f"kvsink_cpp: {os.path.basename(self.model_path)} has no sink profile (none in the file, none "
-              f"shipped for these weights); sinks=kvsink falls back to pfn:1 (run `python -m kvsink_cpp profile` "
-              f"to calibrate one)", file=sys.stderr)
+        # a warning, so that an app can filter it (warnings.simplefilter or -W)
+        warnings.warn(f"kvsink_cpp: {os.path.basename(self.model_path)} has no sink profile (none in the file, "
+                      f"none shipped for these weights); sinks=kvsink falls back to pfn:1 (run `python -m "
+                      f"kvsink_cpp profile` to calibrate one)", KvsinkWarning, stacklevel=3)
 
     def settings(self) -> Dict[str, object]:
         """What this context runs with, defaults resolved: matrix products,
@@ -373,16 +375,10 @@ class Llama:
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens after the first `n_tokens` ones, in batches of n_batch."""
         ctx = self._require_context()
-        ids = np.ascontiguousarray(tokens, dtype=np.int32)
-        if ids.ndim != 1:
-            raise ValueError("tokens must be a flat sequence of ints")
+        ids = self._token_ids(tokens)
         if self.n_tokens + len(ids) > self._n_ctx and not self.kv_ring:
             raise ContextFullError(
                 f"{len(ids)} tokens do not fit: {self.n_tokens} of n_ctx {self._n_ctx} are in use")
-        bad = np.flatnonzero((ids < 0) | (ids >= self._n_vocab))
-        if bad.size:
-            raise ValueError(f"token id {int(ids[bad[0]])} at index {int(bad[0])} is out of range "
-                             f"[0, {self._n_vocab})")
         # like llama-cpp-python: drop whatever the cache holds past n_tokens; a
         # quantized cache may keep fewer (it cannot cut a block), so evaluate
         # the dropped tokens again first
@@ -396,6 +392,18 @@ class Llama:
             if self._cancel.is_set() and self._generating:
                 raise _Cancelled()
             self._eval_batch(ctx, ids[start:start + self.n_batch])
+
+    def _token_ids(self, tokens: Sequence[int]) -> np.ndarray:
+        """tokens as int32 ids, each checked: an int (not a float or bool, which
+        a cast would truncate) in [0, n_vocab) — a ValueError naming the first
+        bad one otherwise, however large it is."""
+        values = tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
+        for i, t in enumerate(values):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"token ids must be ints, got {t!r} ({type(t).__name__}) at index {i}")
+            if not 0 <= t < self._n_vocab:
+                raise ValueError(f"token id {t} at index {i} is out of range [0, {self._n_vocab})")
+        return np.asarray(values, dtype=np.int32).reshape(-1)
 
     def _reserve_ids(self, n: int) -> None:
         """input_ids grows past n_ctx only with the ring buffer."""
@@ -664,6 +672,8 @@ class Llama:
                                logit_bias: Optional[Dict[int, float]] = None):
         """Reply to a conversation rendered with the model's chat template; an
         OpenAI-style dict, or with stream=True an iterator of chunks."""
+        if isinstance(messages, (list, tuple)) and not messages:
+            raise ValueError("messages is empty: a chat completion needs at least one message")
         formatter = self.chat_formatter()
         prompt = formatter.render(messages, add_generation_prompt=True)
         tok = self.tokenizer_

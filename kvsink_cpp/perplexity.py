@@ -287,8 +287,14 @@ def _default_model() -> str:
 
 
 def run_perplexity_command(args) -> int:
-    if args.chunks == 0:
-        raise ValueError("--chunks must be positive, or -1 for all")
+    if args.chunks == 0 or args.chunks < -1:
+        raise ValueError(f"--chunks must be positive, or -1 for all, got {args.chunks}")
+    if args.ctx_size < 2:
+        raise ValueError(f"-c (the chunk length in tokens) must be at least 2, got {args.ctx_size}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"-t must be positive, got {args.threads}")
+    if os.path.isdir(args.file):
+        raise IsADirectoryError(f"-f {args.file} is a directory; give a text file, e.g. wiki.test.raw")
     if not os.path.isfile(args.file):
         raise FileNotFoundError(f"text file not found: {args.file}")
     model = args.model_flag or args.model or _default_model()

@@ -95,12 +95,40 @@ def test_reset_and_prefix_reuse(llm):
 
 def test_token_out_of_range_is_a_clear_error_and_loses_nothing(llm):
     llm.eval(TOKENS[:3])
-    for bad in (320, -1):
+    for bad in (320, -1, 2**40, 2**70):
         with pytest.raises(ValueError, match=f"token id {bad} at index 1 is out of range"):
+            llm.eval([1, bad])
+    for bad in (1.5, True, "7"):  # a cast would truncate or reinterpret them
+        with pytest.raises(ValueError, match="token ids must be ints"):
             llm.eval([1, bad])
     assert llm.n_tokens == 3
     llm.eval(TOKENS[3:])
     assert llm.n_tokens == len(TOKENS)
+
+
+def test_context_overflow_is_a_value_error(llm):
+    """llama-cpp-python's callers catch ValueError for a prompt too long."""
+    with pytest.raises(ValueError, match="do not fit"):
+        llm.eval(TOKENS * 7)
+    assert issubclass(ContextFullError, ValueError)
+
+
+def test_empty_chat_is_refused(model_path):
+    with Llama(str(model_path), n_ctx=64, verbose=False, chat_format="chatml") as m:
+        with pytest.raises(ValueError, match="messages is empty"):
+            m.create_chat_completion([])
+
+
+def test_no_profile_notice_is_a_filterable_warning(tmp_path):
+    import warnings
+    path = synthetic.write_llama_kquants(tmp_path / "fresh.gguf")
+    with pytest.warns(kvsink_cpp.KvsinkWarning, match="has no sink profile"):
+        Llama(str(path), n_ctx=32, verbose=False).close()
+    other = synthetic.write_llama_kquants(tmp_path / "other.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # filtered out: nothing is raised, nothing printed
+        warnings.filterwarnings("ignore", category=kvsink_cpp.KvsinkWarning)
+        Llama(str(other), n_ctx=32, verbose=False).close()
 
 
 def test_prompt_longer_than_context(llm):

@@ -173,3 +173,17 @@ def test_chat_runs_far_past_n_ctx(smollm2_path):
     assert run.returncode == 0, run.stderr
     assert len([line for line in run.stdout.splitlines() if line.strip()]) >= 6
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-n", "0"], "-n must be -1"), (["-n", "-5"], "-n must be -1"), (["--top-p", "5"], "--top-p must be"),
+    (["--top-k", "-4"], "--top-k must be"), (["--temp", "-1"], "--temp must be"), (["-t", "0"], "-t must be"),
+])
+def test_cli_flags_are_checked_before_the_model_loads(tmp_path, capsys, flags, message):
+    """A bad flag is named at once: the model path does not even exist."""
+    from kvsink_cpp.__main__ import main
+    missing = str(tmp_path / "missing.gguf")
+    for command in (["chat", missing], ["generate", "-m", missing, "-p", "hi"]):
+        assert main(command + flags) == 1
+        err = capsys.readouterr().err
+        assert message in err and "missing.gguf" not in err

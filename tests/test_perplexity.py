@@ -273,14 +273,13 @@ def test_cli_errors_are_clear(smollm2_path, paragraph_file, tmp_path, capsys):
     assert "text file not found" in capsys.readouterr().err
     assert ppl_mod.main(["-m", str(smollm2_path), "-f", str(paragraph_file), "-c", "512"]) == 1
     assert "needs at least 1024" in capsys.readouterr().err
+    assert ppl_mod.main(["-m", str(smollm2_path), "-f", str(paragraph_file), "-c", "0"]) == 1
+    assert "-c (the chunk length in tokens) must be at least 2" in capsys.readouterr().err
+    assert ppl_mod.main(["-m", str(smollm2_path), "-f", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
 
 
 def test_subcommand_of_the_package(smollm2_path, paragraph_file, tmp_path):
-    from kvsink_cpp.__main__ import build_parser
-    try:
-        build_parser().parse_args(["perplexity", "-f", str(paragraph_file)])
-    except SystemExit:
-        pytest.skip("`python -m kvsink_cpp perplexity` is not wired into the CLI yet")
     proc = subprocess.run([sys.executable, "-m", "kvsink_cpp", "perplexity", "-m", str(smollm2_path),
                            "-f", str(paragraph_file), "-c", "64", "-t", "2"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
