@@ -583,11 +583,25 @@ def _report(cal: Calibration, n_show: int = 16, verbose: bool = False) -> None:
           f"{cal.n_unlabelled_predicted} of them predicted sinks")
 
 
+def _check_writable(path: str) -> None:
+    """An output path whose folder exists and can be written, or a clear error."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write {path}: the folder {folder} is not writable")
+
+
 def _cmd_profile(args) -> int:
     if args.output is None and args.json is None:
         raise ValueError("give an output GGUF, --json PATH, or both")
     if args.output is not None and _same_file(args.model, args.output):
         raise ValueError(f"refusing to overwrite the source model {args.model}; give another output path")
+    for out in (args.output, args.json):  # before a minute of calibration, not after
+        if out is not None:
+            _check_writable(out)
     try:
         cal = run_calibration(args.model, args.text, args.tokens, progress=not args.quiet,
                               n_threads=args.threads, segment=args.segment)

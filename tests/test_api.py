@@ -113,6 +113,16 @@ def test_context_overflow_is_a_value_error(llm):
     assert issubclass(ContextFullError, ValueError)
 
 
+def test_cache_sizes_are_bounded_before_any_arithmetic(model_path):
+    """n_ctx (the file's training context when 0), kv_recent and the batch feed
+    int32 positions in the cache: absurd values are refused by name, not
+    multiplied."""
+    with pytest.raises(ValueError, match="n_ctx must be in 1..67108864"):
+        Llama(str(model_path), n_ctx=2**27, n_batch=64, verbose=False)
+    with pytest.raises(ValueError, match="kv_recent must be in 0..67108864"):
+        Llama(str(model_path), n_ctx=64, kv_recent=2**30, verbose=False)
+
+
 def test_empty_chat_is_refused(model_path):
     with Llama(str(model_path), n_ctx=64, verbose=False, chat_format="chatml") as m:
         with pytest.raises(ValueError, match="messages is empty"):

@@ -171,6 +171,17 @@ def test_profile_subcommand_registers():
     assert callable(args.func)
 
 
+def test_unwritable_output_fails_before_calibrating(synthetic_path, tmp_path, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("calibrated before checking the output")
+    monkeypatch.setattr(profile_module, "run_calibration", must_not_run)
+    assert main([str(synthetic_path), str(tmp_path / "missing" / "out.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and ".partial" not in err
+    assert main([str(synthetic_path), "--json", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
 def test_command_without_a_profile_writes_nothing(synthetic_path, tmp_path, monkeypatch, capsys):
     def no_profile(*args, **kwargs):
         raise NoSinkProfileError("no attention sinks")

@@ -97,7 +97,10 @@ static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
     }
     /* sinks come at a rate per token (SmolLM2: ~1.6% of English text), so the
      * table scales with the context; pfn:N always finds its N rows */
-    if (p->sink_capacity == 0) p->sink_capacity = p->n_ctx / 32 > 64 ? p->n_ctx / 32 : 64;
+    if (p->sink_capacity == 0) {
+        const int32_t scaled = p->n_ctx / 32 < (1 << 16) ? p->n_ctx / 32 : (1 << 16); /* the table's limit */
+        p->sink_capacity = scaled > 64 ? scaled : 64;
+    }
     if (p->sink_policy == KVS_SINKS_PFN && p->sink_capacity < p->sink_pfn) p->sink_capacity = p->sink_pfn;
     return KVS_OK;
 }

@@ -63,7 +63,7 @@ static float exp_shifted_scalar(int32_t n, float *x, float *max_out) {
 static void weighted_groups_scalar(int bits, int32_t n_tok, int32_t hd, int32_t G, const uint8_t *data,
                                    int32_t n_heads, const float *p, int64_t p_stride, float *out, int64_t out_stride) {
     const int64_t gb = kvs_kv_group_bytes(bits, G);
-    float row[512];
+    float row[KVS_KV_MAX_HEAD_DIM]; /* one group: G <= head_dim */
     for (int32_t t = 0; t < n_tok; t++) {
         for (int32_t g = 0; g < hd / G; g++) {
             kvs_kv_dequantize_group(data + ((int64_t)t * (hd / G) + g) * gb, G, bits, row);

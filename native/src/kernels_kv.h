@@ -8,6 +8,11 @@
 
 #include "blocks.h"
 
+/* Largest head the KV cache takes (kv_cache.c refuses larger ones). A value
+ * group lies within one head, so kernels may hold a group of up to this many
+ * floats on their stack. */
+#define KVS_KV_MAX_HEAD_DIM 512
+
 /* Rotate n entries of a channel pair in place: (a, b) <- (a*c - b*s, a*s + b*c),
  * with c, s per entry (RoPE by each key's offset inside its segment). */
 typedef void (*kvs_rotate_pair_fn)(int32_t n, float *a, float *b, const float *c, const float *s);

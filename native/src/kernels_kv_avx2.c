@@ -286,7 +286,7 @@ void kvs_weighted_groups_avx2(int bits, int32_t n_tok, int32_t hd, int32_t G, co
                               const float *p, int64_t p_stride, float *out, int64_t out_stride) {
     const int64_t gb = kvs_kv_group_bytes(bits, G), row_bytes = (hd / G) * gb;
     if (!unpack16_covers(bits, G)) {
-        float row[512];
+        float row[KVS_KV_MAX_HEAD_DIM]; /* one group: G <= head_dim */
         for (int32_t t = 0; t < n_tok; t++) {
             for (int32_t g = 0; g < hd / G; g++) {
                 kvs_kv_dequantize_group_impl(data + t * row_bytes + g * gb, G, bits, row, KVS_IMPL_AVX2);

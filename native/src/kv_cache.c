@@ -10,8 +10,6 @@
 #include "kv_quant.h"
 #include "status.h"
 
-/* Largest head the block commit's stack tile holds. */
-#define KV_MAX_HEAD_DIM 512
 
 struct kvs_kv_cache {
     kvs_kv_params p;
@@ -44,6 +42,11 @@ struct kvs_kv_cache {
 
 /* ---- creation ----------------------------------------------------------- */
 
+/* Positions and counts are int32 inside the cache: what they are computed
+ * from (n_ctx, possibly the file's training context; kv_recent; the batch)
+ * stays below this, so that window + blocks + sinks cannot overflow. */
+#define KV_MAX_TOKENS (1 << 26)
+
 static kvs_status check_params(const kvs_hparams *hp, const kvs_kv_params *p) {
     if (kvs_kv_bits(p->type_k) < 0 || kvs_kv_bits(p->type_v) < 0) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown KV cache type (type_k %d, type_v %d)", p->type_k, p->type_v);
@@ -51,8 +54,12 @@ static kvs_status check_params(const kvs_hparams *hp, const kvs_kv_params *p) {
     if (p->block < 8 || p->block > 64 || p->block % 8 != 0) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv_block must be a multiple of 8 in 8..64, got %d", p->block);
     }
-    if (p->recent < 0) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv_recent must be >= 0, got %d", p->recent);
-    if (p->ubatch < 1) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ubatch must be positive");
+    if (p->recent < 0 || p->recent > KV_MAX_TOKENS) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv_recent must be in 0..%d, got %d", KV_MAX_TOKENS, p->recent);
+    }
+    if (p->ubatch < 1 || p->ubatch > KV_MAX_TOKENS) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ubatch must be in 1..%d, got %d", KV_MAX_TOKENS, p->ubatch);
+    }
     if (p->sink_capacity < 0 || p->sink_capacity > 1 << 16) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "sink capacity must be in 0..65536, got %d", p->sink_capacity);
     }
@@ -60,9 +67,9 @@ static kvs_status check_params(const kvs_hparams *hp, const kvs_kv_params *p) {
     if (p->rotate && (hp->head_dim & (hp->head_dim - 1))) {
         return kvs_fail(KVS_ERR_UNSUPPORTED, "kv_rotate needs a power-of-two head_dim, got %d", hp->head_dim);
     }
-    if (hp->head_dim > KV_MAX_HEAD_DIM) {
+    if (hp->head_dim > KVS_KV_MAX_HEAD_DIM) {
         return kvs_fail(KVS_ERR_UNSUPPORTED, "head_dim %d is larger than the KV cache supports (%d)",
-                        hp->head_dim, KV_MAX_HEAD_DIM);
+                        hp->head_dim, KVS_KV_MAX_HEAD_DIM);
     }
     return KVS_OK;
 }
@@ -156,6 +163,9 @@ kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, i
     *out = NULL;
     kvs_status st = check_params(hp, params);
     if (st != KVS_OK) return st;
+    if (n_ctx < 1 || n_ctx > KV_MAX_TOKENS) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_ctx must be in 1..%d tokens, got %d", KV_MAX_TOKENS, n_ctx);
+    }
     kvs_kv_cache *c = calloc(1, sizeof *c);
     if (!c) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache");
     c->p = *params;
