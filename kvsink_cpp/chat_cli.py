@@ -45,8 +45,15 @@ class ChatSession:
             prompt = self.llm.chat_formatter().render(self.messages, add_generation_prompt=True)
             n = len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
             first = 1 if self.system else 0
-            if n + reserve <= self.llm.n_ctx() or len(self.messages) - first <= 1:
+            if n + reserve <= self.llm.n_ctx():
                 return
+            if len(self.messages) - first <= 1:
+                # the new message alone leaves no room for a reply: say so
+                # rather than let the cache keep only its tail
+                del self.messages[-1]
+                raise ValueError(f"this message makes a prompt of {n} tokens; with {reserve} kept for the reply "
+                                 f"the context of {self.llm.n_ctx()} has no room for it: shorten it or start "
+                                 f"chat with a larger -c")
             del self.messages[first]
 
     def reply(self, text: str) -> str:
@@ -103,4 +110,7 @@ def run_chat(llm: Llama, system: Optional[str], sampling: dict, max_tokens: Opti
         if command == "/help":
             print(HELP, file=sys.stderr)
             continue
-        session.reply(line)
+        try:
+            session.reply(line)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)

@@ -187,3 +187,17 @@ def test_cli_flags_are_checked_before_the_model_loads(tmp_path, capsys, flags, m
         assert main(command + flags) == 1
         err = capsys.readouterr().err
         assert message in err and "missing.gguf" not in err
+
+
+def test_chat_message_longer_than_the_context_is_refused_by_name(smollm2_path):
+    """Not cut to its tail without a word: the message is refused, the
+    conversation is as it was, and the next message works."""
+    import io
+    from kvsink_cpp.chat_cli import ChatSession
+    with Llama(str(smollm2_path), n_ctx=64, n_threads=2, verbose=False, kv_ring=True) as small:
+        session = ChatSession(small, None, {"temperature": 0}, 4, out=io.StringIO())
+        with pytest.raises(ValueError, match="has no room for it"):
+            session.reply("word " * 200)
+        assert session.messages == []
+        assert session.reply("Hi")
+        assert [m["role"] for m in session.messages] == ["user", "assistant"]
