@@ -35,19 +35,13 @@ SETTINGS = {
 
 
 def prompt_ids(llm, prompts: list[str]) -> tuple[list[list[int]], list[int]]:
-    """Each prompt as one user turn through the model's chat template, and the stop ids."""
-    formatter, tok = llm.chat_formatter(), llm.tokenizer_
-    ids = []
+    """Each prompt as one user turn through the model's chat template (as
+    create_chat_completion renders it), and the ids that end an answer."""
+    ids, stop = [], {llm.token_eos()} - {-1}
     for text in prompts:
-        rendered = formatter.render([{"role": "user", "content": text}], add_generation_prompt=True)
-        bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
-        ids.append(tok.encode(rendered, add_bos=tok.add_bos and not (bos_text and rendered.startswith(bos_text)),
-                              special=True))
-    stop = {tok.eos_id} if tok.eos_id is not None else set()
-    for s in formatter.stop_strings:
-        encoded = tok.encode(s, add_bos=False, special=True)
-        if len(encoded) == 1:
-            stop.add(encoded[0])
+        tokens, stop_ids = llm.chat_prompt_tokens([{"role": "user", "content": text}])
+        ids.append(tokens)
+        stop.update(stop_ids)
     return ids, sorted(stop)
 
 

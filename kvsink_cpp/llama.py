@@ -663,6 +663,20 @@ class Llama:
             self._chat_formatter = chat_format.from_metadata(self._typed_metadata, self.chat_format)
         return self._chat_formatter
 
+    def chat_prompt_tokens(self, messages: List[dict]) -> tuple:
+        """The prompt ids of a conversation rendered with the chat template
+        (BOS added unless the template writes it) and the ids of the
+        template's single-token stop strings, which end a reply."""
+        formatter = self.chat_formatter()
+        prompt = formatter.render(messages, add_generation_prompt=True)
+        tok = self.tokenizer_
+        bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
+        add_bos = tok.add_bos and not (bos_text and prompt.startswith(bos_text))
+        tokens = tok.encode(prompt, add_bos=add_bos, special=True)
+        stop_ids = [ids[0] for ids in (tok.encode(s, add_bos=False, special=True) for s in formatter.stop_strings)
+                    if len(ids) == 1]
+        return tokens, stop_ids
+
     def create_chat_completion(self, messages: List[dict], temperature: float = 0.2,
                                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                                typical_p: float = 1.0, stream: bool = False, stop=None,
@@ -674,15 +688,8 @@ class Llama:
         OpenAI-style dict, or with stream=True an iterator of chunks."""
         if isinstance(messages, (list, tuple)) and not messages:
             raise ValueError("messages is empty: a chat completion needs at least one message")
-        formatter = self.chat_formatter()
-        prompt = formatter.render(messages, add_generation_prompt=True)
-        tok = self.tokenizer_
-        bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
-        add_bos = tok.add_bos and not (bos_text and prompt.startswith(bos_text))
-        tokens = tok.encode(prompt, add_bos=add_bos, special=True)
-        stops = normalize_stop(stop) + list(formatter.stop_strings)
-        stop_ids = [ids[0] for ids in (tok.encode(s, add_bos=False, special=True) for s in formatter.stop_strings)
-                    if len(ids) == 1]
+        tokens, stop_ids = self.chat_prompt_tokens(messages)
+        stops = normalize_stop(stop) + list(self.chat_formatter().stop_strings)
         sampling = self._sampling_args(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                        frequency_penalty, presence_penalty, seed, logit_bias)
         self._check_prompt(tokens)

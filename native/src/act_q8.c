@@ -211,30 +211,6 @@ int kvs_split_outliers(const float *x, block_q8_act *y, int64_t n, float ratio, 
     return out->n;
 }
 
-static const struct {
-    int32_t type;
-    unpack_fn unpack;
-    size_t bytes;
-} column_formats[] = {
-    {KVS_TYPE_Q4_0, unpack_q4_0, sizeof(block_q4_0)}, {KVS_TYPE_Q4_1, unpack_q4_1, sizeof(block_q4_1)},
-    {KVS_TYPE_Q5_0, unpack_q5_0, sizeof(block_q5_0)}, {KVS_TYPE_Q5_1, unpack_q5_1, sizeof(block_q5_1)},
-    {KVS_TYPE_Q8_0, unpack_q8_0, sizeof(block_q8_0)},
-};
-
-void kvs_q8_weight_column(int32_t type, const void *data, int64_t row_bytes, int64_t j, int64_t r0, int64_t r1,
-                          float *out) {
-    for (size_t f = 0; f < sizeof column_formats / sizeof column_formats[0]; f++) {
-        if (column_formats[f].type != type) continue;
-        const uint8_t *block = (const uint8_t *)data + j / QK_ACT * (int64_t)column_formats[f].bytes;
-        for (int64_t r = r0; r < r1; r++) {
-            int_block b;
-            column_formats[f].unpack(block + r * row_bytes, &b);
-            out[r - r0] = b.d * (float)b.q[j % QK_ACT] + b.m;
-        }
-        return;
-    }
-}
-
 #if defined(KVS_HAVE_AVX2_BUILD)
 #  define AVX2(name) {kvs_q8_dot_##name##_avx2, kvs_q8_dot4_##name##_avx2, kvs_q8_unpack4_##name##_avx2, kvs_q8_quad_dot_avx2}
 #  define AVX2_SIGNED(name) {kvs_q8_dot_##name##_avx2, kvs_q8_dot4_##name##_avx2, NULL, NULL}
@@ -246,14 +222,33 @@ void kvs_q8_weight_column(int32_t type, const void *data, int64_t row_bytes, int
 typedef struct {
     int32_t type;
     kvs_q8_kernels scalar, avx2;
+    unpack_fn unpack;   /* one block as integers (the outliers' weight columns) */
+    size_t block_bytes;
 } q8_dot_entry;
 
-#define ENTRY(type, name) {type, {q8_dot_##name, q8_dot4_##name, q8_unpack4_##name, q8_quad_dot}, AVX2(name)}
+#define ENTRY(type, name, block)                                                                   \
+    {type, {q8_dot_##name, q8_dot4_##name, q8_unpack4_##name, q8_quad_dot}, AVX2(name), unpack_##name, \
+     sizeof(block)}
 
 static const q8_dot_entry q8_dots[] = {
-    ENTRY(KVS_TYPE_Q4_0, q4_0), ENTRY(KVS_TYPE_Q4_1, q4_1), ENTRY(KVS_TYPE_Q5_0, q5_0), ENTRY(KVS_TYPE_Q5_1, q5_1),
-    {KVS_TYPE_Q8_0, {q8_dot_q8_0, q8_dot4_q8_0, NULL, NULL}, AVX2_SIGNED(q8_0)},
+    ENTRY(KVS_TYPE_Q4_0, q4_0, block_q4_0), ENTRY(KVS_TYPE_Q4_1, q4_1, block_q4_1),
+    ENTRY(KVS_TYPE_Q5_0, q5_0, block_q5_0), ENTRY(KVS_TYPE_Q5_1, q5_1, block_q5_1),
+    {KVS_TYPE_Q8_0, {q8_dot_q8_0, q8_dot4_q8_0, NULL, NULL}, AVX2_SIGNED(q8_0), unpack_q8_0, sizeof(block_q8_0)},
 };
+
+void kvs_q8_weight_column(int32_t type, const void *data, int64_t row_bytes, int64_t j, int64_t r0, int64_t r1,
+                          float *out) {
+    for (size_t i = 0; i < sizeof q8_dots / sizeof q8_dots[0]; i++) {
+        if (q8_dots[i].type != type) continue;
+        const uint8_t *block = (const uint8_t *)data + j / QK_ACT * (int64_t)q8_dots[i].block_bytes;
+        for (int64_t r = r0; r < r1; r++) {
+            int_block b;
+            q8_dots[i].unpack(block + r * row_bytes, &b);
+            out[r - r0] = b.d * (float)b.q[j % QK_ACT] + b.m;
+        }
+        return;
+    }
+}
 
 const kvs_q8_kernels *kvs_q8_kernels_find(int32_t type, int32_t impl) {
     for (size_t i = 0; i < sizeof q8_dots / sizeof q8_dots[0]; i++) {
