@@ -14,7 +14,7 @@ import cffi
 
 from .errors import raise_for_status
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 CDEF = """
 typedef enum kvs_status {
@@ -25,7 +25,8 @@ typedef enum kvs_status {
     KVS_ERR_UNSUPPORTED = 4,
     KVS_ERR_OUT_OF_MEMORY = 5,
     KVS_ERR_CONTEXT_FULL = 6,
-    KVS_ERR_INTERNAL = 7
+    KVS_ERR_INTERNAL = 7,
+    KVS_ERR_CANCELLED = 8
 } kvs_status;
 
 const char *kvs_last_error(void);
@@ -237,6 +238,12 @@ void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *s
 
 kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                                     int32_t logits_all, float *logits);
+
+void kvs_context_set_cancel(kvs_context *ctx, int32_t cancel);
+
+size_t kvs_context_state_size(const kvs_context *ctx);
+kvs_status kvs_context_save_state(const kvs_context *ctx, void *buf, size_t size, size_t *written);
+kvs_status kvs_context_load_state(kvs_context *ctx, const void *buf, size_t size);
 
 typedef struct kvs_eval_trace {
     float *hidden;

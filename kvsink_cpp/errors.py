@@ -45,13 +45,19 @@ class ContextFullError(KvsinkError, ValueError):
     status = 6
 
 
+class CancelledError(KvsinkError):
+    """An evaluation stopped by Llama.cancel() (kvs_context_set_cancel)."""
+
+    status = 8
+
+
 class KvsinkWarning(UserWarning):
     """A notice about how a model runs (e.g. no sink profile), filterable with
     the warnings module."""
 
 
 _BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, KvsinkIOError, GGUFFormatError,
-                                          UnsupportedError, KvsinkMemoryError, ContextFullError)}
+                                          UnsupportedError, KvsinkMemoryError, ContextFullError, CancelledError)}
 
 
 def raise_for_status(status: int, reason: str) -> None:

@@ -1,6 +1,7 @@
 """High-level API with llama-cpp-python's names: `Llama(model_path, ...)`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -15,10 +16,11 @@ from ._native import check, ffi, lib
 from . import chat_format
 from .completion import (StopMatcher, chat_chunk, chat_response, completion_chunk,
                          completion_response, new_id, normalize_stop, now)
-from .errors import ContextFullError, KvsinkWarning
+from .errors import ContextFullError, KvsinkError, KvsinkWarning
 from .gguf_file import read_metadata
+from .loaded_model import LoadedModel, load_model
 from .sampling import Sampler, SamplingParams
-from .sink_profiles import resolve_profile
+from . import session
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -42,6 +44,9 @@ def _format_array_item(value) -> str:
 KV_TYPES = {"f32": 0, "f16": 1, "q8": 2, "q4": 3, "q3": 4, "q2": 5}
 # llama-cpp-python passes GGML type ids: F32, F16, Q8_0, Q4_0 map to ours
 _GGML_KV_TYPES = {0: 0, 1: 1, 8: 2, 2: 3}
+# tokens per C call while a generation evaluates its prompt: how soon Ctrl-C
+# (which Python raises between C calls) takes effect
+_INTERRUPT_STEP = 64
 _KV_ALIASES = {"q8_0": "q8", "q4_0": "q4"}
 # what a context gets when no type is given (kvs_context_default_params)
 DEFAULT_KV_TYPE = {v: k for k, v in KV_TYPES.items()}[lib.kvs_context_default_params().type_k]
@@ -199,8 +204,12 @@ class Llama:
         act_outlier_ratio: Optional[float] = None,
         **llama_cpp_options,
     ):
+        self._loaded: Optional[LoadedModel] = None
         self._model = None
         self._ctx = None
+        # one call at a time on this Llama (its context); see _exclusive
+        self._lock = threading.Lock()
+        self._lock_owner: Optional[int] = None
         chat_format_name = chat_format
         _check_llama_cpp_options(llama_cpp_options)
         # llama-cpp-python's seed is the default for sampling calls that give none
@@ -221,13 +230,11 @@ class Llama:
         if not os.path.exists(self.model_path):
             raise FileNotFoundError(f"model file not found: {self.model_path}")
 
-        model_ptr = ffi.new("kvs_model **")
-        params = ffi.new("kvs_model_params *", lib.kvs_model_default_params())
-        check(lib.kvs_model_load(self.model_path.encode(), params, model_ptr))
-        self._model = ffi.gc(model_ptr[0], lib.kvs_model_free)
-        self._typed_metadata = read_metadata(lib.kvs_model_gguf(self._model))
-        # before the context: it falls back to pfn:1 when the model has no profile
-        self.sink_profile = resolve_profile(self._model, self._typed_metadata)
+        # the model is loaded once per file and shared by every Llama on it
+        self._loaded = load_model(self.model_path)
+        self._model = self._loaded.handle
+        self._typed_metadata = self._loaded.typed_metadata
+        self.sink_profile = self._loaded.sink_profile
 
         ctx_params = ffi.new("kvs_context_params *", lib.kvs_context_default_params())
         ctx_params.n_ctx = n_ctx
@@ -277,7 +284,6 @@ class Llama:
         self._cancel = threading.Event()
         self._generating = False  # cancel() interrupts a long prompt only inside a generation
         self.last_timings: Dict[str, float] = {}
-        self._tokenizer: Optional[Tokenizer] = None
         self._chat_formatter = None
         self.chat_format = chat_format_name
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
@@ -370,10 +376,15 @@ class Llama:
     # ---- evaluation ------------------------------------------------------
     def reset(self) -> None:
         """Forget the evaluated tokens (the cache is overwritten by the next eval)."""
-        self.n_tokens = 0
+        with self._exclusive():
+            self.n_tokens = 0
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens after the first `n_tokens` ones, in batches of n_batch."""
+        with self._exclusive():
+            self._eval(tokens)
+
+    def _eval(self, tokens: Sequence[int]) -> None:
         ctx = self._require_context()
         ids = self._token_ids(tokens)
         if self.n_tokens + len(ids) > self._n_ctx and not self.kv_ring:
@@ -388,10 +399,14 @@ class Llama:
             ids = np.concatenate([self.input_ids[kept:self.n_tokens].astype(np.int32), ids])
             self.n_tokens = kept
         self._reserve_ids(self.n_tokens + len(ids))
-        for start in range(0, len(ids), self.n_batch):
+        # inside a generation a long prompt goes in smaller steps, so that
+        # Ctrl-C (raised between C calls) stops it soon; cancel() from another
+        # thread also stops the C core between its forward passes
+        step = min(self.n_batch, _INTERRUPT_STEP) if self._generating else self.n_batch
+        for start in range(0, len(ids), step):
             if self._cancel.is_set() and self._generating:
                 raise _Cancelled()
-            self._eval_batch(ctx, ids[start:start + self.n_batch])
+            self._eval_batch(ctx, ids[start:start + step])
 
     def _token_ids(self, tokens: Sequence[int]) -> np.ndarray:
         """tokens as int32 ids, each checked: an int (not a float or bool, which
@@ -419,10 +434,18 @@ class Llama:
         else:
             row = (n_past + n - 1) % len(self.scores)
             out = self.scores[row:row + 1]
-        check(lib.kvs_context_eval(ctx, ffi.from_buffer("int32_t[]", batch), n, int(self.logits_all),
-                                   ffi.from_buffer("float[]", out, require_writable=True)))
-        self.input_ids[n_past:n_past + n] = batch
-        self.n_tokens += n
+        try:
+            status = lib.kvs_context_eval(ctx, ffi.from_buffer("int32_t[]", batch), n, int(self.logits_all),
+                                          ffi.from_buffer("float[]", out, require_writable=True))
+        finally:
+            # whatever stopped the call (an error, cancel(), a KeyboardInterrupt
+            # raised as it returned), the tokens the cache holds are kept
+            done = max(lib.kvs_context_n_past(ctx) - n_past, 0)
+            self.input_ids[n_past:n_past + done] = batch[:done]
+            self.n_tokens = n_past + done
+        if status == lib.KVS_ERR_CANCELLED:
+            raise _Cancelled()
+        check(status)
 
     def trace(self, tokens: Sequence[int]):
         """Evaluate tokens from an empty cache, recording for calibration the
@@ -475,9 +498,7 @@ class Llama:
     @property
     def tokenizer_(self) -> Tokenizer:
         """The model's tokenizer, built from its GGUF metadata on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_metadata(self._typed_metadata)
-        return self._tokenizer
+        return self._loaded.tokenizer
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
         """Token ids of text; add_bos=True adds BOS when the model asks for it."""
@@ -505,8 +526,12 @@ class Llama:
         return -1 if self.tokenizer_.eos_id is None else self.tokenizer_.eos_id
 
     def cancel(self) -> None:
-        """Stop the generation in progress (safe to call from another thread)."""
+        """Stop the generation in progress (safe to call from another thread):
+        at the next token, or within one forward pass of its prompt."""
         self._cancel.set()
+        ctx = self._ctx
+        if self._generating and ctx is not None:
+            lib.kvs_context_set_cancel(ctx, 1)
 
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,
@@ -514,7 +539,14 @@ class Llama:
                  presence_penalty: float = 0.0, penalty_last_n: int = 64, seed: Optional[int] = None,
                  logit_bias: Optional[Dict[int, float]] = None) -> Iterator[int]:
         """Yield sampled tokens forever (the caller stops); the prompt's prefix
-        already in the cache is reused rather than evaluated again."""
+        already in the cache is reused rather than evaluated again. The Llama
+        is held by this iterator until it is exhausted or closed."""
+        with self._exclusive():
+            yield from self._generate(tokens, top_k, top_p, min_p, typical_p, temp, repeat_penalty, reset,
+                                      frequency_penalty, presence_penalty, penalty_last_n, seed, logit_bias)
+
+    def _generate(self, tokens, top_k, top_p, min_p, typical_p, temp, repeat_penalty, reset,
+                  frequency_penalty, presence_penalty, penalty_last_n, seed, logit_bias) -> Iterator[int]:
         sampler = Sampler(SamplingParams(
             temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
             repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
@@ -526,7 +558,7 @@ class Llama:
         if reset:
             tokens = tokens[self._reuse_prefix(tokens):]
         while True:
-            self.eval(tokens)
+            self._eval(tokens)
             token = sampler.sample(self.last_logits(), self.input_ids[: self.n_tokens])
             yield token
             tokens = [token]
@@ -553,6 +585,10 @@ class Llama:
                      sampling: dict, stop_token_ids: Sequence[int] = ()) -> Iterator[tuple]:
         """Yield (text, None) deltas, then ("", finish_reason) once. Counts and
         times go to self.last_timings."""
+        with self._exclusive():
+            yield from self._stream_tokens(prompt_tokens, max_tokens, stop, sampling, stop_token_ids)
+
+    def _stream_tokens(self, prompt_tokens, max_tokens, stop, sampling, stop_token_ids) -> Iterator[tuple]:
         # the ring buffer evicts old blocks, so only max_tokens bounds a reply
         limit = float("inf") if self.kv_ring else self._n_ctx - len(prompt_tokens)
         if max_tokens is not None and max_tokens > 0:
@@ -568,7 +604,7 @@ class Llama:
         finish = "length"
         self._cancel.clear()  # cancel() stops the generation running when it is called
         self._generating = True
-        tokens = self.generate(prompt_tokens[reused:], reset=False, **sampling)
+        tokens = self._generate(prompt_tokens[reused:], reset=False, penalty_last_n=64, **sampling)
         try:
             for token in tokens:
                 self._time_token(timings, time.perf_counter() - t0)
@@ -593,6 +629,8 @@ class Llama:
             tokens.close()
             self._generating = False
             self._cancel.clear()
+            if self._ctx is not None:
+                lib.kvs_context_set_cancel(self._ctx, 0)
         if finish != "stop":
             tail, stopped = matcher.push(decoder.flush())
             tail += "" if stopped else matcher.flush()
@@ -710,17 +748,84 @@ class Llama:
             if reason:
                 yield chat_chunk(cid, model, created, {}, reason)
 
+    # ---- sessions --------------------------------------------------------
+    def save_state(self) -> session.LlamaState:
+        """The conversation so far: the tokens, the last logits (every row with
+        logits_all) and the KV cache as it is (quantized blocks, exact sink
+        rows, fp16 window), for load_state on a Llama of the same model and KV
+        settings."""
+        with self._exclusive():
+            ctx = self._require_context()
+            self._eval([])  # the cache holds exactly n_tokens (cuts back to them)
+            blob = bytearray(lib.kvs_context_state_size(ctx))
+            written = ffi.new("size_t *")
+            check(lib.kvs_context_save_state(ctx, ffi.from_buffer(blob, require_writable=True), len(blob), written))
+            n = self.n_tokens
+            scores = (self.scores[:n] if self.logits_all else self.scores[:1] if n else self.scores[:0]).copy()
+            return session.LlamaState(input_ids=self.input_ids[:n].copy(), scores=scores, n_tokens=n,
+                                      llama_state=bytes(blob[:written[0]]), llama_state_size=int(written[0]),
+                                      seed=self.seed, model_fingerprint=self._loaded.fingerprint,
+                                      settings=self._session_settings())
+
+    def load_state(self, state: session.LlamaState) -> None:
+        """Continue a saved conversation: its tokens, logits and KV cache
+        replace this context's. A state from another model or saved with
+        other KV settings is refused (SessionError) and changes nothing."""
+        with self._exclusive():
+            ctx = self._require_context()
+            if state.model_fingerprint and state.model_fingerprint != self._loaded.fingerprint:
+                raise session.SessionError(f"the state was saved with another model than {self.model_path}")
+            n = int(state.n_tokens)
+            if len(state.input_ids) != n or n > len(self.input_ids) and not self.kv_ring:
+                raise session.SessionError(f"the state holds {n} tokens ({len(state.input_ids)} ids); "
+                                           f"this context holds at most {self._n_ctx}")
+            scores = np.asarray(state.scores, dtype=np.float32)
+            rows = n if self.logits_all else min(n, 1)
+            if scores.shape != (rows, self._n_vocab):
+                raise session.SessionError(f"the state's scores have shape {scores.shape}; this context needs "
+                                           f"{(rows, self._n_vocab)} (logits_all={self.logits_all})")
+            ids = self._token_ids(state.input_ids)
+            blob = bytes(state.llama_state)
+            try:
+                check(lib.kvs_context_load_state(ctx, blob, len(blob)))
+            except KvsinkError as exc:
+                raise session.SessionError(f"cannot load the KV state: {exc}") from None
+            if lib.kvs_context_n_past(ctx) != n:
+                check(lib.kvs_context_set_n_past(ctx, 0))
+                raise session.SessionError(f"the KV state holds {lib.kvs_context_n_past(ctx)} tokens, "
+                                           f"the session {n}")
+            self._reserve_ids(n)
+            self.input_ids[:n] = ids
+            self.n_tokens = n
+            if rows:
+                dst = self.scores[:n] if self.logits_all else self.scores[(n - 1) % len(self.scores):][:1]
+                dst[:] = scores
+
+    def save_session(self, path) -> int:
+        """save_state() into a file (written atomically); returns its size in bytes."""
+        return session.write_session(os.fspath(path), self.save_state())
+
+    def load_session(self, path) -> None:
+        """load_state() from a file written by save_session, checked first
+        (a truncated, corrupted or foreign file is a SessionError)."""
+        self.load_state(session.read_session(os.fspath(path)))
+
+    def _session_settings(self) -> dict:
+        s = self.settings()
+        return {k: s[k] for k in ("type_k", "type_v", "kv_block", "kv_group", "kv_rotate", "kv_recent", "sinks")}
+
     # ---- lifetime --------------------------------------------------------
     def close(self) -> None:
-        """Free the context and the model; safe to call twice."""
-        # ffi.release runs the ffi.gc destructor now, and only once; the
-        # context goes first because it points into the model
-        if self._ctx is not None:
-            ffi.release(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            ffi.release(self._model)
+        """Free the context, and the model unless another Llama shares it;
+        safe to call twice. Waits for a call running on another thread."""
+        with self._exclusive():
+            # ffi.release runs the ffi.gc destructor now, and only once; the
+            # context goes first because it points into the model
+            if self._ctx is not None:
+                ffi.release(self._ctx)
+                self._ctx = None
             self._model = None
+            self._loaded = None  # the model is freed with its last user
 
     def __enter__(self) -> "Llama":
         return self
@@ -729,7 +834,25 @@ class Llama:
         self.close()
 
     def __del__(self):
-        self.close()
+        if getattr(self, "_lock", None) is not None:
+            self.close()
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold this Llama for one call: its context is one KV cache, so calls
+        from several threads are serialised (cancel() does not wait). A thread
+        that already holds it — an unfinished stream or generate() iterator
+        of its own — gets an error rather than a deadlock."""
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            raise RuntimeError("this Llama is in use by an unfinished stream or generate() iterator in this "
+                               "thread; exhaust or close() it first")
+        with self._lock:
+            self._lock_owner = me
+            try:
+                yield
+            finally:
+                self._lock_owner = None
 
     def _require_context(self):
         if self._ctx is None:

@@ -7,7 +7,12 @@
  *     gives the concrete reason (thread-local, valid until the next failing call
  *     on the same thread);
  *   - nothing a file or a caller can trigger aborts or exits the process;
- *   - enum values are never renumbered (the Python binding mirrors them).
+ *   - enum values are never renumbered (the Python binding mirrors them);
+ *   - threads: a model is read-only once loaded (its sink profile is set
+ *     before contexts are created), so contexts of one model may run on
+ *     different threads at the same time; one context is used by one thread
+ *     at a time (calls on it must be serialised by the caller). Models and
+ *     contexts are freed when no call on them is running.
  */
 #ifndef KVSINK_H
 #define KVSINK_H
@@ -25,7 +30,7 @@ extern "C" {
 #  define KVS_API __attribute__((visibility("default")))
 #endif
 
-#define KVS_ABI_VERSION 4
+#define KVS_ABI_VERSION 5
 
 /* ---- status and errors ------------------------------------------------- */
 
@@ -37,7 +42,8 @@ typedef enum kvs_status {
     KVS_ERR_UNSUPPORTED = 4,      /* valid, but not something we implement      */
     KVS_ERR_OUT_OF_MEMORY = 5,
     KVS_ERR_CONTEXT_FULL = 6,     /* more tokens than the context can hold      */
-    KVS_ERR_INTERNAL = 7
+    KVS_ERR_INTERNAL = 7,
+    KVS_ERR_CANCELLED = 8         /* kvs_context_set_cancel stopped an evaluation */
 } kvs_status;
 
 /* The reason for the last failure on this thread ("" when none). */
@@ -328,6 +334,28 @@ KVS_API void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, d
  * logits_all is non-zero, else only for the last token; it may be NULL. */
 KVS_API kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                                     int32_t logits_all, float *logits);
+
+/* Ask kvs_context_eval to stop (cancel 1; from any thread) or let it run
+ * (0). While the request stands, an evaluation stops before its next
+ * forward pass (a block of tokens for quantized caches, n_batch for float
+ * ones) and returns KVS_ERR_CANCELLED; the tokens already appended stay
+ * (read kvs_context_n_past). The request stands until withdrawn. */
+KVS_API void kvs_context_set_cancel(kvs_context *ctx, int32_t cancel);
+
+/* Sessions: the cache as it is (quantized blocks, exact sink rows, the fp16
+ * window, positions and sink scores), versioned and CRC-32 checked, so that a
+ * restored context continues exactly as the saved one would have. Tokens and
+ * logits are the caller's to keep. kvs_context_state_size gives the bytes the
+ * state takes now; kvs_context_save_state writes it into buf (size at least
+ * that) and sets *written. kvs_context_load_state replaces the cache with a
+ * saved state after checking it: a truncated, corrupted or inconsistent state
+ * is KVS_ERR_FORMAT, one saved with another model shape or other KV settings
+ * (types, block, group, recent, rotation) KVS_ERR_INVALID_ARGUMENT, and either
+ * leaves the cache as it was. n_ctx, n_batch, threads and the matrix-product
+ * mode may differ, as long as the saved tokens fit. */
+KVS_API size_t kvs_context_state_size(const kvs_context *ctx);
+KVS_API kvs_status kvs_context_save_state(const kvs_context *ctx, void *buf, size_t size, size_t *written);
+KVS_API kvs_status kvs_context_load_state(kvs_context *ctx, const void *buf, size_t size);
 
 /* What kvs_context_eval_trace records for calibration (sink profiles); each
  * pointer may be NULL. */

@@ -235,6 +235,22 @@ kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past) {
     return kvs_kv_cache_truncate(ctx->kv, n_past, &kept);
 }
 
+void kvs_context_set_cancel(kvs_context *ctx, int32_t cancel) {
+    if (ctx) atomic_store_explicit(&ctx->cancel, cancel != 0, memory_order_relaxed);
+}
+
+size_t kvs_context_state_size(const kvs_context *ctx) { return ctx ? kvs_kv_cache_state_size(ctx->kv) : 0; }
+
+kvs_status kvs_context_save_state(const kvs_context *ctx, void *buf, size_t size, size_t *written) {
+    if (!ctx || !buf || !written) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ctx, buf and written must not be NULL");
+    return kvs_kv_cache_save_state(ctx->kv, buf, size, written);
+}
+
+kvs_status kvs_context_load_state(kvs_context *ctx, const void *buf, size_t size) {
+    if (!ctx || (!buf && size)) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ctx and buf must not be NULL");
+    return kvs_kv_cache_load_state(ctx->kv, buf ? buf : "", size);
+}
+
 static kvs_status check_tokens(const kvs_context *ctx, const int32_t *tokens, int32_t n_tokens) {
     if (!tokens) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "tokens must not be NULL");
     if (n_tokens < 1 || n_tokens > ctx->params.n_batch) {
@@ -293,6 +309,10 @@ kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32
         const int last = start + n == n_tokens;
         float *out = !logits ? NULL : logits_all ? logits + (int64_t)start * ctx->model->hp.n_vocab
                                                  : (last ? logits : NULL);
+        if (atomic_load_explicit(&ctx->cancel, memory_order_relaxed)) {
+            st = kvs_fail(KVS_ERR_CANCELLED, "evaluation cancelled after %d of %d tokens", start, n_tokens);
+            break;
+        }
         st = kvs_kv_cache_begin(ctx->kv, n);
         if (st != KVS_OK) break;
         ctx->trace_start = start;

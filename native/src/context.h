@@ -3,6 +3,8 @@
 #ifndef KVS_CONTEXT_H
 #define KVS_CONTEXT_H
 
+#include <stdatomic.h>
+
 #include "kv_cache.h"
 #include "model.h"
 #include "ops.h"
@@ -16,6 +18,7 @@ struct kvs_context {
     int32_t sink_policy;    /* resolved: kvsink without a profile becomes pfn */
     int32_t sink_pfn;
     double t_eval, t_predict; /* seconds in eval and in the sink predictor */
+    _Atomic int32_t cancel;   /* kvs_context_set_cancel: set from any thread */
     /* scratch for up to n_batch tokens */
     float *x;       /* [n_batch][n_embd] residual stream  */
     float *xb;      /* [n_batch][n_embd] normalized input */

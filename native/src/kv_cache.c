@@ -1,5 +1,6 @@
 /* kv_cache.c - the KVSink KV cache (see kv_cache.h for the design). */
 #include "kv_cache.h"
+#include "kv_cache_internal.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -10,42 +11,7 @@
 #include "kv_quant.h"
 #include "status.h"
 
-
-struct kvs_kv_cache {
-    kvs_kv_params p;
-    int32_t n_layer, n_kv, hd, n_rot, neox;
-    int32_t kbits, vbits, B, G, Wcap, S, NB, P;
-    int32_t rot_k, rot_v;          /* quantized keys / values of blocks are Hadamard-rotated */
-    int32_t n_ctx;
-    size_t row_elem;               /* window and sink rows: 4 (f32) or 2 (f16) */
-    int64_t k_bytes, v_bytes;      /* one block of one (layer, head) */
-    uint8_t *win_k, *win_v;        /* [Wcap][n_layer][n_kv][hd] */
-    float *win_score;              /* [Wcap] sink score of window tokens (0: not a sink) */
-    uint8_t *sink_k, *sink_v;      /* [S][n_layer][n_kv][hd] */
-    int32_t *sink_pos;             /* [S] positions, increasing */
-    float *sink_score;             /* [S] the predictor's score of each row (+inf: pinned) */
-    int32_t n_sinks;
-    int32_t n_dropped;             /* predicted sinks quantized (or forgotten) for want of a row */
-    float *commit_tile;            /* [B][hd] one (layer, head) of a block being encoded */
-    uint8_t *blocks;               /* [NB][n_layer][n_kv] of (K bytes, V bytes) */
-    int32_t *block_start;          /* [NB] position of each block's first token */
-    uint64_t *block_mask;          /* [NB] bit t set: token t is read from the sink table */
-    int32_t first_block, n_blocks; /* ring of kept blocks */
-    int32_t n_past, n_new;         /* tokens appended; tokens of the append in progress */
-    int32_t win_start;             /* first position held in the window */
-    int32_t n_evicted;             /* non-sink tokens dropped by eviction */
-    int32_t frontier;              /* tokens before it are evicted or in the sink table */
-    float *rel_cos, *rel_sin;      /* [P][n_rot/2]: rotation by a distance */
-    float *blk_cos, *blk_sin;      /* [hd][B]: rotation by an offset inside a segment, per dim */
-    int32_t *pair_a, *pair_b;      /* [n_rot/2] the channels RoPE rotates together */
-};
-
 /* ---- creation ----------------------------------------------------------- */
-
-/* Positions and counts are int32 inside the cache: what they are computed
- * from (n_ctx, possibly the file's training context; kv_recent; the batch)
- * stays below this, so that window + blocks + sinks cannot overflow. */
-#define KV_MAX_TOKENS (1 << 26)
 
 static kvs_status check_params(const kvs_hparams *hp, const kvs_kv_params *p) {
     if (kvs_kv_bits(p->type_k) < 0 || kvs_kv_bits(p->type_v) < 0) {
@@ -352,7 +318,7 @@ static int32_t weakest_sink(const kvs_kv_cache *c) {
 }
 
 static void remove_sink_row(kvs_kv_cache *c, int32_t r) {
-    const size_t row = (size_t)c->n_layer * c->n_kv * c->hd * c->row_elem, after = (size_t)(c->n_sinks - r - 1);
+    const size_t row = kv_token_row_bytes(c), after = (size_t)(c->n_sinks - r - 1);
     memmove(c->sink_k + r * row, c->sink_k + (r + 1) * row, after * row);
     memmove(c->sink_v + r * row, c->sink_v + (r + 1) * row, after * row);
     memmove(c->sink_pos + r, c->sink_pos + r + 1, after * sizeof *c->sink_pos);
@@ -414,7 +380,7 @@ static void demote_sink(kvs_kv_cache *c, int32_t r, int32_t o0, uint8_t *skip, u
 
 /* Copy window token o0 + t into the sink table (newest position: appended). */
 static void append_sink(kvs_kv_cache *c, int32_t o0, int32_t t, float score) {
-    const size_t row = (size_t)c->n_layer * c->n_kv * c->hd * c->row_elem;
+    const size_t row = kv_token_row_bytes(c);
     const int32_t ws = (o0 + t) % c->Wcap;
     memcpy(c->sink_k + c->n_sinks * row, c->win_k + (size_t)ws * row, row);
     memcpy(c->sink_v + c->n_sinks * row, c->win_v + (size_t)ws * row, row);

@@ -14,6 +14,7 @@
 #ifndef KVS_KV_CACHE_H
 #define KVS_KV_CACHE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "kvsink.h"
@@ -89,5 +90,12 @@ void kvs_kv_cache_commit(kvs_kv_cache *cache);
 /* Forget tokens from position n_past on; positions inside committed blocks
  * round down to the block start. *kept receives the new n_past. */
 kvs_status kvs_kv_cache_truncate(kvs_kv_cache *cache, int32_t n_past, int32_t *kept);
+
+/* Saving and restoring the cache as it is (kv_state.c). Bytes the state of
+ * the cache takes now; write it (size >= that); replace the cache with a
+ * saved state, validated first (a refused state leaves the cache as it was). */
+size_t kvs_kv_cache_state_size(const kvs_kv_cache *cache);
+kvs_status kvs_kv_cache_save_state(const kvs_kv_cache *cache, void *buf, size_t size, size_t *written);
+kvs_status kvs_kv_cache_load_state(kvs_kv_cache *cache, const void *buf, size_t size);
 
 #endif

@@ -30,6 +30,7 @@ const char *kvs_status_string(kvs_status status) {
     case KVS_ERR_OUT_OF_MEMORY: return "out of memory";
     case KVS_ERR_CONTEXT_FULL: return "context full";
     case KVS_ERR_INTERNAL: return "internal error";
+    case KVS_ERR_CANCELLED: return "cancelled";
     }
     return "unknown status";
 }

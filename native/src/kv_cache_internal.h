@@ -1,0 +1,51 @@
+/* kv_cache_internal.h - private to kv_cache.c and kv_state.c: the cache's
+ * fields, shared by the code that runs it and the code that saves and
+ * restores it. */
+#ifndef KVS_KV_CACHE_INTERNAL_H
+#define KVS_KV_CACHE_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kv_cache.h"
+
+/* Positions and counts are int32 inside the cache: what they are computed
+ * from (n_ctx, possibly the file's training context; kv_recent; the batch)
+ * stays below this, so that window + blocks + sinks cannot overflow. */
+#define KV_MAX_TOKENS (1 << 26)
+
+struct kvs_kv_cache {
+    kvs_kv_params p;
+    int32_t n_layer, n_kv, hd, n_rot, neox;
+    int32_t kbits, vbits, B, G, Wcap, S, NB, P;
+    int32_t rot_k, rot_v;          /* quantized keys / values of blocks are Hadamard-rotated */
+    int32_t n_ctx;
+    size_t row_elem;               /* window and sink rows: 4 (f32) or 2 (f16) */
+    int64_t k_bytes, v_bytes;      /* one block of one (layer, head) */
+    uint8_t *win_k, *win_v;        /* [Wcap][n_layer][n_kv][hd] */
+    float *win_score;              /* [Wcap] sink score of window tokens (0: not a sink) */
+    uint8_t *sink_k, *sink_v;      /* [S][n_layer][n_kv][hd] */
+    int32_t *sink_pos;             /* [S] positions, increasing */
+    float *sink_score;             /* [S] the predictor's score of each row (+inf: pinned) */
+    int32_t n_sinks;
+    int32_t n_dropped;             /* predicted sinks quantized (or forgotten) for want of a row */
+    float *commit_tile;            /* [B][hd] one (layer, head) of a block being encoded */
+    uint8_t *blocks;               /* [NB][n_layer][n_kv] of (K bytes, V bytes) */
+    int32_t *block_start;          /* [NB] position of each block's first token */
+    uint64_t *block_mask;          /* [NB] bit t set: token t is read from the sink table */
+    int32_t first_block, n_blocks; /* ring of kept blocks */
+    int32_t n_past, n_new;         /* tokens appended; tokens of the append in progress */
+    int32_t win_start;             /* first position held in the window */
+    int32_t n_evicted;             /* non-sink tokens dropped by eviction */
+    int32_t frontier;              /* tokens before it are evicted or in the sink table */
+    float *rel_cos, *rel_sin;      /* [P][n_rot/2]: rotation by a distance */
+    float *blk_cos, *blk_sin;      /* [hd][B]: rotation by an offset inside a segment, per dim */
+    int32_t *pair_a, *pair_b;      /* [n_rot/2] the channels RoPE rotates together */
+};
+
+/* Bytes of one window or sink row: every layer and KV head of one token. */
+static inline size_t kv_token_row_bytes(const kvs_kv_cache *c) {
+    return (size_t)c->n_layer * c->n_kv * c->hd * c->row_elem;
+}
+
+#endif
