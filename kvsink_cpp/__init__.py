@@ -1,6 +1,6 @@
 """kvsink_cpp: a llama.cpp-style runtime for GGUF models with a KV cache that
 keeps the model's attention-sink tokens exact."""
-from .errors import (ContextFullError, GGUFFormatError, InvalidArgumentError, KvsinkError, KvsinkIOError,
+from .errors import (CancelledError, ContextFullError, GGUFFormatError, InvalidArgumentError, KvsinkError, KvsinkIOError,
                      KvsinkWarning, UnsupportedError)
 from .gguf_file import GGUFFile
 from .llama import Llama
@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Llama", "GGUFFile", "KvsinkError", "GGUFFormatError", "UnsupportedError", "ContextFullError",
-    "InvalidArgumentError", "KvsinkIOError", "KvsinkWarning", "pull_default_model", "default_model_path",
+    "InvalidArgumentError", "KvsinkIOError", "KvsinkWarning", "CancelledError", "pull_default_model", "default_model_path",
 ]

@@ -16,7 +16,7 @@ from ._native import check, ffi, lib
 from . import chat_format
 from .completion import (StopMatcher, chat_chunk, chat_response, completion_chunk,
                          completion_response, new_id, normalize_stop, now)
-from .errors import ContextFullError, KvsinkError, KvsinkWarning
+from .errors import CancelledError, ContextFullError, KvsinkError, KvsinkWarning
 from .gguf_file import read_metadata
 from .loaded_model import LoadedModel, load_model
 from .sampling import Sampler, SamplingParams
@@ -141,10 +141,6 @@ def _check_llama_cpp_options(options: dict) -> None:
         required = _IGNORED_OPTIONS[name]
         if required is not None and value is not None and value != required:
             raise ValueError(f"{name}={value!r} is not supported by kvsink_cpp (only {required!r})")
-
-
-class _Cancelled(Exception):
-    """cancel() was called while a generation evaluated its prompt."""
 
 
 def physical_cores() -> int:
@@ -405,7 +401,7 @@ class Llama:
         step = min(self.n_batch, _INTERRUPT_STEP) if self._generating else self.n_batch
         for start in range(0, len(ids), step):
             if self._cancel.is_set() and self._generating:
-                raise _Cancelled()
+                raise CancelledError("cancelled")
             self._eval_batch(ctx, ids[start:start + step])
 
     def _token_ids(self, tokens: Sequence[int]) -> np.ndarray:
@@ -443,9 +439,7 @@ class Llama:
             done = max(lib.kvs_context_n_past(ctx) - n_past, 0)
             self.input_ids[n_past:n_past + done] = batch[:done]
             self.n_tokens = n_past + done
-        if status == lib.KVS_ERR_CANCELLED:
-            raise _Cancelled()
-        check(status)
+        check(status)  # a CancelledError when cancel() stopped it
 
     def trace(self, tokens: Sequence[int]):
         """Evaluate tokens from an empty cache, recording for calibration the
@@ -540,10 +534,30 @@ class Llama:
                  logit_bias: Optional[Dict[int, float]] = None) -> Iterator[int]:
         """Yield sampled tokens forever (the caller stops); the prompt's prefix
         already in the cache is reused rather than evaluated again. The Llama
-        is held by this iterator until it is exhausted or closed."""
-        with self._exclusive():
-            yield from self._generate(tokens, top_k, top_p, min_p, typical_p, temp, repeat_penalty, reset,
-                                      frequency_penalty, presence_penalty, penalty_last_n, seed, logit_bias)
+        is held by this iterator until it is exhausted or closed; cancel() ends it."""
+        with self._exclusive(), self._generation():
+            try:
+                for token in self._generate(tokens, top_k, top_p, min_p, typical_p, temp, repeat_penalty, reset,
+                                            frequency_penalty, presence_penalty, penalty_last_n, seed, logit_bias):
+                    yield token
+                    if self._cancel.is_set():
+                        return
+            except CancelledError:
+                return
+
+    @contextlib.contextmanager
+    def _generation(self):
+        """A generation is running: cancel() (from any thread) stops it, at the
+        next token or, inside a prompt, after the C core's current forward pass."""
+        self._cancel.clear()
+        self._generating = True
+        try:
+            yield
+        finally:
+            self._generating = False
+            self._cancel.clear()
+            if self._ctx is not None:
+                lib.kvs_context_set_cancel(self._ctx, 0)
 
     def _generate(self, tokens, top_k, top_p, min_p, typical_p, temp, repeat_penalty, reset,
                   frequency_penalty, presence_penalty, penalty_last_n, seed, logit_bias) -> Iterator[int]:
@@ -602,35 +616,30 @@ class Llama:
                    "prompt_seconds": 0.0, "generation_seconds": 0.0}
         self.last_timings = timings
         finish = "length"
-        self._cancel.clear()  # cancel() stops the generation running when it is called
-        self._generating = True
         tokens = self._generate(prompt_tokens[reused:], reset=False, penalty_last_n=64, **sampling)
-        try:
-            for token in tokens:
-                self._time_token(timings, time.perf_counter() - t0)
-                if self._cancel.is_set():
-                    finish = "cancelled"
-                    break
-                if tok.is_eog(token) or token in stop_ids:
-                    finish = "stop"
-                    break
-                timings["generated_tokens"] += 1
-                text, stopped = matcher.push(decoder.push(token))
-                if text:
-                    yield text, None
-                if stopped:
-                    finish = "stop"
-                    break
-                if timings["generated_tokens"] >= limit or (self.n_tokens >= self._n_ctx and not self.kv_ring):
-                    break
-        except _Cancelled:
-            finish = "cancelled"
-        finally:
-            tokens.close()
-            self._generating = False
-            self._cancel.clear()
-            if self._ctx is not None:
-                lib.kvs_context_set_cancel(self._ctx, 0)
+        with self._generation():
+            try:
+                for token in tokens:
+                    self._time_token(timings, time.perf_counter() - t0)
+                    if self._cancel.is_set():
+                        finish = "cancelled"
+                        break
+                    if tok.is_eog(token) or token in stop_ids:
+                        finish = "stop"
+                        break
+                    timings["generated_tokens"] += 1
+                    text, stopped = matcher.push(decoder.push(token))
+                    if text:
+                        yield text, None
+                    if stopped:
+                        finish = "stop"
+                        break
+                    if timings["generated_tokens"] >= limit or (self.n_tokens >= self._n_ctx and not self.kv_ring):
+                        break
+            except CancelledError:
+                finish = "cancelled"
+            finally:
+                tokens.close()
         if finish != "stop":
             tail, stopped = matcher.push(decoder.flush())
             tail += "" if stopped else matcher.flush()
