@@ -5,10 +5,12 @@ from .errors import (CancelledError, ContextFullError, GGUFFormatError, InvalidA
 from .gguf_file import GGUFFile
 from .llama import Llama
 from .models import default_model_path, pull_default_model
+from .session import LlamaRAMCache, LlamaState, SessionError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Llama", "GGUFFile", "KvsinkError", "GGUFFormatError", "UnsupportedError", "ContextFullError",
     "InvalidArgumentError", "KvsinkIOError", "KvsinkWarning", "CancelledError", "pull_default_model", "default_model_path",
+    "LlamaState", "LlamaRAMCache", "SessionError",
 ]

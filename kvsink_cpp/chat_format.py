@@ -162,6 +162,40 @@ class ChatFormatter:
         return f"ChatFormatter(stop_strings={self.stop_strings!r}, template={self.template[:40]!r}...)"
 
 
+def normalize_messages(messages) -> list:
+    """OpenAI-style messages as templates read them: content that is a list of
+    parts becomes their text joined by newlines, None (an assistant turn
+    that only calls tools) becomes "". Other keys (tool_calls, name,
+    tool_call_id) pass through for templates that use them."""
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+        content = message.get("content", "")
+        if content is None or isinstance(content, (list, tuple)):
+            message = {**message, "content": _content_text(content, i)}
+        out.append(message)
+    return out
+
+
+def _content_text(parts, i: int) -> str:
+    if parts is None:
+        return ""
+    texts = []
+    for j, part in enumerate(parts):
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ValueError(f"messages[{i}]['content'][{j}] is a {kind!r} part; kvsink_cpp runs text-only "
+                             f"models (content parts must be {{'type': 'text', 'text': ...}})")
+    return "\n".join(texts)
+
+
 def _check_messages(messages) -> None:
     if not isinstance(messages, (list, tuple)):
         raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
 
 
 class StopMatcher:
@@ -46,6 +48,47 @@ class StopMatcher:
         return best
 
 
+class TokenLogprob(NamedTuple):
+    """A sampled token's log-probability under the model (log-softmax of its
+    raw logits: before penalties, bias, temperature or a response_format
+    mask) and the n most likely tokens' at that step."""
+    text: str
+    data: bytes
+    logprob: float
+    top: List[Tuple[str, bytes, float]]
+
+
+def token_logprob(tokenizer, logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
+    x = logits.astype(np.float64)
+    m = float(x.max())
+    logp = x - (m + float(np.log(np.exp(x - m).sum())))
+    top = np.argsort(-logp)[:max(n_top, 0)] if n_top else []
+    def piece(t):
+        data = tokenizer.token_bytes(int(t))
+        return data.decode("utf-8", errors="replace"), data
+    text, data = piece(token)
+    return TokenLogprob(text, data, float(logp[token]),
+                        [(*piece(t), float(logp[t])) for t in top])
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dict:
+    """The legacy completions format (tokens, text_offset, token_logprobs, top_logprobs)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [e.text for e in entries], "text_offset": offsets,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text: lp for text, _, lp in e.top} for e in entries]}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
+    """The chat completions format: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.data),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(d)} for t, d, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -55,28 +98,30 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4()}"
 
 
-def completion_chunk(cid: str, model: str, created: int, text: str, finish_reason: Optional[str]) -> dict:
+def completion_chunk(cid: str, model: str, created: int, text: str, finish_reason: Optional[str],
+                     logprobs: Optional[dict] = None) -> dict:
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def completion_response(cid: str, model: str, created: int, text: str, finish_reason: str,
-                        prompt_tokens: int, completion_tokens: int) -> dict:
-    response = completion_chunk(cid, model, created, text, finish_reason)
+                        prompt_tokens: int, completion_tokens: int, logprobs: Optional[dict] = None) -> dict:
+    response = completion_chunk(cid, model, created, text, finish_reason, logprobs)
     response["usage"] = _usage(prompt_tokens, completion_tokens)
     return response
 
 
-def chat_chunk(cid: str, model: str, created: int, delta: dict, finish_reason: Optional[str]) -> dict:
+def chat_chunk(cid: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
+               logprobs: Optional[dict] = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def chat_response(cid: str, model: str, created: int, content: str, finish_reason: str,
-                  prompt_tokens: int, completion_tokens: int) -> dict:
+                  prompt_tokens: int, completion_tokens: int, logprobs: Optional[dict] = None) -> dict:
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": None, "finish_reason": finish_reason}],
+                         "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": _usage(prompt_tokens, completion_tokens)}
 
 

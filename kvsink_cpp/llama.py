@@ -14,13 +14,14 @@ import numpy as np
 
 from ._native import check, ffi, lib
 from . import chat_format
-from .completion import (StopMatcher, chat_chunk, chat_response, completion_chunk,
-                         completion_response, new_id, normalize_stop, now)
+from .completion import (StopMatcher, chat_chunk, chat_logprobs, chat_response, completion_chunk,
+                         completion_logprobs, completion_response, new_id, normalize_stop, now, token_logprob)
 from .errors import CancelledError, ContextFullError, KvsinkError, KvsinkWarning
 from .gguf_file import read_metadata
-from .loaded_model import LoadedModel, load_model
+from .loaded_model import LoadedModel, load_model, load_vocab
 from .sampling import Sampler, SamplingParams
 from . import session
+from .structured import constrained_sample, constraint_for
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -117,30 +118,40 @@ _warned_no_profile: set = set()
 
 _LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
-# llama-cpp-python constructor options that have no effect here (CPU only, as
-# llama.cpp's CPU build ignores n_gpu_layers; the file is always memory-mapped),
-# accepted so that code written for it runs. A value other than None means the
-# only setting we can honour.
-_IGNORED_OPTIONS = {
-    "n_gpu_layers": None, "split_mode": None, "main_gpu": None, "tensor_split": None,
-    "use_mmap": True, "use_mlock": None, "vocab_only": False, "kv_overrides": None,
-    "n_ubatch": None, "n_threads_batch": None, "offload_kqv": None, "flash_attn": None,
-    "last_n_tokens_size": None, "numa": None, "lora_path": None, "lora_base": None,
-    "rpc_servers": None, "op_offload": None, "swa_full": None, "no_perf": None,
-    "embedding": False, "chat_handler": None, "draft_model": None, "tokenizer": None,
-    "spm_infill": None, "rope_scaling_type": None, "pooling_type": None,
+# llama-cpp-python constructor options that only tune speed or memory
+# placement (results are the same whatever their value), accepted as given
+_SPEED_HINTS = {
+    "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock", "n_ubatch", "n_threads_batch",
+    "offload_kqv", "flash_attn", "last_n_tokens_size", "numa", "op_offload", "swa_full", "no_perf",
+    "mul_mat_q", "embedding",
+}
+# options that change results: only their llama-cpp-python default (or what
+# kvsink_cpp does anyway) is accepted; any other value is refused by name
+_DEFAULT_ONLY = {
+    "chat_handler": (None,), "draft_model": (None,), "tokenizer": (None,), "lora_path": (None,),
+    "lora_base": (None,), "lora_scale": (1.0,), "kv_overrides": (None, {}), "rpc_servers": (None,),
+    "rope_scaling_type": (None, -1), "rope_freq_base": (0.0,), "rope_freq_scale": (0.0,),
+    "yarn_ext_factor": (-1.0,), "yarn_attn_factor": (1.0,), "yarn_beta_fast": (32.0,),
+    "yarn_beta_slow": (1.0,), "yarn_orig_ctx": (0,), "pooling_type": (None, -1, 1),  # 1: mean, as embed()
+    "spm_infill": (False,),
 }
 
 
 def _check_llama_cpp_options(options: dict) -> None:
-    """Accept llama-cpp-python's options that change nothing here; refuse the
-    rest by name rather than silently ignoring a setting the caller relies on."""
+    """Accept llama-cpp-python's options that change nothing here; refuse any
+    that would change results unless it has the one value we honour, by
+    name, rather than silently ignoring a setting the caller relies on."""
     for name, value in options.items():
-        if name not in _IGNORED_OPTIONS:
+        if name == "n_gpu_layers":
+            if value not in (None, 0):
+                warnings.warn(f"kvsink_cpp: n_gpu_layers={value!r}: this build has no GPU backend; every layer "
+                              f"runs on the CPU", KvsinkWarning, stacklevel=3)
+        elif name in _DEFAULT_ONLY:
+            if value not in _DEFAULT_ONLY[name]:
+                raise ValueError(f"{name}={value!r} is not supported by kvsink_cpp (accepted: "
+                                 f"{', '.join(repr(v) for v in _DEFAULT_ONLY[name])})")
+        elif name not in _SPEED_HINTS:
             raise TypeError(f"Llama() got an unexpected keyword argument {name!r}")
-        required = _IGNORED_OPTIONS[name]
-        if required is not None and value is not None and value != required:
-            raise ValueError(f"{name}={value!r} is not supported by kvsink_cpp (only {required!r})")
 
 
 def physical_cores() -> int:
@@ -165,6 +176,48 @@ def physical_cores() -> int:
 
 def _default_threads() -> int:
     return min(physical_cores(), 16)
+
+
+class LastTokenScores:
+    """`scores` without logits_all: indexed like llama-cpp-python's (n_ctx,
+    n_vocab) array, but only the row of the last evaluated token,
+    scores[n_tokens - 1], is kept (n_ctx rows of a 49k vocabulary would be
+    ~100 MB per 512 tokens); other rows raise IndexError saying so."""
+
+    def __init__(self, llama: "Llama"):
+        self._llama = llama
+
+    @property
+    def shape(self) -> tuple:
+        return (self._llama._n_ctx, self._llama._n_vocab)
+
+    def __len__(self) -> int:
+        return self._llama._n_ctx
+
+    def __getitem__(self, key):
+        row, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        n = self._llama.n_tokens
+        if isinstance(row, (int, np.integer)) and not isinstance(row, bool) and n > 0 and row == n - 1:
+            last = self._llama._scores[(n - 1) % len(self._llama._scores)]
+            return last[rest] if rest else last
+        raise IndexError(f"scores[{row!r}]: without logits_all only the last evaluated token's row, "
+                         f"scores[n_tokens - 1] = scores[{n - 1}], is kept (create the Llama with "
+                         f"logits_all=True for every row)")
+
+
+def _check_unsupported(method: str, options: dict) -> None:
+    """llama-cpp-python arguments we do not implement: refused by name, not ignored."""
+    if options:
+        names = ", ".join(sorted(options))
+        raise TypeError(f"{method}() got arguments kvsink_cpp does not support: {names}")
+
+
+def _check_logprobs(name: str, value) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise ValueError(f"{name} must be an int in 0..20, got {value!r}")
+    return value
 
 
 class Llama:
@@ -198,6 +251,7 @@ class Llama:
         kv_key_per_token: Optional[bool] = None,
         matmul: Optional[str] = None,
         act_outlier_ratio: Optional[float] = None,
+        vocab_only: bool = False,
         **llama_cpp_options,
     ):
         self._loaded: Optional[LoadedModel] = None
@@ -226,6 +280,14 @@ class Llama:
         if not os.path.exists(self.model_path):
             raise FileNotFoundError(f"model file not found: {self.model_path}")
 
+        self._cancel = threading.Event()
+        self._cancel_lock = threading.Lock()
+        self._generating = False  # cancel() interrupts a long prompt only inside a generation
+        self._chat_formatter = None
+        self.chat_format = chat_format_name
+        if vocab_only:
+            self._open_vocab_only(n_ctx, n_batch, n_threads)
+            return
         # the model is loaded once per file and shared by every Llama on it
         self._loaded = load_model(self.model_path)
         self._model = self._loaded.handle
@@ -277,21 +339,36 @@ class Llama:
         # llama-cpp-python reports metadata values as strings
         self.metadata = {k: format_metadata_value(v) for k, v in self._typed_metadata.items()}
         self.n_tokens = 0
-        self._cancel = threading.Event()
-        self._generating = False  # cancel() interrupts a long prompt only inside a generation
+        self.cache: Optional[session.LlamaRAMCache] = None
         self.last_timings: Dict[str, float] = {}
-        self._chat_formatter = None
-        self.chat_format = chat_format_name
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
         # n_ctx rows with logits_all (as llama-cpp-python), else one row holding
         # the last token's logits: n_batch rows of a 49k vocabulary would be
         # ~100 MB of resident memory for nothing
         rows = self._n_ctx if self.logits_all else 1
-        self.scores = np.zeros((rows, self._n_vocab), dtype=np.single)
+        self._scores = np.zeros((rows, self._n_vocab), dtype=np.single)
+        self.scores = self._scores if self.logits_all else LastTokenScores(self)
         if verbose:
             arch = self._typed_metadata.get("general.architecture", "?")
             print(f"kvsink_cpp: loaded {self.model_path} ({arch}, n_vocab {self._n_vocab}, "
                   f"n_ctx {self._n_ctx})\nkvsink_cpp: {self.describe_settings()}", file=sys.stderr)
+
+    def _open_vocab_only(self, n_ctx: int, n_batch: int, n_threads: int) -> None:
+        """vocab_only=True: the tokenizer, chat template and metadata from the
+        GGUF header, no weights and no context (as llama-cpp-python's tokenising tools use it)."""
+        self._loaded = load_vocab(self.model_path)
+        self._typed_metadata = self._loaded.typed_metadata
+        self.metadata = {k: format_metadata_value(v) for k, v in self._typed_metadata.items()}
+        self.sink_profile = None
+        self._n_vocab = self._loaded.n_vocab
+        self._n_ctx = n_ctx or int(self._typed_metadata.get(
+            f"{self._typed_metadata.get('general.architecture', '')}.context_length", 0) or 512)
+        self.n_batch, self.n_threads, self.logits_all, self.kv_ring = n_batch, n_threads, False, False
+        self.n_tokens = 0
+        self.last_timings = {}
+        self.input_ids = np.zeros(0, dtype=np.intc)
+        self._scores = np.zeros((1, self._n_vocab), dtype=np.single)
+        self.scores = LastTokenScores(self)
 
     def _warn_no_profile(self) -> None:
         """Say once per model file that kvsink fell back to pfn:1."""
@@ -426,10 +503,10 @@ class Llama:
     def _eval_batch(self, ctx, batch: np.ndarray) -> None:
         n_past, n = self.n_tokens, len(batch)
         if self.logits_all:
-            out = self.scores[n_past:n_past + n]
+            out = self._scores[n_past:n_past + n]
         else:
-            row = (n_past + n - 1) % len(self.scores)
-            out = self.scores[row:row + 1]
+            row = (n_past + n - 1) % len(self._scores)
+            out = self._scores[row:row + 1]
         try:
             status = lib.kvs_context_eval(ctx, ffi.from_buffer("int32_t[]", batch), n, int(self.logits_all),
                                           ffi.from_buffer("float[]", out, require_writable=True))
@@ -446,6 +523,10 @@ class Llama:
         residual stream after every layer, (n_layer, n, n_embd), and the
         attention probability each position receives, summed over heads and
         queries, (n_layer, n)."""
+        with self._exclusive():
+            return self._trace(tokens, with_mass=True)
+
+    def _trace(self, tokens: Sequence[int], with_mass: bool):
         ctx = self._require_context()
         ids = np.ascontiguousarray(tokens, dtype=np.int32)
         n, n_layer, n_embd = len(ids), lib.kvs_model_n_layer(self._model), self.n_embd()
@@ -453,15 +534,16 @@ class Llama:
             raise ValueError(f"trace needs 1..n_ctx ({self._n_ctx}) tokens, got {n}")
         hidden = np.empty((n_layer, n, n_embd), dtype=np.float32)
         mass = np.zeros((n_layer, n), dtype=np.float32)
-        self.reset()
+        self.n_tokens = 0
         check(lib.kvs_context_set_n_past(ctx, 0))
         for start in range(0, n, self.n_batch):
             batch = ids[start:start + self.n_batch]
             h = np.empty((n_layer, len(batch), n_embd), dtype=np.float32)
-            m = np.empty((n_layer, start + len(batch)), dtype=np.float32)
-            trace = ffi.new("kvs_eval_trace *", {"hidden": ffi.from_buffer("float[]", h, require_writable=True),
-                                                 "attn_mass": ffi.from_buffer("float[]", m, require_writable=True)})
-            out = self.scores[(start + len(batch) - 1) % len(self.scores):][:1]
+            m = np.zeros((n_layer, start + len(batch)), dtype=np.float32)
+            trace = ffi.new("kvs_eval_trace *", {
+                "hidden": ffi.from_buffer("float[]", h, require_writable=True),
+                "attn_mass": ffi.from_buffer("float[]", m, require_writable=True) if with_mass else ffi.NULL})
+            out = self._scores[(start + len(batch) - 1) % len(self._scores):][:1]
             check(lib.kvs_context_eval_trace(ctx, ffi.from_buffer("int32_t[]", batch), len(batch), 0,
                                              ffi.from_buffer("float[]", out, require_writable=True), trace))
             self.input_ids[start:start + len(batch)] = batch
@@ -470,6 +552,50 @@ class Llama:
             mass[:, : start + len(batch)] += m
         return hidden, mass
 
+    # ---- embeddings --------------------------------------------------------
+    def embed(self, input: Union[str, List[str]], normalize: bool = True, truncate: bool = True,
+              return_count: bool = False):
+        """Sentence embeddings: the final-normed hidden state of the last layer,
+        mean-pooled over the tokens (llama.cpp's mean pooling), L2-normalized
+        unless normalize=False. A string gives one vector, a list a list of
+        them. truncate: cut inputs longer than n_ctx (else ValueError). The
+        context's cache is used for this and reset."""
+        texts = [input] if isinstance(input, str) else list(input)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("input must be a string or a list of strings")
+        vectors, count = [], 0
+        with self._exclusive():
+            for text in texts:
+                ids = self.tokenize(text.encode("utf-8"), add_bos=True)
+                if len(ids) > self._n_ctx:
+                    if not truncate:
+                        raise ContextFullError(f"an input has {len(ids)} tokens but n_ctx is {self._n_ctx}")
+                    ids = ids[: self._n_ctx]
+                hidden, _ = self._trace(ids, with_mass=False)
+                pooled = self._final_norm(hidden[-1]).mean(axis=0)
+                if normalize:
+                    pooled /= max(float(np.linalg.norm(pooled)), 1e-12)
+                vectors.append(pooled.astype(np.float32).tolist())
+                count += len(ids)
+            self.n_tokens = 0
+        result = vectors[0] if isinstance(input, str) else vectors
+        return (result, count) if return_count else result
+
+    def create_embedding(self, input: Union[str, List[str]], model: Optional[str] = None) -> dict:
+        """embed() in the OpenAI response format."""
+        vectors, count = self.embed(input, return_count=True)
+        if isinstance(input, str):
+            vectors = [vectors]
+        return {"object": "list", "model": model or self.model_path,
+                "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+    def _final_norm(self, h: np.ndarray) -> np.ndarray:
+        """The model's output RMSNorm of hidden rows (n, n_embd), as before the logits."""
+        weight, eps = self._loaded.output_norm()
+        x = h.astype(np.float64)
+        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+
     @property
     def eval_tokens(self) -> Deque[int]:
         return deque(self.input_ids[: self.n_tokens].tolist(), maxlen=self._n_ctx)
@@ -477,7 +603,7 @@ class Llama:
     @property
     def eval_logits(self) -> Deque[List[float]]:
         if self.logits_all:
-            rows = self.scores[: self.n_tokens].tolist()
+            rows = self._scores[: self.n_tokens].tolist()
         else:
             rows = [self.last_logits().tolist()] if self.n_tokens else []
         return deque(rows, maxlen=self._n_ctx if self.logits_all else 1)
@@ -486,7 +612,7 @@ class Llama:
         """Logits after the last evaluated token (a view into `scores`)."""
         if self.n_tokens == 0:
             raise ValueError("no token has been evaluated")
-        return self.scores[(self.n_tokens - 1) % len(self.scores)]
+        return self._scores[(self.n_tokens - 1) % len(self._scores)]
 
     # ---- text ------------------------------------------------------------
     @property
@@ -522,10 +648,10 @@ class Llama:
     def cancel(self) -> None:
         """Stop the generation in progress (safe to call from another thread):
         at the next token, or within one forward pass of its prompt."""
-        self._cancel.set()
-        ctx = self._ctx
-        if self._generating and ctx is not None:
-            lib.kvs_context_set_cancel(ctx, 1)
+        with self._cancel_lock:  # not after the generation has ended (a stale request)
+            self._cancel.set()
+            if self._generating and self._ctx is not None:
+                lib.kvs_context_set_cancel(self._ctx, 1)
 
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,
@@ -549,18 +675,21 @@ class Llama:
     def _generation(self):
         """A generation is running: cancel() (from any thread) stops it, at the
         next token or, inside a prompt, after the C core's current forward pass."""
-        self._cancel.clear()
-        self._generating = True
+        with self._cancel_lock:
+            self._cancel.clear()
+            self._generating = True
         try:
             yield
         finally:
-            self._generating = False
-            self._cancel.clear()
-            if self._ctx is not None:
-                lib.kvs_context_set_cancel(self._ctx, 0)
+            with self._cancel_lock:
+                self._generating = False
+                self._cancel.clear()
+                if self._ctx is not None:
+                    lib.kvs_context_set_cancel(self._ctx, 0)
 
     def _generate(self, tokens, top_k, top_p, min_p, typical_p, temp, repeat_penalty, reset,
-                  frequency_penalty, presence_penalty, penalty_last_n, seed, logit_bias) -> Iterator[int]:
+                  frequency_penalty, presence_penalty, penalty_last_n, seed, logit_bias,
+                  constraint=None) -> Iterator[int]:
         sampler = Sampler(SamplingParams(
             temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
             repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
@@ -573,7 +702,8 @@ class Llama:
             tokens = tokens[self._reuse_prefix(tokens):]
         while True:
             self._eval(tokens)
-            token = sampler.sample(self.last_logits(), self.input_ids[: self.n_tokens])
+            history = self.input_ids[: self.n_tokens]
+            token = constrained_sample(self.last_logits(), constraint, lambda logits: sampler.sample(logits, history))
             yield token
             tokens = [token]
 
@@ -596,13 +726,19 @@ class Llama:
                                    f"shorten it or create the Llama with a larger n_ctx")
 
     def _stream_text(self, prompt_tokens: List[int], max_tokens: Optional[int], stop: List[str],
-                     sampling: dict, stop_token_ids: Sequence[int] = ()) -> Iterator[tuple]:
-        """Yield (text, None) deltas, then ("", finish_reason) once. Counts and
-        times go to self.last_timings."""
+                     sampling: dict, stop_token_ids: Sequence[int] = (), constraint=None,
+                     n_logprobs: Optional[int] = None) -> Iterator[tuple]:
+        """Yield (text, None, logprobs) deltas, then ("", finish_reason, logprobs)
+        once; logprobs lists the TokenLogprob of the tokens consumed since the
+        previous delta (empty unless n_logprobs is given). With a constraint
+        (response_format), the reply ends when its JSON document is complete.
+        Counts and times go to self.last_timings."""
         with self._exclusive():
-            yield from self._stream_tokens(prompt_tokens, max_tokens, stop, sampling, stop_token_ids)
+            yield from self._stream_tokens(prompt_tokens, max_tokens, stop, sampling, stop_token_ids,
+                                           constraint, n_logprobs)
 
-    def _stream_tokens(self, prompt_tokens, max_tokens, stop, sampling, stop_token_ids) -> Iterator[tuple]:
+    def _stream_tokens(self, prompt_tokens, max_tokens, stop, sampling, stop_token_ids, constraint,
+                       n_logprobs) -> Iterator[tuple]:
         # the ring buffer evicts old blocks, so only max_tokens bounds a reply
         limit = float("inf") if self.kv_ring else self._n_ctx - len(prompt_tokens)
         if max_tokens is not None and max_tokens > 0:
@@ -611,12 +747,14 @@ class Llama:
         decoder, matcher = StreamDecoder(tok, strip_leading_space=False), StopMatcher(stop)
         stop_ids = set(stop_token_ids)
         t0 = time.perf_counter()
+        self._restore_from_cache(prompt_tokens)
         reused = self._reuse_prefix(prompt_tokens)
         timings = {"prompt_tokens": len(prompt_tokens) - reused, "generated_tokens": 0,
                    "prompt_seconds": 0.0, "generation_seconds": 0.0}
         self.last_timings = timings
-        finish = "length"
-        tokens = self._generate(prompt_tokens[reused:], reset=False, penalty_last_n=64, **sampling)
+        finish, pending = "length", []
+        tokens = self._generate(prompt_tokens[reused:], reset=False, penalty_last_n=64, constraint=constraint,
+                                **sampling)
         with self._generation():
             try:
                 for token in tokens:
@@ -628,11 +766,14 @@ class Llama:
                         finish = "stop"
                         break
                     timings["generated_tokens"] += 1
+                    if n_logprobs is not None:
+                        pending.append(token_logprob(tok, self.last_logits(), token, n_logprobs))
                     text, stopped = matcher.push(decoder.push(token))
                     if text:
-                        yield text, None
-                    if stopped:
-                        finish = "stop"
+                        yield text, None, pending
+                        pending = []
+                    if stopped or (constraint is not None and constraint.is_finished):
+                        finish = "stop"  # a stop string, or a complete JSON document
                         break
                     if timings["generated_tokens"] >= limit or (self.n_tokens >= self._n_ctx and not self.kv_ring):
                         break
@@ -640,12 +781,15 @@ class Llama:
                 finish = "cancelled"
             finally:
                 tokens.close()
-        if finish != "stop":
+        if self.cache is not None and finish != "cancelled":
+            self.cache[self.input_ids[: self.n_tokens].tolist()] = self._save_state()
+        if finish != "stop" or (constraint is not None and constraint.is_finished):
             tail, stopped = matcher.push(decoder.flush())
             tail += "" if stopped else matcher.flush()
             if tail:
-                yield tail, None
-        yield "", finish
+                yield tail, None, pending
+                pending = []
+        yield "", finish, pending
 
     @staticmethod
     def _time_token(timings: dict, elapsed: float) -> None:
@@ -663,46 +807,77 @@ class Llama:
                     presence_penalty=presence_penalty, seed=self.seed if seed is None else seed,
                     logit_bias=bias)
 
-    def create_completion(self, prompt: Union[str, List[int]], max_tokens: Optional[int] = 16,
-                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,
-                          typical_p: float = 1.0, stop=None, frequency_penalty: float = 0.0,
-                          presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
-                          top_k: int = 40, stream: bool = False, seed: Optional[int] = None,
-                          logit_bias: Optional[Dict[int, float]] = None, echo: bool = False):
+    def create_completion(self, prompt: Union[str, List[int]], suffix: Optional[str] = None,
+                          max_tokens: Optional[int] = 16, temperature: float = 0.8, top_p: float = 0.95,
+                          min_p: float = 0.05, typical_p: float = 1.0, logprobs: Optional[int] = None,
+                          echo: bool = False, stop=None, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
+                          stream: bool = False, seed: Optional[int] = None,
+                          logit_bias: Optional[Dict[int, float]] = None, response_format=None,
+                          **unsupported):
         """Complete a prompt (text or token ids); an OpenAI-style dict, or with
         stream=True an iterator of chunks. max_tokens None or <= 0: until the
-        context is full."""
-        tokens = (self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-                  if isinstance(prompt, str) else [int(t) for t in prompt])
+        context is full (or, with response_format, the JSON is complete).
+        suffix: text after the completion — filled in the middle when the
+        model has FIM tokens, else appended to the returned text.
+        logprobs: how many top alternatives to report per generated token."""
+        _check_unsupported("create_completion", unsupported)
+        if suffix is not None and not isinstance(suffix, str):
+            raise TypeError(f"suffix must be a string, got {type(suffix).__name__}")
+        n_logprobs = _check_logprobs("logprobs", logprobs)
+        tokens, fim = self._completion_prompt(prompt, suffix)
+        constraint = constraint_for(self.tokenizer_, response_format)
+        if constraint is not None and max_tokens == 16:
+            max_tokens = None  # llama-cpp-python's default of 16 would cut every JSON reply
         sampling = self._sampling_args(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                        frequency_penalty, presence_penalty, seed, logit_bias)
         self._check_prompt(tokens)
-        parts = self._stream_text(tokens, max_tokens, normalize_stop(stop), sampling)
+        parts = self._stream_text(tokens, max_tokens, normalize_stop(stop), sampling, constraint=constraint,
+                                  n_logprobs=n_logprobs)
         cid, created, model = new_id("cmpl"), now(), self.model_path
         prefix = prompt if echo and isinstance(prompt, str) else ""
+        appended = suffix if suffix is not None and not fim else ""
         if stream:
-            return self._completion_chunks(parts, cid, created, model, prefix)
-        text, finish = self._collect(parts)
-        return completion_response(cid, model, created, prefix + text, finish, len(tokens),
-                                   self.last_timings["generated_tokens"])
+            return self._completion_chunks(parts, cid, created, model, prefix, appended, n_logprobs)
+        text, finish, entries = self._collect(parts)
+        lp = completion_logprobs(entries, len(prefix)) if n_logprobs is not None else None
+        return completion_response(cid, model, created, prefix + text + appended, finish, len(tokens),
+                                   self.last_timings["generated_tokens"], lp)
 
     __call__ = create_completion
 
-    @staticmethod
-    def _collect(parts) -> tuple:
-        pieces, finish = [], "length"
-        for text, reason in parts:
-            pieces.append(text)
-            finish = reason or finish
-        return "".join(pieces), finish
+    def _completion_prompt(self, prompt, suffix: Optional[str]) -> tuple:
+        """(prompt ids, whether they are a fill-in-the-middle prompt)."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt], False
+        fim = self.tokenizer_.fim_ids() if suffix is not None else None
+        if fim is None:
+            return self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), False
+        pre, suf, mid = fim
+        encode = self.tokenizer_.encode
+        return ([pre] + encode(prompt, add_bos=False) + [suf] + encode(suffix, add_bos=False) + [mid]), True
 
     @staticmethod
-    def _completion_chunks(parts, cid, created, model, prefix):
+    def _collect(parts) -> tuple:
+        pieces, finish, entries = [], "length", []
+        for text, reason, logprobs in parts:
+            pieces.append(text)
+            entries += logprobs
+            finish = reason or finish
+        return "".join(pieces), finish, entries
+
+    @staticmethod
+    def _completion_chunks(parts, cid, created, model, prefix, appended, n_logprobs):
         if prefix:
             yield completion_chunk(cid, model, created, prefix, None)
-        for text, reason in parts:
+        offset = len(prefix)
+        for text, reason, entries in parts:
+            if reason and appended:
+                yield completion_chunk(cid, model, created, appended, None)
             if text or reason:
-                yield completion_chunk(cid, model, created, text, reason)
+                lp = completion_logprobs(entries, offset) if n_logprobs is not None else None
+                yield completion_chunk(cid, model, created, text, reason, lp)
+                offset += len(text)
 
     def chat_formatter(self):
         """The chat template: the GGUF's own, or the built-in named by chat_format."""
@@ -710,12 +885,16 @@ class Llama:
             self._chat_formatter = chat_format.from_metadata(self._typed_metadata, self.chat_format)
         return self._chat_formatter
 
-    def chat_prompt_tokens(self, messages: List[dict]) -> tuple:
+    def chat_prompt_tokens(self, messages: List[dict], tools: Optional[list] = None,
+                           tool_choice=None) -> tuple:
         """The prompt ids of a conversation rendered with the chat template
         (BOS added unless the template writes it) and the ids of the
-        template's single-token stop strings, which end a reply."""
+        template's single-token stop strings, which end a reply. Message
+        content may be a string, a list of text parts (OpenAI style) or None;
+        tools (and tool_choice) are given to the template as it expects them."""
         formatter = self.chat_formatter()
-        prompt = formatter.render(messages, add_generation_prompt=True)
+        extra = {k: v for k, v in (("tools", tools), ("tool_choice", tool_choice)) if v is not None}
+        prompt = formatter.render(chat_format.normalize_messages(messages), add_generation_prompt=True, **extra)
         tok = self.tokenizer_
         bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
         add_bos = tok.add_bos and not (bos_text and prompt.startswith(bos_text))
@@ -724,91 +903,131 @@ class Llama:
                     if len(ids) == 1]
         return tokens, stop_ids
 
-    def create_chat_completion(self, messages: List[dict], temperature: float = 0.2,
+    def create_chat_completion(self, messages: List[dict], functions=None, function_call=None,
+                               tools: Optional[list] = None, tool_choice=None, temperature: float = 0.2,
                                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                                typical_p: float = 1.0, stream: bool = False, stop=None,
-                               seed: Optional[int] = None, max_tokens: Optional[int] = None,
-                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                               repeat_penalty: float = 1.0,
-                               logit_bias: Optional[Dict[int, float]] = None):
+                               seed: Optional[int] = None, response_format=None,
+                               max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
+                               frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                               model: Optional[str] = None, logit_bias: Optional[Dict[int, float]] = None,
+                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
+                               **unsupported):
         """Reply to a conversation rendered with the model's chat template; an
-        OpenAI-style dict, or with stream=True an iterator of chunks."""
+        OpenAI-style dict, or with stream=True an iterator of chunks.
+        response_format: {"type": "json_object"} or {"type": "json_schema", ...}
+        constrains the reply to parse (llguidance). tools are rendered into the
+        prompt by the template; the reply is returned as text (no tool-call
+        parsing). logprobs / top_logprobs as in the OpenAI format."""
+        _check_unsupported("create_chat_completion", unsupported)
+        if functions is not None or function_call is not None:
+            raise ValueError("functions/function_call (the deprecated OpenAI form) are not supported; pass tools")
         if isinstance(messages, (list, tuple)) and not messages:
             raise ValueError("messages is empty: a chat completion needs at least one message")
-        tokens, stop_ids = self.chat_prompt_tokens(messages)
+        n_top = _check_logprobs("top_logprobs", top_logprobs)
+        n_logprobs = (n_top or 0) if logprobs else None
+        if n_top is not None and not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        tokens, stop_ids = self.chat_prompt_tokens(messages, tools, tool_choice)
         stops = normalize_stop(stop) + list(self.chat_formatter().stop_strings)
+        constraint = constraint_for(self.tokenizer_, response_format, end_ids=stop_ids)
         sampling = self._sampling_args(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                        frequency_penalty, presence_penalty, seed, logit_bias)
         self._check_prompt(tokens)
-        parts = self._stream_text(tokens, max_tokens, stops, sampling, stop_ids)
-        cid, created, model = new_id("chatcmpl"), now(), self.model_path
+        parts = self._stream_text(tokens, max_tokens, stops, sampling, stop_ids, constraint, n_logprobs)
+        cid, created, name = new_id("chatcmpl"), now(), model or self.model_path
         if stream:
-            return self._chat_chunks(parts, cid, created, model)
-        text, finish = self._collect(parts)
-        return chat_response(cid, model, created, text, finish, len(tokens),
-                             self.last_timings["generated_tokens"])
+            return self._chat_chunks(parts, cid, created, name, n_logprobs)
+        text, finish, entries = self._collect(parts)
+        lp = chat_logprobs(entries) if n_logprobs is not None else None
+        return chat_response(cid, name, created, text, finish, len(tokens),
+                             self.last_timings["generated_tokens"], lp)
 
     @staticmethod
-    def _chat_chunks(parts, cid, created, model):
+    def _chat_chunks(parts, cid, created, model, n_logprobs):
         yield chat_chunk(cid, model, created, {"role": "assistant"}, None)
-        for text, reason in parts:
+        for text, reason, entries in parts:
+            lp = chat_logprobs(entries) if n_logprobs is not None and entries else None
             if text:
-                yield chat_chunk(cid, model, created, {"content": text}, None)
+                yield chat_chunk(cid, model, created, {"content": text}, None, lp)
             if reason:
-                yield chat_chunk(cid, model, created, {}, reason)
+                yield chat_chunk(cid, model, created, {}, reason, None if text else lp)
 
     # ---- sessions --------------------------------------------------------
+    def set_cache(self, cache: Optional[session.LlamaRAMCache]) -> None:
+        """Use a prompt cache (LlamaRAMCache) for completions, or None for none."""
+        self.cache = cache
+
+    def _restore_from_cache(self, prompt_tokens: List[int]) -> None:
+        """Continue from a cached state when it shares more of the prompt than the context does."""
+        if self.cache is None:
+            return
+        try:
+            state = self.cache[prompt_tokens]
+        except KeyError:
+            return
+        cached = session._common_prefix(state.input_ids.tolist(), prompt_tokens)
+        if cached > session._common_prefix(self.input_ids[: self.n_tokens].tolist(), prompt_tokens):
+            self._load_state(state)
+
     def save_state(self) -> session.LlamaState:
         """The conversation so far: the tokens, the last logits (every row with
         logits_all) and the KV cache as it is (quantized blocks, exact sink
         rows, fp16 window), for load_state on a Llama of the same model and KV
         settings."""
         with self._exclusive():
-            ctx = self._require_context()
-            self._eval([])  # the cache holds exactly n_tokens (cuts back to them)
-            blob = bytearray(lib.kvs_context_state_size(ctx))
-            written = ffi.new("size_t *")
-            check(lib.kvs_context_save_state(ctx, ffi.from_buffer(blob, require_writable=True), len(blob), written))
-            n = self.n_tokens
-            scores = (self.scores[:n] if self.logits_all else self.scores[:1] if n else self.scores[:0]).copy()
-            return session.LlamaState(input_ids=self.input_ids[:n].copy(), scores=scores, n_tokens=n,
-                                      llama_state=bytes(blob[:written[0]]), llama_state_size=int(written[0]),
-                                      seed=self.seed, model_fingerprint=self._loaded.fingerprint,
-                                      settings=self._session_settings())
+            return self._save_state()
+
+    def _save_state(self) -> session.LlamaState:
+        ctx = self._require_context()
+        self._eval([])  # the cache holds exactly n_tokens (cuts back to them)
+        blob = bytearray(lib.kvs_context_state_size(ctx))
+        written = ffi.new("size_t *")
+        check(lib.kvs_context_save_state(ctx, ffi.from_buffer(blob, require_writable=True), len(blob), written))
+        n = self.n_tokens
+        scores = (self._scores[:n] if self.logits_all else self._scores[:1] if n else self._scores[:0]).copy()
+        return session.LlamaState(input_ids=self.input_ids[:n].copy(), scores=scores, n_tokens=n,
+                                  llama_state=bytes(blob[:written[0]]), llama_state_size=int(written[0]),
+                                  seed=self.seed, model_fingerprint=self._loaded.fingerprint,
+                                  settings=self._session_settings())
 
     def load_state(self, state: session.LlamaState) -> None:
         """Continue a saved conversation: its tokens, logits and KV cache
         replace this context's. A state from another model or saved with
         other KV settings is refused (SessionError) and changes nothing."""
         with self._exclusive():
-            ctx = self._require_context()
-            if state.model_fingerprint and state.model_fingerprint != self._loaded.fingerprint:
-                raise session.SessionError(f"the state was saved with another model than {self.model_path}")
-            n = int(state.n_tokens)
-            if len(state.input_ids) != n or n > len(self.input_ids) and not self.kv_ring:
-                raise session.SessionError(f"the state holds {n} tokens ({len(state.input_ids)} ids); "
-                                           f"this context holds at most {self._n_ctx}")
-            scores = np.asarray(state.scores, dtype=np.float32)
-            rows = n if self.logits_all else min(n, 1)
-            if scores.shape != (rows, self._n_vocab):
-                raise session.SessionError(f"the state's scores have shape {scores.shape}; this context needs "
-                                           f"{(rows, self._n_vocab)} (logits_all={self.logits_all})")
-            ids = self._token_ids(state.input_ids)
-            blob = bytes(state.llama_state)
-            try:
-                check(lib.kvs_context_load_state(ctx, blob, len(blob)))
-            except KvsinkError as exc:
-                raise session.SessionError(f"cannot load the KV state: {exc}") from None
-            if lib.kvs_context_n_past(ctx) != n:
-                check(lib.kvs_context_set_n_past(ctx, 0))
-                raise session.SessionError(f"the KV state holds {lib.kvs_context_n_past(ctx)} tokens, "
-                                           f"the session {n}")
-            self._reserve_ids(n)
-            self.input_ids[:n] = ids
-            self.n_tokens = n
-            if rows:
-                dst = self.scores[:n] if self.logits_all else self.scores[(n - 1) % len(self.scores):][:1]
-                dst[:] = scores
+            self._load_state(state)
+
+    def _load_state(self, state: session.LlamaState) -> None:
+        ctx = self._require_context()
+        if state.model_fingerprint and state.model_fingerprint != self._loaded.fingerprint:
+            raise session.SessionError(f"the state was saved with another model than {self.model_path}")
+        n = int(state.n_tokens)
+        if len(state.input_ids) != n or n > len(self.input_ids) and not self.kv_ring:
+            raise session.SessionError(f"the state holds {n} tokens ({len(state.input_ids)} ids); "
+                                       f"this context holds at most {self._n_ctx}")
+        scores = np.asarray(state.scores, dtype=np.float32)
+        rows = n if self.logits_all else min(n, 1)
+        if scores.shape != (rows, self._n_vocab):
+            raise session.SessionError(f"the state's scores have shape {scores.shape}; this context needs "
+                                       f"{(rows, self._n_vocab)} (logits_all={self.logits_all})")
+        ids = self._token_ids(state.input_ids)
+        blob = bytes(state.llama_state)
+        try:
+            check(lib.kvs_context_load_state(ctx, blob, len(blob)))
+        except KvsinkError as exc:
+            raise session.SessionError(f"cannot load the KV state: {exc}") from None
+        held = lib.kvs_context_n_past(ctx)
+        if held != n:
+            check(lib.kvs_context_set_n_past(ctx, 0))
+            self.n_tokens = 0
+            raise session.SessionError(f"the KV state holds {held} tokens, the session {n}")
+        self._reserve_ids(n)
+        self.input_ids[:n] = ids
+        self.n_tokens = n
+        if rows:
+            dst = self._scores[:n] if self.logits_all else self._scores[(n - 1) % len(self._scores):][:1]
+            dst[:] = scores
 
     def save_session(self, path) -> int:
         """save_state() into a file (written atomically); returns its size in bytes."""
@@ -865,7 +1084,8 @@ class Llama:
 
     def _require_context(self):
         if self._ctx is None:
-            raise RuntimeError("this Llama has been closed")
+            raise RuntimeError("this Llama was opened with vocab_only=True: it tokenizes but has no weights or "
+                               "context" if self._loaded is not None else "this Llama has been closed")
         return self._ctx
 
     def _require_model(self):

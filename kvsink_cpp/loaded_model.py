@@ -14,7 +14,10 @@ import threading
 import weakref
 from typing import Optional
 
+import numpy as np
+
 from ._native import check, ffi, lib
+from .errors import UnsupportedError
 from .gguf_file import read_metadata
 from .sink_profiles import resolve_profile
 from .tokenizer import Tokenizer
@@ -40,6 +43,7 @@ class LoadedModel:
         self._lock = threading.Lock()
         self._tokenizer: Optional[Tokenizer] = None
         self._fingerprint: Optional[str] = None
+        self._output_norm: Optional[tuple] = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -47,6 +51,24 @@ class LoadedModel:
             if self._tokenizer is None:
                 self._tokenizer = Tokenizer.from_metadata(self.typed_metadata)
             return self._tokenizer
+
+    def output_norm(self) -> tuple:
+        """(weight as float64, epsilon) of the final RMSNorm, for embeddings."""
+        from .gguf_file import GGUFFile
+        with self._lock:
+            if self._output_norm is None:
+                arch = self.typed_metadata.get("general.architecture", "")
+                eps = float(self.typed_metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+                with GGUFFile(self.path) as gguf:
+                    index = next((i for i, t in enumerate(gguf.tensors) if t.name == "output_norm.weight"), None)
+                    if index is None:
+                        raise UnsupportedError("the model has no output_norm.weight to embed with")
+                    tensor = gguf.tensors[index]
+                    if tensor.type != 0:
+                        raise UnsupportedError(f"output_norm.weight has type {tensor.type}; embeddings need F32")
+                    weight = np.frombuffer(gguf.tensor_bytes(index), dtype="<f4").astype(np.float64)
+                self._output_norm = (weight, eps)
+            return self._output_norm
 
     @property
     def fingerprint(self) -> str:
@@ -78,3 +100,26 @@ def load_model(path: str) -> LoadedModel:
             model = LoadedModel(path)
             _loaded[key] = model
         return model
+
+
+class VocabOnly:
+    """vocab_only=True: a GGUF's header (metadata, vocabulary) without its weights."""
+
+    handle = None
+    sink_profile = None
+
+    def __init__(self, path: str):
+        from .gguf_file import GGUFFile
+        with GGUFFile(path) as gguf:  # validated like any GGUF; the mapping is released at once
+            self.typed_metadata = gguf.metadata
+        self.path = path
+        self.tokenizer = Tokenizer.from_metadata(self.typed_metadata)
+        self.n_vocab = self.tokenizer.n_vocab
+
+    @property
+    def fingerprint(self) -> str:
+        raise RuntimeError("a vocab_only Llama has no weights to fingerprint")
+
+
+def load_vocab(path: str) -> VocabOnly:
+    return VocabOnly(path)

@@ -16,8 +16,9 @@ import json
 import os
 import struct
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -116,3 +117,58 @@ def _unpack_body(name: str, header: dict, body: memoryview) -> LlamaState:
     return LlamaState(input_ids=ids, scores=scores, n_tokens=n, llama_state=blob, llama_state_size=kv,
                       seed=header.get("seed"), model_fingerprint=header["model_fingerprint"],
                       settings=header.get("settings", {}))
+
+
+class LlamaRAMCache:
+    """llama-cpp-python's prompt cache, in memory (`llm.set_cache(LlamaRAMCache())`):
+    after each completion the context's state is stored under its tokens;
+    a later prompt that starts with a stored key continues from that state
+    when it shares more with it than with what the context holds (e.g. after
+    switching between conversations). Least recently used states go first
+    once capacity_bytes is exceeded."""
+
+    def __init__(self, capacity_bytes: int = 2 << 30):
+        self.capacity_bytes = int(capacity_bytes)
+        self._states: "OrderedDict[tuple, LlamaState]" = OrderedDict()
+
+    @property
+    def cache_size(self) -> int:
+        return sum(_state_bytes(s) for s in self._states.values())
+
+    def _longest_prefix_key(self, tokens: tuple) -> Optional[tuple]:
+        best, best_len = None, 0
+        for key in self._states:
+            n = _common_prefix(key, tokens)
+            if n > best_len:
+                best, best_len = key, n
+        return best
+
+    def __contains__(self, tokens) -> bool:
+        return self._longest_prefix_key(tuple(tokens)) is not None
+
+    def __getitem__(self, tokens) -> LlamaState:
+        key = self._longest_prefix_key(tuple(tokens))
+        if key is None:
+            raise KeyError("no cached state shares a prefix with these tokens")
+        self._states.move_to_end(key)
+        return self._states[key]
+
+    def __setitem__(self, tokens, state: LlamaState) -> None:
+        key = tuple(int(t) for t in tokens)
+        self._states.pop(key, None)
+        self._states[key] = state
+        while len(self._states) > 1 and self.cache_size > self.capacity_bytes:
+            self._states.popitem(last=False)
+
+
+def _state_bytes(state: LlamaState) -> int:
+    return state.llama_state_size + state.scores.nbytes + state.input_ids.nbytes
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -516,6 +516,11 @@ class Tokenizer:
     def token_attr(self, token_id: int) -> TokenAttr:
         return self._attrs[token_id]
 
+    def fim_ids(self) -> Optional[tuple]:
+        """(prefix, suffix, middle) fill-in-the-middle token ids, or None when the vocabulary lacks one."""
+        ids = tuple(self._fim[k] for k in ("fim_pre", "fim_suf", "fim_mid"))
+        return None if None in ids else ids
+
     def is_control(self, token_id: int) -> bool:
         return bool(self._attrs[token_id] & TokenAttr.CONTROL)
 

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 import kvsink_cpp
-from kvsink_cpp import ContextFullError, GGUFFormatError, Llama, UnsupportedError
+from kvsink_cpp import ContextFullError, GGUFFormatError, KvsinkWarning, Llama, UnsupportedError
 from kvsink_cpp._native import ffi, lib
 
 import synthetic
@@ -179,13 +179,21 @@ def test_bad_arguments_raise_before_c(model_path):
 
 
 def test_llama_cpp_python_options_are_accepted_or_refused_by_name(model_path):
-    with Llama(str(model_path), n_ctx=32, n_gpu_layers=-1, use_mmap=True, n_threads_batch=2,
-               seed=7, verbose=False) as llm:
-        assert llm.seed == 7
+    with pytest.warns(KvsinkWarning, match="no GPU backend"):
+        with Llama(str(model_path), n_ctx=32, n_gpu_layers=-1, use_mmap=True, n_threads_batch=2, flash_attn=True,
+                   embedding=True, seed=7, verbose=False) as llm:
+            assert llm.seed == 7
     with pytest.raises(TypeError, match="no_such_option"):
         Llama(str(model_path), no_such_option=1, verbose=False)
-    with pytest.raises(ValueError, match="embedding=True"):
-        Llama(str(model_path), embedding=True, verbose=False)
+    # options that would change results are refused unless at their default
+    for name, value in (("chat_handler", object()), ("lora_path", "a.gguf"), ("lora_base", "b.gguf"),
+                        ("draft_model", object()), ("tokenizer", object()), ("kv_overrides", {"a": 1}),
+                        ("rope_scaling_type", 2), ("pooling_type", 2), ("rope_freq_base", 5e5),
+                        ("spm_infill", True)):
+        with pytest.raises(ValueError, match=f"{name}="):
+            Llama(str(model_path), verbose=False, **{name: value})
+    for name, value in (("chat_handler", None), ("kv_overrides", {}), ("rope_freq_base", 0.0), ("pooling_type", -1)):
+        Llama(str(model_path), n_ctx=32, verbose=False, **{name: value}).close()
 
 
 def test_unsupported_architecture(tmp_path):
