@@ -112,3 +112,32 @@ def test_c_cancel_request_stops_before_the_next_forward_pass(model_path):
         lib.kvs_context_set_cancel(llm._ctx, 0)
         llm.eval(list(range(1, 101)))
         assert llm.n_tokens == 103
+
+
+def test_ctrl_c_during_a_long_prompt_keeps_what_was_evaluated(model_path):
+    """SIGINT while a generation evaluates a long prompt: KeyboardInterrupt
+    comes within a step of 64 tokens, not after the whole prompt, and the
+    tokens the cache appended stay (the next turn does not redo them)."""
+    import os
+    import signal
+    with Llama(model_path, n_ctx=4096, n_batch=512, n_threads=1, verbose=False, sinks="pfn:1",
+               type_k="q4", type_v="q4") as llm:
+        prompt = np.random.default_rng(1).integers(1, 2048, size=4000).tolist()
+
+        def interrupt_once_started():
+            while llm.n_tokens == 0:
+                time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        interrupter = threading.Thread(target=interrupt_once_started)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in llm.generate(prompt, temp=0.0):
+                pass
+            time.sleep(5)  # (not reached unless the prompt finished first)
+        interrupter.join()
+        kept = llm.n_tokens
+        assert 0 < kept < len(prompt)
+        assert llm.input_ids[:kept].tolist() == prompt[:kept]
+        llm.eval([])
+        assert llm.n_tokens == kept  # the C cache holds the same tokens
