@@ -259,6 +259,9 @@ class Sampler:
 
     def _biased_and_penalized(self, logits, history) -> np.ndarray:
         logits = _as_logits(logits)
+        if np.isnan(logits).any():
+            raise ValueError(f"the model's logits contain NaN ({int(np.isnan(logits).sum())} of {logits.size}): its "
+                             f"weights or activations overflowed (a damaged or mis-converted model file?)")
         p = self.params
         logits = apply_logit_bias(logits, p.logit_bias)
         return apply_penalties(logits, history, p.repeat_penalty, p.frequency_penalty,
@@ -291,4 +294,4 @@ def _as_logits(logits) -> np.ndarray:
 
 def _check_drawable(best_logit) -> None:
     if not best_logit > -np.inf:
-        raise ValueError("no token can be sampled: every logit is -inf or NaN (check logit_bias)")
+        raise ValueError("no token can be sampled: every logit is -inf (after logit_bias, if one was given)")

@@ -318,3 +318,13 @@ def test_logit_bias_keys_may_be_json_strings():
 def test_logits_must_be_a_non_empty_vector(logits):
     with pytest.raises(ValueError, match="logits"):
         Sampler().sample(logits, [])
+
+
+def test_nan_logits_name_the_model_not_logit_bias():
+    logits = np.zeros(10, dtype=np.float32)
+    logits[3] = np.nan
+    with pytest.raises(ValueError, match="contain NaN"):
+        Sampler(SamplingParams(temperature=0.0)).sample(logits, [])
+    with pytest.raises(ValueError, match="every logit is -inf"):
+        Sampler(SamplingParams(temperature=0.0, logit_bias={i: -np.inf for i in range(10)})).sample(
+            np.zeros(10, dtype=np.float32), [])
