@@ -6,11 +6,12 @@ from .gguf_file import GGUFFile
 from .llama import Llama
 from .models import default_model_path, pull_default_model
 from .session import LlamaRAMCache, LlamaState, SessionError
+from .structured import LlamaGrammar
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Llama", "GGUFFile", "KvsinkError", "GGUFFormatError", "UnsupportedError", "ContextFullError",
     "InvalidArgumentError", "KvsinkIOError", "KvsinkWarning", "CancelledError", "pull_default_model", "default_model_path",
-    "LlamaState", "LlamaRAMCache", "SessionError",
+    "LlamaState", "LlamaRAMCache", "SessionError", "LlamaGrammar",
 ]

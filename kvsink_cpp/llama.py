@@ -814,19 +814,20 @@ class Llama:
                           presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
                           stream: bool = False, seed: Optional[int] = None,
                           logit_bias: Optional[Dict[int, float]] = None, response_format=None,
-                          **unsupported):
+                          grammar=None, **unsupported):
         """Complete a prompt (text or token ids); an OpenAI-style dict, or with
         stream=True an iterator of chunks. max_tokens None or <= 0: until the
         context is full (or, with response_format, the JSON is complete).
         suffix: text after the completion — filled in the middle when the
         model has FIM tokens, else appended to the returned text.
-        logprobs: how many top alternatives to report per generated token."""
+        logprobs: how many top alternatives to report per generated token.
+        grammar: a LlamaGrammar (or GBNF text) the completion must follow."""
         _check_unsupported("create_completion", unsupported)
         if suffix is not None and not isinstance(suffix, str):
             raise TypeError(f"suffix must be a string, got {type(suffix).__name__}")
         n_logprobs = _check_logprobs("logprobs", logprobs)
         tokens, fim = self._completion_prompt(prompt, suffix)
-        constraint = constraint_for(self.tokenizer_, response_format)
+        constraint = constraint_for(self.tokenizer_, response_format, grammar=grammar)
         if constraint is not None and max_tokens == 16:
             max_tokens = None  # llama-cpp-python's default of 16 would cut every JSON reply
         sampling = self._sampling_args(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
@@ -912,7 +913,7 @@ class Llama:
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
                                model: Optional[str] = None, logit_bias: Optional[Dict[int, float]] = None,
                                logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
-                               **unsupported):
+                               grammar=None, **unsupported):
         """Reply to a conversation rendered with the model's chat template; an
         OpenAI-style dict, or with stream=True an iterator of chunks.
         response_format: {"type": "json_object"} or {"type": "json_schema", ...}
@@ -930,7 +931,7 @@ class Llama:
             raise ValueError("top_logprobs needs logprobs=True")
         tokens, stop_ids = self.chat_prompt_tokens(messages, tools, tool_choice)
         stops = normalize_stop(stop) + list(self.chat_formatter().stop_strings)
-        constraint = constraint_for(self.tokenizer_, response_format, end_ids=stop_ids)
+        constraint = constraint_for(self.tokenizer_, response_format, end_ids=stop_ids, grammar=grammar)
         sampling = self._sampling_args(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                        frequency_penalty, presence_penalty, seed, logit_bias)
         self._check_prompt(tokens)

@@ -29,7 +29,7 @@ try:
 except ImportError:  # a dependency, but keep `import kvsink_cpp` working without it
     llguidance = None
 
-__all__ = ["ResponseFormatConstraint", "constraint_for", "constrained_sample",
+__all__ = ["LlamaGrammar", "ResponseFormatConstraint", "constraint_for", "constrained_sample",
            "parse_response_format", "lltokenizer"]
 
 # JSON whitespace a small model may write between tokens: nothing, one space, or a line break
@@ -175,14 +175,18 @@ class ResponseFormatConstraint:
     """One generation's JSON constraint: mask the logits, accept the sampled token, repeat
     until `is_finished`. Not thread-safe; make one per request."""
 
-    def __init__(self, tokenizer: Tokenizer, schema: dict, end_ids: Iterable[int] = ()):
+    def __init__(self, tokenizer: Tokenizer, schema: Optional[dict], end_ids: Iterable[int] = (),
+                 grammar: Optional[str] = None):
+        """From a JSON schema, or (schema None) an llguidance grammar text."""
         llg = _require_llguidance()
         self._lltok = lltokenizer(tokenizer, end_ids)
         self.end_ids = frozenset(self._lltok.eos_tokens)
         self.n_vocab = tokenizer.n_vocab
-        self._matcher = llg.LLMatcher(self._lltok, _grammar(llg, schema), log_level=0)
+        self._matcher = llg.LLMatcher(self._lltok, _grammar(llg, schema) if grammar is None else grammar,
+                                      log_level=0)
         if self._matcher.is_error():
-            raise ValueError(f"unsupported or invalid JSON schema: {self._matcher.get_error()}")
+            what = "JSON schema" if grammar is None else "grammar"
+            raise ValueError(f"unsupported or invalid {what}: {self._matcher.get_error()}")
         self._bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
         self._allowed: Optional[np.ndarray] = None  # the mask for the current position
 
@@ -248,13 +252,50 @@ def _grammar(llg, schema: dict) -> str:
 
 # ---- the two calls a sampling loop makes ---------------------------------------------------
 
-def constraint_for(tokenizer: Tokenizer, response_format,
-                   end_ids: Iterable[int] = ()) -> Optional[ResponseFormatConstraint]:
+class LlamaGrammar:
+    """llama-cpp-python's grammar object for `create_completion(..., grammar=)`:
+    a GBNF grammar (llama.cpp's format; Lark syntax is accepted too) or a JSON
+    schema, compiled by llguidance when a generation starts."""
+
+    def __init__(self, grammar: str):
+        llg = _require_llguidance()
+        from llguidance.gbnf_to_lark import any_to_lark
+        try:
+            self._grammar = llg.LLMatcher.grammar_from_lark(any_to_lark(grammar))
+        except Exception as e:  # llguidance's parse errors have several types
+            raise ValueError(f"invalid grammar: {e}") from None
+
+    @classmethod
+    def from_string(cls, grammar: str, verbose: bool = True) -> "LlamaGrammar":
+        return cls(grammar)
+
+    @classmethod
+    def from_file(cls, file, verbose: bool = True) -> "LlamaGrammar":
+        with open(file, encoding="utf-8") as f:
+            return cls(f.read())
+
+    @classmethod
+    def from_json_schema(cls, json_schema: str, verbose: bool = True) -> "LlamaGrammar":
+        grammar = cls.__new__(cls)
+        grammar._grammar = _grammar(_require_llguidance(), _schema_of(json.loads(json_schema), "json_schema"))
+        return grammar
+
+
+def constraint_for(tokenizer: Tokenizer, response_format, end_ids: Iterable[int] = (),
+                   grammar: Optional[LlamaGrammar] = None) -> Optional[ResponseFormatConstraint]:
     """A fresh constraint for one generation, or None when response_format asks for text.
     end_ids: extra tokens that end the reply (a chat template's stop tokens), allowed
     like EOS only once the JSON is complete. Raises ValueError for a bad response_format
     or a schema llguidance cannot compile."""
     schema = parse_response_format(response_format)
+    if grammar is not None:
+        if schema is not None:
+            raise ValueError("give either grammar or a JSON response_format, not both")
+        if isinstance(grammar, str):
+            grammar = LlamaGrammar(grammar)
+        if not isinstance(grammar, LlamaGrammar):
+            raise TypeError(f"grammar must be a LlamaGrammar or GBNF text, got {type(grammar).__name__}")
+        return ResponseFormatConstraint(tokenizer, None, end_ids, grammar=grammar._grammar)
     if schema is None:
         return None
     return ResponseFormatConstraint(tokenizer, schema, end_ids)

@@ -187,3 +187,20 @@ def test_suffix_fills_in_the_middle_or_is_appended(llm, monkeypatch):
     monkeypatch.setattr(llm.tokenizer_, "fim_ids", lambda: None)
     out = llm.create_completion("Once upon a time", suffix=" THE END", max_tokens=4, temperature=0)
     assert out["choices"][0]["text"].endswith(" THE END")
+
+
+def test_gbnf_grammar_as_in_llama_cpp_python(llm):
+    from kvsink_cpp import LlamaGrammar
+    grammar = LlamaGrammar.from_string('root ::= ("yes" | "no") "."')
+    for _ in range(2):
+        out = llm.create_completion("Is Paris in France? Answer:", grammar=grammar, temperature=0.7, seed=3,
+                                    max_tokens=8)
+        assert out["choices"][0]["text"] in ("yes.", "no.")
+    reply = llm.create_chat_completion([{"role": "user", "content": "Pick a number."}], temperature=0,
+                                       grammar='root ::= [0-9] [0-9]?')
+    assert reply["choices"][0]["message"]["content"].isdigit()
+    schema = LlamaGrammar.from_json_schema(json.dumps(PERSON))
+    data = json.loads(_ask(llm, grammar=schema)["choices"][0]["message"]["content"])
+    assert set(data) == {"name", "age", "city"}
+    with pytest.raises(ValueError, match="grammar"):
+        LlamaGrammar.from_string("root ::= (")
