@@ -40,11 +40,14 @@ def _matrix(rng, qtype: T, n_out: int, n_in: int):
 
 def write_model(path, arch: str, types: dict, *, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
                 n_layer=2, n_vocab=320, tied=False, rope_scale=None, rope_freqs=False,
-                biases=False, seed=0):
-    """Write a random llama-family model; `types` maps a weight role to its type."""
+                biases=False, seed=0, extra=None):
+    """Write a random llama-family model; `types` maps a weight role to its type;
+    `extra(writer)`, when given, adds metadata (or an alignment) before the tensors."""
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_head
     w = gguf.GGUFWriter(str(path), arch)
+    if extra:
+        extra(w)
     w.add_context_length(4096)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)

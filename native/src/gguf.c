@@ -25,6 +25,9 @@
 #include "types.h"
 
 #define GGUF_DEFAULT_ALIGNMENT 32
+/* The GGUF specification's floor: tensor data then starts aligned for every
+ * type's fields (kernels read fp16 scales and f32 values in place). */
+#define GGUF_MIN_ALIGNMENT 8
 #define GGUF_MAX_DIMS 4
 #define GGUF_ALIGNMENT_KEY "general.alignment"
 /* Longest name quoted in an error message (names are untrusted bytes). */
@@ -410,7 +413,7 @@ static kvs_status parse_kvs(cursor *c, kvs_gguf *g, uint64_t n_kv) {
     return index_build(&g->key_index, g, g->n_kv, kv_name, "metadata key");
 }
 
-/* general.alignment: a uint32 power of two, 32 when absent. */
+/* general.alignment: a uint32 power of two, at least 8, 32 when absent. */
 static kvs_status read_alignment(kvs_gguf *g) {
     g->alignment = GGUF_DEFAULT_ALIGNMENT;
     int64_t i = kvs_gguf_find_key(g, GGUF_ALIGNMENT_KEY);
@@ -423,6 +426,11 @@ static kvs_status read_alignment(kvs_gguf *g) {
     uint32_t a = load_u32(g->base + kv->data_off);
     if (a == 0 || (a & (a - 1)) != 0) {
         return kvs_fail(KVS_ERR_FORMAT, GGUF_ALIGNMENT_KEY " %u is not a non-zero power of two", a);
+    }
+    if (a < GGUF_MIN_ALIGNMENT) {
+        return kvs_fail(KVS_ERR_FORMAT,
+                        GGUF_ALIGNMENT_KEY " %u is not a multiple of %d as GGUF requires (tensor data "
+                        "would be misaligned for the weight formats)", a, GGUF_MIN_ALIGNMENT);
     }
     g->alignment = a;
     return KVS_OK;

@@ -158,13 +158,17 @@ static kvs_status check_header(const uint8_t *buf, size_t size) {
         return kvs_fail(KVS_ERR_FORMAT, "not a kvsink_cpp KV state (%s)",
                         size < HEADER_BYTES ? "shorter than its header" : "no KVSC magic");
     }
-    uint32_t version, crc;
+    uint32_t version, crc, reserved;
     uint64_t n_payload;
     memcpy(&version, buf + 4, 4);
     memcpy(&n_payload, buf + 8, 8);
     memcpy(&crc, buf + 16, 4);
+    memcpy(&reserved, buf + 20, 4);
     if (version != STATE_VERSION) {
         return kvs_fail(KVS_ERR_UNSUPPORTED, "KV state version %u; this build reads version %u", version, STATE_VERSION);
+    }
+    if (reserved != 0) {  /* outside the checksum: a damaged header must not pass */
+        return kvs_fail(KVS_ERR_FORMAT, "KV state header is corrupted (reserved word %u)", reserved);
     }
     if (n_payload != size - HEADER_BYTES) {
         return kvs_fail(KVS_ERR_FORMAT, "KV state is %s: its header says %llu payload bytes, there are %zu",
