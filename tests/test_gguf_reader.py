@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf", reason="the `gguf` package (the reference reader) is not installed")
+import gguf  # the reference reader; a dependency of kvsink_cpp itself (pyproject): never a reason to skip
 
 from kvsink_cpp.gguf_file import GGUFFile, read_metadata  # noqa: E402
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import struct
 
+import gguf  # the reference writer and reader; a dependency of kvsink_cpp itself (pyproject)
 import numpy as np
 import pytest
 
@@ -156,7 +157,6 @@ def test_lookups_and_index_checks(tmp_path):
 
 
 def test_gguf_writer_file_reads_back(tmp_path):
-    gguf = pytest.importorskip("gguf")
     path = _writer_file(gguf, tmp_path)
     with GGUFFile(path) as f:
         assert f.metadata["general.architecture"] == "llama"
@@ -180,7 +180,6 @@ def _writer_file(gguf, tmp_path):
 # ---- truncation ------------------------------------------------------------------
 
 def test_truncated_at_every_length_of_a_writer_file(tmp_path):
-    gguf = pytest.importorskip("gguf")
     blob = _writer_file(gguf, tmp_path).read_bytes()
     ref = gguf.GGUFReader(tmp_path / "writer.gguf")
     needed = max(t.data_offset + t.n_bytes for t in ref.tensors)
@@ -269,7 +268,6 @@ def test_bad_versions(tmp_path, version, words):
 
 
 def test_real_big_endian_file(tmp_path):
-    gguf = pytest.importorskip("gguf")
     path = tmp_path / "be.gguf"
     w = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian.BIG)
     w.add_block_count(1)

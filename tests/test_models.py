@@ -56,6 +56,11 @@ def test_cli_info_describes_the_model(smollm2_path):
                          capture_output=True, text=True, check=True).stdout
     assert re.search(r"architecture:\s+llama", out)
     assert "Q4_1 x210" in out and "Q8_0 x1" in out
+    # the counts are the file's, as the gguf package (the reference reader) reads them
+    from collections import Counter
+    from gguf import GGUFReader
+    counts = Counter(t.tensor_type.name for t in GGUFReader(smollm2_path).tensors)
+    assert counts["Q4_1"] == 210 and counts["Q8_0"] == 1
 
 
 def test_cli_reports_a_missing_file(tmp_path):

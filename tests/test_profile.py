@@ -384,6 +384,37 @@ def test_default_model_runs_with_its_shipped_profile(smollm2_path):
 
 @pytest.mark.slow
 @pytest.mark.model
+def test_shipped_smollm2_profile_predicts_the_sinks_numpy_finds(smollm2_path):
+    """The shipped profile is a regression pin: our own calibration wrote it
+    (tests/README.md). Independent check: on text the calibration never saw,
+    the numpy forward pass (tests/numpy_llama.py: gguf's dequantized weights,
+    float64, nothing from kvsink_cpp) gives the hidden states and the
+    attention; the shipped rule must predict the sinks that numpy's attention
+    shows, and its threshold must sit well away from every token's score, so
+    that the runtime's float32 hidden states take the same decisions."""
+    import json
+    from kvsink_cpp.sink_profiles import PROFILE_DIR
+    from numpy_llama import NumpyLlama
+    shipped = json.loads((PROFILE_DIR / "smollm2-135m-instruct-q4_1.json").read_text())
+    p = SinkProfile(layer=shipped["layer"], channels=shipped["channels"], threshold=shipped["threshold"])
+    with Llama(str(smollm2_path), n_ctx=32, verbose=False) as llm:
+        tokens = llm.tokenize(HELD_OUT)
+    trace = {}
+    NumpyLlama(smollm2_path).forward(tokens, trace=trace)
+    hidden, mass = np.array(trace["hidden"]), np.array(trace["attn_mass"])
+    is_sink, labelled, ratio = _label_sinks(mass)
+    target = _targets(is_sink, p.layer) & labelled
+    predicted = p.is_sink(hidden[p.layer])
+    assert predicted[0] and target.sum() >= 4 and predicted[1:].sum() >= 3   # sinks beyond position 0
+    assert (predicted & target).sum() >= 0.9 * target.sum()                   # recall
+    near = (ratio[p.layer + 1:] >= 5).sum(axis=0) >= MIN_SINK_LAYERS
+    assert (predicted & labelled & ~near).sum() == 0 and predicted.sum() <= 0.08 * len(tokens)
+    scores = np.abs(hidden[p.layer][:, p.channels]).max(axis=1) / p.threshold
+    assert np.abs(np.log(scores)).min() > 0.05, "a token's score is too close to the threshold"
+
+
+@pytest.mark.slow
+@pytest.mark.model
 def test_shipped_smollm2_profile_is_what_the_calibration_finds(smollm2_calibration):
     from kvsink_cpp.sink_profiles import PROFILE_DIR
     import json
