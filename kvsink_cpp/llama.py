@@ -45,6 +45,8 @@ def _format_array_item(value) -> str:
 KV_TYPES = {"f32": 0, "f16": 1, "q8": 2, "q4": 3, "q3": 4, "q2": 5}
 # llama-cpp-python passes GGML type ids: F32, F16, Q8_0, Q4_0 map to ours
 _GGML_KV_TYPES = {0: 0, 1: 1, 8: 2, 2: 3}
+# the C core's limit on worker threads (kvs_context_params.n_threads)
+_MAX_THREADS = 1024
 # tokens per C call while a generation evaluates its prompt: how soon Ctrl-C
 # (which Python raises between C calls) takes effect
 _INTERRUPT_STEP = 64
@@ -272,8 +274,8 @@ class Llama:
         if n_batch == 0:
             raise ValueError("n_batch must be positive")
         n_threads = _default_threads() if n_threads is None else n_threads
-        if not isinstance(n_threads, int) or n_threads < 1:
-            raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
+        if not isinstance(n_threads, int) or isinstance(n_threads, bool) or not 1 <= n_threads <= _MAX_THREADS:
+            raise ValueError(f"n_threads must be an int in 1..{_MAX_THREADS}, got {n_threads!r}")
         impls = {"auto": lib.KVS_IMPL_AUTO, "scalar": lib.KVS_IMPL_SCALAR, "avx2": lib.KVS_IMPL_AVX2}
         if impl not in impls:
             raise ValueError(f"impl must be one of {sorted(impls)}, got {impl!r}")

@@ -265,7 +265,7 @@ typedef enum kvs_sink_policy {
 typedef struct kvs_context_params {
     int32_t n_ctx;       /* KV cache capacity in tokens; 0 = the model's training context */
     int32_t n_batch;     /* most tokens per kvs_context_eval call                          */
-    int32_t n_threads;   /* worker threads for matrix products, >= 1                       */
+    int32_t n_threads;   /* worker threads for matrix products, 1..1024                     */
     int32_t impl;        /* kvs_impl: kernels to use                                       */
     int32_t type_k;      /* kvs_kv_type of keys (default KVS_KV_Q8; KVS_KV_F32 is exact)     */
     int32_t type_v;      /* kvs_kv_type of values                                          */
