@@ -79,26 +79,39 @@ def test_same_thread_cannot_interleave_a_stream(model_path):
         llm.eval([1])  # free again once closed
 
 
-def test_cancel_from_another_thread_stops_a_long_prompt(model_path):
-    """cancel() stops a generation inside its prompt; what was evaluated is kept."""
+def test_cancel_from_another_thread_stops_a_long_prompt(model_path, monkeypatch):
+    """cancel() from another thread while a generation evaluates its prompt:
+    the C core sees the request (the second C call starts with it standing)
+    and stops; what was evaluated is kept and generate() ends quietly."""
+    import kvsink_cpp.llama as llama_module
+    real = llama_module.lib
+    calls = []
+
+    class CancellingLib:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def kvs_context_eval(self, *args):
+            calls.append(args[2])
+            if len(calls) == 2:  # cancel from another thread, as an app's stop button would
+                canceller = threading.Thread(target=llm.cancel)
+                canceller.start()
+                canceller.join()
+            return real.kvs_context_eval(*args)
+
     with Llama(model_path, n_ctx=4096, n_batch=512, n_threads=1, verbose=False, sinks="pfn:1",
                type_k="q4", type_v="q4") as llm:
         prompt = np.random.default_rng(0).integers(1, 2048, size=4000).tolist()
-
-        def cancel_once_started():
-            while llm.n_tokens == 0:
-                time.sleep(0.001)
-            llm.cancel()
-
-        canceller = threading.Thread(target=cancel_once_started)
-        canceller.start()
+        monkeypatch.setattr(llama_module, "lib", CancellingLib())
         assert list(llm.generate(prompt, temp=0.0)) == []  # ended inside the prompt
-        canceller.join()
-        kept = llm.n_tokens
-        assert 0 < kept < len(prompt)
-        assert llm.input_ids[:kept].tolist() == prompt[:kept]
-        llm.eval([])  # the cache holds exactly the kept tokens
-        assert llm.n_tokens == kept
+        monkeypatch.setattr(llama_module, "lib", real)
+        assert calls == [64, 64]
+        assert llm.n_tokens == 64  # the C core refused the second step before evaluating any of it
+        assert llm.input_ids[:64].tolist() == prompt[:64]
+        llm.eval([])  # the cache holds exactly the kept tokens, and the request was withdrawn
+        assert llm.n_tokens == 64
+        llm.eval(prompt[64:100])
+        assert llm.n_tokens == 100
 
 
 def test_c_cancel_request_stops_before_the_next_forward_pass(model_path):
@@ -114,30 +127,38 @@ def test_c_cancel_request_stops_before_the_next_forward_pass(model_path):
         assert llm.n_tokens == 103
 
 
-def test_ctrl_c_during_a_long_prompt_keeps_what_was_evaluated(model_path):
-    """SIGINT while a generation evaluates a long prompt: KeyboardInterrupt
-    comes within a step of 64 tokens, not after the whole prompt, and the
-    tokens the cache appended stay (the next turn does not redo them)."""
-    import os
+def test_ctrl_c_during_a_long_prompt_keeps_what_was_evaluated(model_path, monkeypatch):
+    """SIGINT as a C call of a long prompt returns: KeyboardInterrupt comes
+    within a step of 64 tokens, not after the whole prompt, and the tokens the
+    cache appended stay (the next turn does not redo them). The signal is
+    raised from inside the second C call's wrapper, so the interrupt lands
+    between the C core's return and the Python bookkeeping, deterministically."""
     import signal
+    import kvsink_cpp.llama as llama_module
+    real = llama_module.lib
+    calls = []
+
+    class InterruptingLib:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def kvs_context_eval(self, *args):
+            status = real.kvs_context_eval(*args)
+            calls.append(args[2])
+            if len(calls) == 2:
+                signal.raise_signal(signal.SIGINT)
+            return status
+
     with Llama(model_path, n_ctx=4096, n_batch=512, n_threads=1, verbose=False, sinks="pfn:1",
                type_k="q4", type_v="q4") as llm:
         prompt = np.random.default_rng(1).integers(1, 2048, size=4000).tolist()
-
-        def interrupt_once_started():
-            while llm.n_tokens == 0:
-                time.sleep(0.001)
-            os.kill(os.getpid(), signal.SIGINT)
-
-        interrupter = threading.Thread(target=interrupt_once_started)
-        interrupter.start()
+        monkeypatch.setattr(llama_module, "lib", InterruptingLib())
         with pytest.raises(KeyboardInterrupt):
             for _ in llm.generate(prompt, temp=0.0):
                 pass
-            time.sleep(5)  # (not reached unless the prompt finished first)
-        interrupter.join()
-        kept = llm.n_tokens
-        assert 0 < kept < len(prompt)
-        assert llm.input_ids[:kept].tolist() == prompt[:kept]
+        monkeypatch.setattr(llama_module, "lib", real)
+        assert calls == [64, 64]  # the prompt went in steps of 64 and stopped after the second
+        assert llm.n_tokens == 128
+        assert llm.input_ids[:128].tolist() == prompt[:128]
         llm.eval([])
-        assert llm.n_tokens == kept  # the C cache holds the same tokens
+        assert llm.n_tokens == 128  # the C cache holds the same tokens
