@@ -225,15 +225,22 @@ def _token_text(metadata: Mapping, id_key: str) -> str:
     return tokens[token_id]
 
 
+# The built-in format of architectures whose GGUFs may come without a template
+# (Gemma 3 270M's does); other architectures fall back to chatml.
+ARCH_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+
+
 def from_metadata(metadata: Mapping, name: str | None = None) -> ChatFormatter:
-    """The GGUF's own chat template, or with `name` that named template (GGUF's or built-in); else chatml."""
+    """The GGUF's own chat template, or with `name` that named template (GGUF's or
+    built-in); else the architecture's built-in one (ARCH_TEMPLATES), else chatml."""
     bos = _token_text(metadata, "tokenizer.ggml.bos_token_id")
     eos = _token_text(metadata, "tokenizer.ggml.eos_token_id")
     if name is None:
         template = metadata.get("tokenizer.chat_template")
         if template:
             return ChatFormatter(template, bos_token=bos, eos_token=eos)
-        return builtin("chatml", bos_token=bos, eos_token=eos)
+        fallback = ARCH_TEMPLATES.get(metadata.get("general.architecture"), "chatml")
+        return builtin(fallback, bos_token=bos, eos_token=eos)
     # GGUF may carry extra named templates, e.g. tokenizer.chat_template.tool_use.
     named = metadata.get(f"tokenizer.chat_template.{name}")
     if named:

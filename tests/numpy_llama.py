@@ -2,6 +2,15 @@
 
 Weights come from the `gguf` package (GGUFReader + gguf.quants.dequantize),
 activations are float64, the KV cache is exact. Nothing here uses kvsink_cpp.
+
+Gemma 3 as llama.cpp runs it (src/models/gemma3.cpp, llama-model.cpp): token
+embeddings times sqrt(n_embd); per-head RMSNorm of q and k before RoPE
+(NeoX pairs); queries scaled by 1/sqrt(head_dim) (n_embd/n_head for the 62-layer
+27B); a norm on each block's output before its residual; GeGLU with GELU's
+tanh form; of every 6 layers the first 5 attend to a sliding window (key p is
+masked for query m when m - p >= n_swa) and rotate with base 10000, the 6th is
+global with rope.freq_base; tied output, an optional final soft-cap. Norm
+weights are used as stored (the converter already added Gemma's +1).
 """
 from __future__ import annotations
 
@@ -31,23 +40,43 @@ class NumpyLlama:
         scaling = _field(reader, f"{a}.rope.scaling.type", "none")
         factor = _field(reader, f"{a}.rope.scaling.factor", 1.0)
         self.freq_scale = 1.0 / factor if scaling == "linear" else 1.0
-        self.neox = self.arch == "qwen2"
+        self.neox = self.arch in ("qwen2", "gemma3")
+        gemma3 = self.arch == "gemma3"
+        self.n_swa = _field(reader, f"{a}.attention.sliding_window", 0) if gemma3 else 0
+        self.swa_period = _field(reader, f"{a}.attention.sliding_window_pattern", 6)
+        self.freq_base_swa = _field(reader, f"{a}.rope.freq_base_swa", 10000.0)
+        self.softcap = _field(reader, f"{a}.final_logit_softcapping", 0.0) if gemma3 else 0.0
+        self.embd_scale = float(np.sqrt(self.n_embd)) if gemma3 else 1.0
+        qpas = self.n_embd // self.n_head if gemma3 and self.n_layer == 62 else self.head_dim
+        self.attn_scale = 1.0 / np.sqrt(qpas)
+        self.gelu = gemma3
         self.w = {}
         for t in reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape))  # numpy order: outer first
             self.w[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         self.output = self.w.get("output.weight", self.w["token_embd.weight"])
 
+    def is_swa(self, il):
+        """Whether layer il attends to a sliding window (the last of each period is global)."""
+        if self.n_swa <= 0:
+            return False
+        if isinstance(self.swa_period, (list, tuple)):  # one bool per layer
+            return bool(self.swa_period[il])
+        return self.swa_period == 0 or il % self.swa_period < self.swa_period - 1
+
     def _rmsnorm(self, x, weight):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * weight
 
-    def _rope(self, x, positions):
-        """x: (n_tokens, n_heads, head_dim); rotates the first n_rot dims."""
+    def _rope(self, x, positions, il=None):
+        """x: (n_tokens, n_heads, head_dim); rotates the first n_rot dims, with
+        layer il's base (local layers have their own, unscaled, no factors)."""
         half = self.n_rot // 2
-        freqs = self.freq_base ** (-2.0 * np.arange(half) / self.n_rot)
-        if "rope_freqs.weight" in self.w:
+        local = il is not None and self.is_swa(il)
+        base, scale = (self.freq_base_swa, 1.0) if local else (self.freq_base, self.freq_scale)
+        freqs = base ** (-2.0 * np.arange(half) / self.n_rot)
+        if "rope_freqs.weight" in self.w and not local:
             freqs = freqs / self.w["rope_freqs.weight"].astype(np.float64)
-        theta = np.outer(positions * self.freq_scale, freqs)[:, None, :]  # (n, 1, half)
+        theta = np.outer(positions * scale, freqs)[:, None, :]  # (n, 1, half)
         cos, sin = np.cos(theta), np.sin(theta)
         x = x.copy()
         if self.neox:
@@ -64,24 +93,55 @@ class NumpyLlama:
         return y + self.w[bias] if bias in self.w else y
 
     def _qkv(self, x, p):
-        """Pre-RoPE q, k, v of layer prefix p: (n, heads, head_dim)."""
+        """Pre-RoPE q, k, v of layer prefix p: (n, heads, head_dim); q and k
+        through their per-head norms when the model has them."""
         n = len(x)
         h = self._rmsnorm(x, self.w[p + "attn_norm.weight"])
         q = self._linear(h, p + "attn_q.weight").reshape(n, self.n_head, self.head_dim)
         k = self._linear(h, p + "attn_k.weight").reshape(n, self.n_head_kv, self.head_dim)
         v = self._linear(h, p + "attn_v.weight").reshape(n, self.n_head_kv, self.head_dim)
+        if p + "attn_q_norm.weight" in self.w:
+            q = self._rmsnorm(q, self.w[p + "attn_q_norm.weight"])
+            k = self._rmsnorm(k, self.w[p + "attn_k_norm.weight"])
         return q, k, v
+
+    def _post(self, y, name):
+        """A block's output through its post-norm (gemma3), if the model has one."""
+        return self._rmsnorm(y, self.w[name]) if name in self.w else y
+
+    def _mask(self, q_pos, k_pos, il):
+        """Additive mask (queries x keys): causal, plus a local layer's window."""
+        q_pos, k_pos = np.asarray(q_pos)[:, None], np.asarray(k_pos)[None, :]
+        hidden = k_pos > q_pos
+        if self.is_swa(il):
+            hidden = hidden | (q_pos - k_pos >= self.n_swa)
+        return np.where(hidden, -np.inf, 0.0)
 
     def _ffn(self, x, p):
         h = self._rmsnorm(x, self.w[p + "ffn_norm.weight"])
         gate = self._linear(h, p + "ffn_gate.weight")
         up = self._linear(h, p + "ffn_up.weight")
-        with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0, as it should
-            silu = gate / (1.0 + np.exp(-gate))
-        return self._linear(silu * up, p + "ffn_down.weight")
+        if self.gelu:  # GELU's tanh form (gelu_pytorch_tanh)
+            act = 0.5 * gate * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (gate + 0.044715 * gate ** 3)))
+        else:
+            with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0, as it should
+                act = gate / (1.0 + np.exp(-gate))
+        return self._post(self._linear(act * up, p + "ffn_down.weight"), p + "post_ffw_norm.weight")
 
-    def forward(self, tokens, kv_dtype=None, trace=None):
-        """Logits (n_tokens, n_vocab) for a sequence starting at position 0.
+    def _embed(self, tokens):
+        return self.w["token_embd.weight"][tokens].astype(np.float64) * self.embd_scale
+
+    def _logits(self, x):
+        h = self._rmsnorm(x, self.w["output_norm.weight"])
+        # by slices of the vocabulary: a float64 copy of a 262k-row output matrix would take GBs
+        logits = np.concatenate([h @ self.output[i:i + 16384].astype(np.float64).T
+                                 for i in range(0, len(self.output), 16384)], axis=1)
+        return self.softcap * np.tanh(logits / self.softcap) if self.softcap > 0 else logits
+
+    def forward(self, tokens, kv_dtype=None, trace=None, n_logits=None):
+        """Logits (n_tokens, n_vocab) for a sequence starting at position 0;
+        with n_logits, those of the last n_logits tokens only (a 262k vocabulary
+        makes all of a long sequence's logits GBs).
 
         kv_dtype=np.float16 rounds the cached K (before RoPE) and V as an f16 cache does.
         trace (a dict) receives "hidden" (n_layer, n, n_embd), the residual stream
@@ -91,28 +151,26 @@ class NumpyLlama:
         tokens = np.asarray(tokens)
         n = len(tokens)
         pos = np.arange(n, dtype=np.float64)
-        x = self.w["token_embd.weight"][tokens].astype(np.float64)
-        mask = np.triu(np.full((n, n), -np.inf), k=1)
+        x = self._embed(tokens)
         group = self.n_head // self.n_head_kv
         for il in range(self.n_layer):
             p = f"blk.{il}."
             q, k, v = self._qkv(x, p)
             if kv_dtype is not None:  # the cache keeps keys before RoPE
                 k, v = k.astype(kv_dtype).astype(np.float64), v.astype(kv_dtype).astype(np.float64)
-            q, k = self._rope(q, pos), self._rope(k, pos)
+            q, k = self._rope(q, pos, il), self._rope(k, pos, il)
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-            scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(self.head_dim) + mask
+            scores = np.einsum("qhd,khd->hqk", q, k) * self.attn_scale + self._mask(pos, pos, il)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             scores /= scores.sum(axis=-1, keepdims=True)
             att = np.einsum("hqk,khd->qhd", scores, v).reshape(n, -1)
             if trace is not None:
                 trace.setdefault("attn_mass", []).append(scores.sum(axis=(0, 1)))
-            x = x + self._linear(att, p + "attn_output.weight")
+            x = x + self._post(self._linear(att, p + "attn_output.weight"), p + "post_attention_norm.weight")
             x = x + self._ffn(x, p)
             if trace is not None:
                 trace.setdefault("hidden", []).append(x.copy())
-        x = self._rmsnorm(x, self.w["output_norm.weight"])
-        return x @ self.output.astype(np.float64).T
+        return self._logits(x if n_logits is None else x[len(x) - n_logits:])
 
     def forward_cached(self, tokens, sim, ubatch):
         """Logits of tokens evaluated ubatch at a time against a cache whose
@@ -127,25 +185,27 @@ class NumpyLlama:
             ids = tokens[u0:u0 + ubatch]
             m = len(ids)
             pos = np.arange(u0, u0 + m, dtype=np.float64)
-            x = self.w["token_embd.weight"][ids].astype(np.float64)
+            x = self._embed(ids)
             for il in range(self.n_layer):
                 p = f"blk.{il}."
                 q, k, v = self._qkv(x, p)
                 keys[il] = np.concatenate([keys[il], k])
                 values[il] = np.concatenate([values[il], v])
+                if getattr(sim, "rope", None) is not None:  # rotated key blocks: RoPE of this layer
+                    sim.rope = lambda x_, pos_, il=il: self._rope(x_, pos_, il)
                 k_all, v_all = sim.effective(keys[il], values[il])
-                q = self._rope(q, pos)
-                k_all = self._rope(k_all, np.arange(u0 + m, dtype=np.float64))
+                q = self._rope(q, pos, il)
+                k_pos = np.arange(u0 + m, dtype=np.float64)
+                k_all = self._rope(k_all, k_pos, il)
                 k_all, v_all = np.repeat(k_all, group, axis=1), np.repeat(v_all, group, axis=1)
-                scores = np.einsum("qhd,khd->hqk", q, k_all) / np.sqrt(self.head_dim)
-                scores = scores + np.where(np.arange(u0 + m)[None, :] > pos[:, None], -np.inf, 0.0)
+                scores = np.einsum("qhd,khd->hqk", q, k_all) * self.attn_scale + self._mask(pos, k_pos, il)
                 scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
                 scores /= scores.sum(axis=-1, keepdims=True)
                 att = np.einsum("hqk,khd->qhd", scores, v_all).reshape(m, -1)
-                x = x + self._linear(att, p + "attn_output.weight")
+                x = x + self._post(self._linear(att, p + "attn_output.weight"), p + "post_attention_norm.weight")
                 x = x + self._ffn(x, p)
                 if hasattr(sim, "observe"):
                     sim.observe(il, u0, x)
-            logits.append(self._rmsnorm(x, self.w["output_norm.weight"]) @ self.output.astype(np.float64).T)
+            logits.append(self._logits(x))
             sim.commit(u0 + m)
         return np.concatenate(logits)

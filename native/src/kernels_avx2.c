@@ -388,3 +388,23 @@ void kvs_swiglu_avx2(float *gate, const float *up, int64_t n) {
     }
     for (; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
+
+/* gate = gelu_tanh(gate) * up. 0.5 * (1 + tanh(u)) is sigmoid(2u), so this is
+ * the SwiGLU kernel's overflow-free sigmoid at 2u = 2 sqrt(2/pi) (g + 0.044715 g^3). */
+void kvs_geglu_avx2(float *gate, const float *up, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 k = _mm256_set1_ps(2.0f * 0.7978845608f), a = _mm256_set1_ps(0.044715f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 u2 = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(a, g), _mm256_mul_ps(g, g), g));
+        const __m256 e = exp_nonpositive(_mm256_or_ps(u2, sign)); /* exp(-|2u|) */
+        const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), u2); /* u's sign bit picks e/(1+e) */
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) {
+        const float g = gate[i];
+        gate[i] = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))) * up[i];
+    }
+}

@@ -15,6 +15,7 @@ void kvs_unpack_k4_scales(const uint8_t packed[12], uint8_t sc[8], uint8_t mn[8]
 #if defined(KVS_HAVE_AVX2_BUILD)
 float kvs_dot_f32_avx2(int64_t n, const float *a, const float *b);
 void kvs_swiglu_avx2(float *gate, const float *up, int64_t n);
+void kvs_geglu_avx2(float *gate, const float *up, int64_t n);
 void kvs_dot_f32_4x2_avx2(int64_t n, const float *w, const float *x, float *out);
 
 float kvs_vec_dot_f32_avx2(int64_t n, const void *row, const float *x);

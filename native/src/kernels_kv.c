@@ -52,6 +52,11 @@ static void dequant_groups_scalar(int bits, int32_t n_ch, int32_t n, const uint8
 static float exp_shifted_scalar(int32_t n, float *x, float *max_out) {
     float max_x = -INFINITY, sum = 0.0f;
     for (int32_t i = 0; i < n; i++) max_x = x[i] > max_x ? x[i] : max_x;
+    *max_out = max_x;
+    if (max_x == -INFINITY) { /* nothing visible (all masked): all weights 0, as the AVX2 twin */
+        for (int32_t i = 0; i < n; i++) x[i] = 0.0f;
+        return 0.0f;
+    }
     for (int32_t i = 0; i < n; i++) {
         x[i] = expf(x[i] - max_x);
         sum += x[i];

@@ -47,9 +47,15 @@ static int64_t block_bytes(const kvs_kv_cache *c, int32_t type, int bits, int is
     return (int64_t)c->B * (c->hd / c->G) * kvs_kv_group_bytes(bits, c->G);
 }
 
-static double theta_of(const kvs_hparams *hp, const float *rope_freqs, int32_t i) {
-    double f = pow((double)hp->rope_freq_base, -2.0 * i / hp->n_rot) * hp->rope_freq_scale;
-    return rope_freqs ? f / rope_freqs[i] : f;
+/* The frequencies of one kind of layer. */
+typedef struct rope_freqs {
+    double base, scale;
+    const float *factors; /* Llama 3.1 frequency factors, or NULL */
+} rope_freqs;
+
+static double theta_of(const kvs_kv_cache *c, const rope_freqs *f, int32_t i) {
+    double theta = pow(f->base, -2.0 * i / c->n_rot) * f->scale;
+    return f->factors ? theta / f->factors[i] : theta;
 }
 
 /* Pair of dimension d (< n_rot): its partner and whether d is the first of the pair. */
@@ -66,22 +72,13 @@ static void rope_pair(const kvs_kv_cache *c, int32_t d, int32_t *i, int32_t *par
     }
 }
 
-static void fill_rope_tables(kvs_kv_cache *c, const kvs_hparams *hp, const float *rope_freqs) {
+static void fill_rope_table(const kvs_kv_cache *c, const rope_freqs *f, kv_rope *r) {
     const int32_t half = c->n_rot / 2;
-    for (int32_t dist = 0; dist < c->P; dist++) {
+    for (int32_t dist = 0; dist < r->n_rel; dist++) {
         for (int32_t i = 0; i < half; i++) {
-            const double a = dist * theta_of(hp, rope_freqs, i);
-            c->rel_cos[(int64_t)dist * half + i] = (float)cos(a);
-            c->rel_sin[(int64_t)dist * half + i] = (float)sin(a);
-        }
-    }
-    for (int32_t d = 0, k = 0; d < c->n_rot; d++) {
-        int32_t i, partner;
-        int first;
-        rope_pair(c, d, &i, &partner, &first);
-        if (first) {
-            c->pair_a[k] = d;
-            c->pair_b[k++] = partner;
+            const double a = dist * theta_of(c, f, i);
+            r->rel_cos[(int64_t)dist * half + i] = (float)cos(a);
+            r->rel_sin[(int64_t)dist * half + i] = (float)sin(a);
         }
     }
     for (int32_t d = 0; d < c->hd; d++) {
@@ -91,13 +88,70 @@ static void fill_rope_tables(kvs_kv_cache *c, const kvs_hparams *hp, const float
                 int32_t i, partner;
                 int first;
                 rope_pair(c, d, &i, &partner, &first);
-                cs = (float)cos(t * theta_of(hp, rope_freqs, i));
-                sn = (float)sin(t * theta_of(hp, rope_freqs, i));
+                cs = (float)cos(t * theta_of(c, f, i));
+                sn = (float)sin(t * theta_of(c, f, i));
             }
-            c->blk_cos[d * c->B + t] = cs;
-            c->blk_sin[d * c->B + t] = sn;
+            r->blk_cos[d * c->B + t] = cs;
+            r->blk_sin[d * c->B + t] = sn;
         }
     }
+}
+
+/* Global layers rotate with the model's base, scaling and factors; local
+ * ones with their own base (gemma3: 10000, unscaled, no factors). */
+static void fill_rope_tables(kvs_kv_cache *c, const kvs_hparams *hp, const float *factors) {
+    for (int32_t d = 0, k = 0; d < c->n_rot; d++) {
+        int32_t i, partner;
+        int first;
+        rope_pair(c, d, &i, &partner, &first);
+        if (first) {
+            c->pair_a[k] = d;
+            c->pair_b[k++] = partner;
+        }
+    }
+    const rope_freqs global = {hp->rope_freq_base, hp->rope_freq_scale, factors};
+    const rope_freqs local = {hp->rope_freq_base_swa, hp->rope_freq_scale_swa, NULL};
+    fill_rope_table(c, &global, &c->rope[0]);
+    if (c->rope[1].rel_cos) fill_rope_table(c, &local, &c->rope[1]);
+}
+
+/* A local layer's query sees keys at most n_swa - 1 positions back, but is
+ * rotated to the start of a segment it partly sees: up to B - 1 further. */
+static int32_t local_distances(const kvs_kv_cache *c, const kvs_hparams *hp) {
+    return (int64_t)hp->n_swa + c->B < c->P ? hp->n_swa + c->B : c->P;
+}
+
+static kvs_status alloc_rope(kvs_kv_cache *c, kv_rope *r, int32_t n_rel) {
+    const size_t half = (size_t)(c->n_rot / 2), blk = (size_t)c->hd * c->B * 4;
+    r->n_rel = n_rel;
+    r->rel_cos = calloc(1, (size_t)n_rel * half * 4 + 4);
+    r->rel_sin = calloc(1, (size_t)n_rel * half * 4 + 4);
+    r->blk_cos = calloc(1, blk);
+    r->blk_sin = calloc(1, blk);
+    if (r->rel_cos && r->rel_sin && r->blk_cos && r->blk_sin) return KVS_OK;
+    return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of RoPE tables for the KV cache",
+                    (double)(2 * ((size_t)n_rel * half * 4 + blk)) / (1 << 20));
+}
+
+static void free_rope(kv_rope *r) {
+    free(r->rel_cos);
+    free(r->rel_sin);
+    free(r->blk_cos);
+    free(r->blk_sin);
+}
+
+/* Which layers are local, and the RoPE tables of each kind present. */
+static kvs_status alloc_layer_kinds(kvs_kv_cache *c, const kvs_hparams *hp) {
+    c->window = calloc((size_t)c->n_layer, sizeof *c->window);
+    if (!c->window) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache's layer table");
+    int any_local = 0;
+    for (int32_t il = 0; il < c->n_layer; il++) {
+        c->window[il] = kvs_layer_is_swa(hp, il) ? hp->n_swa : 0;
+        any_local |= c->window[il] > 0;
+    }
+    kvs_status st = alloc_rope(c, &c->rope[0], c->P);
+    if (st == KVS_OK && any_local) st = alloc_rope(c, &c->rope[1], local_distances(c, hp));
+    return st;
 }
 
 static kvs_status alloc_all(kvs_kv_cache *c) {
@@ -110,8 +164,6 @@ static kvs_status alloc_all(kvs_kv_cache *c) {
         {(void **)&c->sink_score, (size_t)c->S * 4 + 4}, {(void **)&c->commit_tile, (size_t)c->B * c->hd * 4},
         {(void **)&c->blocks, (size_t)c->NB * lh * (size_t)(c->k_bytes + c->v_bytes)},
         {(void **)&c->block_start, (size_t)c->NB * 4}, {(void **)&c->block_mask, (size_t)c->NB * 8},
-        {(void **)&c->rel_cos, (size_t)c->P * half * 4 + 4}, {(void **)&c->rel_sin, (size_t)c->P * half * 4 + 4},
-        {(void **)&c->blk_cos, (size_t)c->hd * c->B * 4}, {(void **)&c->blk_sin, (size_t)c->hd * c->B * 4},
         {(void **)&c->pair_a, half * 4 + 4}, {(void **)&c->pair_b, half * 4 + 4},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
@@ -155,7 +207,7 @@ kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, i
     c->row_elem = (params->type_k == KVS_KV_F32 || params->type_v == KVS_KV_F32) ? 4 : 2;
     c->k_bytes = block_bytes(c, params->type_k, c->kbits, 1);
     c->v_bytes = block_bytes(c, params->type_v, c->vbits, 0);
-    if ((st = alloc_all(c)) != KVS_OK) {
+    if ((st = alloc_all(c)) != KVS_OK || (st = alloc_layer_kinds(c, hp)) != KVS_OK) {
         kvs_kv_cache_free(c);
         return st;
     }
@@ -168,9 +220,10 @@ void kvs_kv_cache_free(kvs_kv_cache *c) {
     if (!c) return;
     void *bufs[] = {c->win_k, c->win_v, c->win_score, c->sink_k, c->sink_v, c->sink_pos, c->sink_score,
                     c->commit_tile, c->blocks,
-                    c->block_start, c->block_mask, c->rel_cos, c->rel_sin, c->blk_cos, c->blk_sin,
-                    c->pair_a, c->pair_b};
+                    c->block_start, c->block_mask, c->window, c->pair_a, c->pair_b};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free_rope(&c->rope[0]);
+    free_rope(&c->rope[1]);
     free(c);
 }
 
@@ -288,10 +341,10 @@ static void window_tile(const kvs_kv_cache *c, const uint8_t *base, int32_t o0, 
 
 /* A key row as rotated blocks store it: RoPE by its offset t in the block,
  * then the Hadamard rotation (attention rotates the query to match). */
-static void rotate_key_row(const kvs_kv_cache *c, float *row, int32_t t) {
+static void rotate_key_row(const kvs_kv_cache *c, const kv_rope *r, float *row, int32_t t) {
     for (int32_t k = 0; k < c->n_rot / 2; k++) {
         const int32_t a = c->pair_a[k], b = c->pair_b[k];
-        const float cs = c->blk_cos[a * c->B + t], sn = c->blk_sin[a * c->B + t], x = row[a], y = row[b];
+        const float cs = r->blk_cos[a * c->B + t], sn = r->blk_sin[a * c->B + t], x = row[a], y = row[b];
         row[a] = x * cs - y * sn;
         row[b] = x * sn + y * cs;
     }
@@ -299,10 +352,10 @@ static void rotate_key_row(const kvs_kv_cache *c, float *row, int32_t t) {
 }
 
 /* Rows of one (layer, head) tile brought into the space their block is quantized in. */
-static void rotate_tile(const kvs_kv_cache *c, float *tile, int is_key) {
+static void rotate_tile(const kvs_kv_cache *c, int32_t il, float *tile, int is_key) {
     if (is_key ? !c->rot_k : !c->rot_v) return;
     for (int32_t t = 0; t < c->B; t++) {
-        if (is_key) rotate_key_row(c, tile + (int64_t)t * c->hd, t);
+        if (is_key) rotate_key_row(c, kv_layer_rope(c, il), tile + (int64_t)t * c->hd, t);
         else kvs_fwht(c->hd, tile + (int64_t)t * c->hd);
     }
 }
@@ -354,7 +407,7 @@ static void requantize_with_sink(kvs_kv_cache *c, int32_t r, int32_t slot) {
                 for (int32_t i = 0; i < B; i++) tile[(int64_t)i * hd + d] = column[i];
             }
             get_row(c, c->sink_k, row_index(c, r, il, h), tile + (int64_t)t * hd, KVS_IMPL_SCALAR);
-            if (c->rot_k) rotate_key_row(c, tile + (int64_t)t * hd, t);
+            if (c->rot_k) rotate_key_row(c, kv_layer_rope(c, il), tile + (int64_t)t * hd, t);
             encode_block(c, tile, skip, c->p.type_k, c->kbits, 1, data);
         }
     }
@@ -416,10 +469,10 @@ static void commit_block(kvs_kv_cache *c) {
         for (int32_t h = 0; h < c->n_kv; h++) {
             uint8_t *dst = block_data(c, slot, il, h);
             window_tile(c, c->win_k, o0, il, h, tile);
-            rotate_tile(c, tile, 1);
+            rotate_tile(c, il, tile, 1);
             encode_block(c, tile, skip, c->p.type_k, c->kbits, 1, dst);
             window_tile(c, c->win_v, o0, il, h, tile);
-            rotate_tile(c, tile, 0);
+            rotate_tile(c, il, tile, 0);
             encode_block(c, tile, skip, c->p.type_v, c->vbits, 0, dst + c->k_bytes);
         }
     }
@@ -503,10 +556,10 @@ int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *c, int32_t max_queries) 
 /* q rotated to a segment whose first key is `dist` positions before the
  * query, times the softmax scale; for a block of Hadamard-rotated keys, also
  * rotated by H, as its keys are (H is orthogonal: the dot is unchanged). */
-static void rotate_query(const kvs_kv_cache *c, const kvs_attention_kernels *kk, const segment *sg, const float *q,
-                         int32_t dist, float scale, float *qb) {
+static void rotate_query(const kvs_kv_cache *c, const kvs_attention_kernels *kk, const kv_rope *r, const segment *sg,
+                         const float *q, int32_t dist, float scale, float *qb) {
     const int64_t at = (int64_t)dist * (c->n_rot / 2);
-    kk->rotate_query(c->n_rot, c->hd, c->neox, c->rel_cos + at, c->rel_sin + at, q, scale, qb);
+    kk->rotate_query(c->n_rot, c->hd, c->neox, r->rel_cos + at, r->rel_sin + at, q, scale, qb);
     if (sg->kind == 1 && c->rot_k) kk->fwht(c->hd, qb);
 }
 
@@ -580,6 +633,28 @@ static int32_t visible(const segment *sg, int32_t m_orig) {
     return n < 0 ? 0 : n < sg->n ? n : sg->n;
 }
 
+/* First cache position a query at position m_orig sees in layer il: the
+ * start of a local layer's sliding window (llama.cpp masks key p for query m
+ * when m - p >= n_swa), 0 in a global layer. Distances are cache positions,
+ * as RoPE's are. */
+static int32_t window_start(const kvs_kv_cache *c, int32_t il, int32_t m_orig) {
+    const int32_t w = c->window[il], m = m_orig - c->n_evicted;
+    return w > 0 && m >= w ? m - w + 1 : 0;
+}
+
+/* visible(), or 0 when every key it counts lies before the layer's window;
+ * keys before the window inside a segment partly in it are masked by the
+ * caller (their scores set to -inf). */
+static int32_t visible_in_layer(const kvs_kv_cache *c, int32_t il, const segment *sg, int32_t m_orig) {
+    const int32_t n = visible(sg, m_orig);
+    return sg->c0 + n > window_start(c, il, m_orig) ? n : 0;
+}
+
+/* Whether no query of the job (its first sees the earliest window) sees the segment. */
+static int before_windows(const kvs_kv_cache *c, const kvs_attend_job *job, const segment *sg) {
+    return sg->c0 + sg->n <= window_start(c, job->il, c->n_past + job->t0);
+}
+
 static void softmax_in_place(const kvs_attention_kernels *kk, float *p, int32_t n) {
     float max_score;
     const float inv_sum = 1.0f / kk->exp_shifted(n, p, &max_score);
@@ -605,6 +680,7 @@ static attend_scratch split_scratch(const kvs_kv_cache *c, const kvs_attend_job 
 static void load_rotated_keys(const kvs_kv_cache *c, int32_t il, int32_t h, const segment *sg, attend_scratch *s,
                               const kvs_attention_kernels *kk, int32_t impl) {
     const int32_t half = c->n_rot / 2;
+    const kv_rope *r = kv_layer_rope(c, il);
     if (sg->kind == 1 && c->rot_k) { /* stored rotated: rotate_query brings the query to them */
         if (c->p.key_per_token) load_keys(c, il, h, sg, s, impl);
         else kk->dequant_groups(c->kbits, c->hd, c->B, block_data(c, sg->index, il, h), kvs_kv_group_bytes(c->kbits, c->B),
@@ -614,33 +690,36 @@ static void load_rotated_keys(const kvs_kv_cache *c, int32_t il, int32_t h, cons
     if (sg->kind == 1 && c->kbits > 0 && !c->p.key_per_token) {
         const uint8_t *data = block_data(c, sg->index, il, h);
         const int64_t gb = kvs_kv_group_bytes(c->kbits, c->B);
-        kk->key_tile(c->kbits, c->B, data, gb, half, c->pair_a, c->pair_b, c->blk_cos, c->blk_sin, c->B, s->kt);
+        kk->key_tile(c->kbits, c->B, data, gb, half, c->pair_a, c->pair_b, r->blk_cos, r->blk_sin, c->B, s->kt);
         kk->dequant_groups(c->kbits, c->hd - c->n_rot, c->B, data + c->n_rot * gb, gb, s->kt + (int64_t)c->n_rot * c->B, c->B);
         return;
     }
     load_keys(c, il, h, sg, s, impl);
     for (int32_t k = 0; k < half; k++) {
         const int64_t a = (int64_t)c->pair_a[k] * c->B, b = (int64_t)c->pair_b[k] * c->B;
-        kk->rotate_pair(sg->n, s->kt + a, s->kt + b, c->blk_cos + a, c->blk_sin + a);
+        kk->rotate_pair(sg->n, s->kt + a, s->kt + b, r->blk_cos + a, r->blk_sin + a);
     }
 }
 
 /* Scaled scores of the job's queries against segments k0..k1-1, written at
  * their cache positions in s->scores (a sink's position is written by its
- * sink segment, masked out of its block). */
+ * sink segment, masked out of its block). Positions before a local layer's
+ * window may be left unwritten: the caller masks them. */
 static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, attend_scratch *s, int32_t k0,
                            int32_t k1, int32_t impl) {
     const int32_t last = c->n_past + job->t1 - 1, hd = c->hd;
     const kvs_attention_kernels *kk = kvs_attention_kernels_find(impl);
+    const kv_rope *r = kv_layer_rope(c, job->il);
     segment sg;
     for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
+        if (before_windows(c, job, &sg)) continue;
         load_rotated_keys(c, job->il, job->kv_head, &sg, s, kk, impl);
         for (int32_t t = job->t0; t < job->t1; t++) {
-            const int32_t m_orig = c->n_past + t, n = visible(&sg, m_orig);
+            const int32_t m_orig = c->n_past + t, n = visible_in_layer(c, job->il, &sg, m_orig);
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
                 const float *q = job->q + t * job->q_stride + (int64_t)(job->h0 + j) * hd;
                 float *scores = s->scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
-                rotate_query(c, kk, &sg, q, m_orig - c->n_evicted - sg.c0, job->scale, s->qb);
+                rotate_query(c, kk, r, &sg, q, m_orig - c->n_evicted - sg.c0, job->scale, s->qb);
                 if (!sg.mask) { /* the usual case: no sink in the segment */
                     kk->dot_tile(n, hd, c->B, s->kt, s->qb, scores + sg.c0);
                     continue;
@@ -662,25 +741,29 @@ int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *c, int32_t n_tokens) {
 
 /* Scores of the one-token job's heads against segments k0..k1-1, packed: head
  * j's scores start at s->scores + j*P, segment after segment (masked sink
- * positions of a block get -inf, their sink segment holds the score).
- * Returns the number of keys. */
+ * positions of a block get -inf, their sink segment holds the score; so do
+ * keys before a local layer's window). Returns the number of keys. */
 static int32_t score_part(const kvs_kv_cache *c, const kvs_attend_job *job, attend_scratch *s, int32_t k0,
                           int32_t k1, const kvs_attention_kernels *kk, int32_t impl) {
     const int32_t m = c->n_past + job->t0, hd = c->hd;
+    const int32_t hidden = window_start(c, job->il, m); /* cache positions before it are masked */
+    const kv_rope *r = kv_layer_rope(c, job->il);
     int32_t off = 0;
     segment sg;
     for (int32_t k = k0; k < k1 && get_segment(c, k, m, &sg); k++) {
-        const int32_t n = visible(&sg, m);
+        const int32_t n = visible_in_layer(c, job->il, &sg, m);
+        if (n == 0) continue;
         load_rotated_keys(c, job->il, job->kv_head, &sg, s, kk, impl);
         for (int32_t j = 0; j < job->n_heads; j++) {
             float *scores = s->scores + (int64_t)j * c->P + off;
-            rotate_query(c, kk, &sg, job->q + job->t0 * job->q_stride + (int64_t)(job->h0 + j) * hd,
+            rotate_query(c, kk, r, &sg, job->q + job->t0 * job->q_stride + (int64_t)(job->h0 + j) * hd,
                          m - c->n_evicted - sg.c0, job->scale, s->qb);
             kk->dot_tile(n, hd, c->B, s->kt, s->qb, scores);
             for (uint64_t mask = sg.mask; mask; mask &= mask - 1) {
                 const int32_t i = __builtin_ctzll(mask);
                 if (i < n) scores[i] = -INFINITY;
             }
+            for (int32_t i = 0; i < hidden - sg.c0 && i < n; i++) scores[i] = -INFINITY;
         }
         off += n;
     }
@@ -705,7 +788,8 @@ void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, 
     int32_t off = 0;
     if (c->rot_v) memset(s.rot, 0, (size_t)job->n_heads * hd * sizeof(float));
     for (int32_t k = k0; k < k1 && get_segment(c, k, m, &sg); k++) {
-        const int32_t n = visible(&sg, m);
+        const int32_t n = visible_in_layer(c, job->il, &sg, m); /* as score_part counted */
+        if (n == 0) continue;
         if (sg.kind == 1 && c->vbits > 0) {
             /* rotated blocks sum in their own space, rotated back once below */
             kk->weighted_groups(c->vbits, n, hd, c->G, block_data(c, sg.index, job->il, job->kv_head) + c->k_bytes,
@@ -751,18 +835,20 @@ void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float
     segment sg;
     score_segments(c, job, &s, 0, INT32_MAX, impl);
     for (int32_t t = job->t0; t < job->t1; t++) {
-        const int32_t n_keys = c->n_past + t - c->n_evicted + 1;
+        const int32_t n_keys = c->n_past + t - c->n_evicted + 1, hidden = window_start(c, job->il, c->n_past + t);
         for (int32_t j = 0; j < job->n_heads; j++) {
             float *scores = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P;
+            for (int32_t i = 0; i < hidden; i++) scores[i] = -INFINITY; /* before a local layer's window */
             softmax_in_place(kk, scores, n_keys);
             if (job->mass) for (int32_t i = 0; i < n_keys; i++) job->mass[i] += scores[i];
             memset(job->out + t * job->q_stride + (int64_t)(job->h0 + j) * hd, 0, (size_t)hd * sizeof(float));
         }
     }
     for (int32_t k = 0; get_segment(c, k, last, &sg); k++) {
+        if (before_windows(c, job, &sg)) continue;
         load_values(c, job->il, job->kv_head, &sg, &s, impl);
         for (int32_t t = job->t0; t < job->t1; t++) {
-            const int32_t n = visible(&sg, c->n_past + t);
+            const int32_t n = visible_in_layer(c, job->il, &sg, c->n_past + t);
             for (int32_t j = 0; j < job->n_heads && n > 0; j++) {
                 const float *p = s.scores + (int64_t)((t - job->t0) * job->n_heads + j) * c->P + sg.c0;
                 float *out = job->out + t * job->q_stride + (int64_t)(job->h0 + j) * hd;

@@ -14,6 +14,14 @@
  * stays below this, so that window + blocks + sinks cannot overflow. */
 #define KV_MAX_TOKENS (1 << 26)
 
+/* RoPE tables of one kind of layer: global layers, or the local
+ * (sliding-window) layers of models that rotate those with another base. */
+typedef struct kv_rope {
+    float *rel_cos, *rel_sin;      /* [n_rel][n_rot/2]: rotation by a distance */
+    float *blk_cos, *blk_sin;      /* [hd][B]: rotation by an offset inside a segment, per dim */
+    int32_t n_rel;                 /* distances held: every one a query can be from a key it sees */
+} kv_rope;
+
 struct kvs_kv_cache {
     kvs_kv_params p;
     int32_t n_layer, n_kv, hd, n_rot, neox;
@@ -38,10 +46,16 @@ struct kvs_kv_cache {
     int32_t win_start;             /* first position held in the window */
     int32_t n_evicted;             /* non-sink tokens dropped by eviction */
     int32_t frontier;              /* tokens before it are evicted or in the sink table */
-    float *rel_cos, *rel_sin;      /* [P][n_rot/2]: rotation by a distance */
-    float *blk_cos, *blk_sin;      /* [hd][B]: rotation by an offset inside a segment, per dim */
+    kv_rope rope[2];               /* [0] global layers, [1] local ones (allocated when there are any) */
+    int32_t *window;               /* [n_layer] positions a local layer's query sees (its own
+                                      included), 0 for a global layer */
     int32_t *pair_a, *pair_b;      /* [n_rot/2] the channels RoPE rotates together */
 };
+
+/* The RoPE tables of layer il. */
+static inline const kv_rope *kv_layer_rope(const kvs_kv_cache *c, int32_t il) {
+    return &c->rope[c->window[il] > 0];
+}
 
 /* Bytes of one window or sink row: every layer and KV head of one token. */
 static inline size_t kv_token_row_bytes(const kvs_kv_cache *c) {

@@ -1,6 +1,10 @@
-/* llama.c - the forward pass of llama-family models (llama, qwen2), top to
- * bottom: embeddings, then per layer RMSNorm -> attention -> residual ->
- * RMSNorm -> SwiGLU FFN -> residual, then the final norm and the logits. */
+/* llama.c - the forward pass of llama-family models (llama, qwen2, gemma3),
+ * top to bottom: embeddings, then per layer RMSNorm -> attention -> residual
+ * -> RMSNorm -> SwiGLU FFN -> residual, then the final norm and the logits.
+ * Gemma 3 adds steps that are no-ops elsewhere: scaled embeddings, per-head
+ * RMSNorm of q and k, a norm of each block's output before its residual
+ * ("sandwich" norms), GeGLU, sliding-window layers (kv_cache.c) and an
+ * optional logit soft-cap. */
 #include <math.h>
 #include <string.h>
 #include <time.h>
@@ -28,7 +32,7 @@ static void attention_task(void *arg, int part, int n_parts, int thread) {
         const int32_t kv_head = task % hp->n_head_kv, run = task / hp->n_head_kv;
         const int32_t t1 = (run + 1) * ATTN_TOKENS < job->n_tokens ? (run + 1) * ATTN_TOKENS : job->n_tokens;
         kvs_attend_job aj = {job->il, kv_head, run * ATTN_TOKENS, t1, kv_head * group, group,
-                             ctx->q, (int64_t)hp->n_head * hp->head_dim, 1.0f / sqrtf((float)hp->head_dim),
+                             ctx->q, (int64_t)hp->n_head * hp->head_dim, hp->attn_scale,
                              ctx->att, ctx->trace_mass ? ctx->trace_mass + (int64_t)thread * ctx->scratch_len : NULL};
         kvs_kv_cache_attend(ctx->kv, &aj, scratch, ctx->cpu.impl);
     }
@@ -48,7 +52,7 @@ static void attention_split_task(void *arg, int part, int n_parts, int thread) {
         const int32_t k0 = (int32_t)((int64_t)job->n_segments * keys / job->n_parts);
         const int32_t k1 = (int32_t)((int64_t)job->n_segments * (keys + 1) / job->n_parts);
         kvs_attend_job aj = {job->il, kv_head, 0, 1, kv_head * group, group,
-                             ctx->q, (int64_t)hp->n_head * hp->head_dim, 1.0f / sqrtf((float)hp->head_dim),
+                             ctx->q, (int64_t)hp->n_head * hp->head_dim, hp->attn_scale,
                              ctx->att, NULL};
         float *partial = ctx->attn_partial + ((int64_t)kv_head * job->n_parts + keys) * group * (hp->head_dim + 2);
         kvs_kv_cache_attend_part(ctx->kv, &aj, k0, k1, scratch, partial, ctx->cpu.impl);
@@ -86,6 +90,28 @@ static void embed_tokens(kvs_context *ctx, const int32_t *tokens, int32_t n_toke
         kernels->dequantize(base + (int64_t)tokens[t] * m->tok_embd.row_bytes,
                             ctx->x + (int64_t)t * m->hp.n_embd, m->hp.n_embd);
     }
+    if (m->hp.embd_scale == 1.0f) return;
+    for (int64_t i = 0; i < (int64_t)n_tokens * m->hp.n_embd; i++) ctx->x[i] *= m->hp.embd_scale;
+}
+
+/* RMSNorm of each of n_heads heads in place (gemma3's QK-norm), or nothing. */
+static void norm_heads(float *x, int32_t n_heads, const float *weight, const kvs_hparams *hp) {
+    if (!weight) return;
+    for (int32_t h = 0; h < n_heads; h++) {
+        float *head = x + (int64_t)h * hp->head_dim;
+        kvs_rmsnorm(head, weight, hp->head_dim, hp->rms_eps, head);
+    }
+}
+
+/* A block's output (in xb) joins the residual stream, through its own norm
+ * first when the model has one (gemma3's post-attention / post-FFN norms). */
+static void add_residual(kvs_context *ctx, const float *post_norm, int32_t n_tokens) {
+    const kvs_hparams *hp = &ctx->model->hp;
+    const int64_t n_embd = hp->n_embd;
+    for (int32_t t = 0; post_norm && t < n_tokens; t++) {
+        kvs_rmsnorm(ctx->xb + t * n_embd, post_norm, n_embd, hp->rms_eps, ctx->xb + t * n_embd);
+    }
+    for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];
 }
 
 static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
@@ -105,6 +131,8 @@ static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
         kvs_add_bias(q, l->bq, q_dim);
         kvs_add_bias(k, l->bk, kv_dim);
         kvs_add_bias(v, l->bv, kv_dim);
+        norm_heads(q, hp->n_head, l->q_norm, hp);
+        norm_heads(k, hp->n_head_kv, l->k_norm, hp);
         kvs_kv_cache_store(ctx->kv, il, t, k, v); /* keys before RoPE: rotated when read */
     }
     attention_job job = {ctx, il, n_tokens, 1, 0};
@@ -124,7 +152,7 @@ static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
     }
     /* the output projection lands in xb, then joins the residual stream */
     kvs_matmul(&ctx->cpu, &l->wo, ctx->att, n_tokens, ctx->xb);
-    for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];
+    add_residual(ctx, l->attn_post_norm, n_tokens);
 }
 
 static void ffn_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
@@ -137,9 +165,10 @@ static void ffn_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
     const kvs_tensor *gate_up[2] = {&l->w_gate, &l->w_up};
     float *gate_up_out[2] = {ctx->hb, ctx->hb2};
     kvs_matmul_shared(&ctx->cpu, 2, gate_up, ctx->xb, n_tokens, gate_up_out);
-    kvs_swiglu(ctx->hb, ctx->hb2, (int64_t)n_tokens * hp->n_ff, ctx->cpu.impl);
+    if (hp->ffn_gelu) kvs_geglu(ctx->hb, ctx->hb2, (int64_t)n_tokens * hp->n_ff, ctx->cpu.impl);
+    else kvs_swiglu(ctx->hb, ctx->hb2, (int64_t)n_tokens * hp->n_ff, ctx->cpu.impl);
     kvs_matmul(&ctx->cpu, &l->w_down, ctx->hb, n_tokens, ctx->xb);
-    for (int64_t i = 0; i < (int64_t)n_tokens * n_embd; i++) ctx->x[i] += ctx->xb[i];
+    add_residual(ctx, l->ffn_post_norm, n_tokens);
 }
 
 static void output_logits(kvs_context *ctx, int32_t n_tokens, int32_t logits_all, float *logits) {
@@ -153,6 +182,7 @@ static void output_logits(kvs_context *ctx, int32_t n_tokens, int32_t logits_all
      * path decodes: the output projection's activation error lands in the
      * logits undamped (bench/compare_logits.py) */
     kvs_matmul_logits(&ctx->cpu, &m->output, ctx->xb, n_tokens - first, logits);
+    if (m->hp.final_softcap > 0.0f) kvs_softcap(logits, (int64_t)(n_tokens - first) * m->hp.n_vocab, m->hp.final_softcap);
 }
 
 static double now_seconds(void) {

@@ -56,8 +56,9 @@ static kvs_status read_arch(kvs_model *m) {
     if (st != KVS_OK) return st;
     if (strcmp(arch, "llama") == 0) m->arch = KVS_ARCH_LLAMA;
     else if (strcmp(arch, "qwen2") == 0) m->arch = KVS_ARCH_QWEN2;
+    else if (strcmp(arch, "gemma3") == 0) m->arch = KVS_ARCH_GEMMA3;
     else if (arch[0] == '\0') return kvs_fail(KVS_ERR_FORMAT, "metadata 'general.architecture' is missing");
-    else return kvs_fail(KVS_ERR_UNSUPPORTED, "architecture '%s' is not supported (llama, qwen2 are)", arch);
+    else return kvs_fail(KVS_ERR_UNSUPPORTED, "architecture '%s' is not supported (llama, qwen2, gemma3 are)", arch);
     return KVS_OK;
 }
 
@@ -84,8 +85,55 @@ static kvs_status read_rope_scaling(kvs_model *m, const char *arch) {
     return KVS_OK;
 }
 
+static const char *arch_name(kvs_arch arch) {
+    return arch == KVS_ARCH_QWEN2 ? "qwen2" : arch == KVS_ARCH_GEMMA3 ? "gemma3" : "llama";
+}
+
+/* attention.sliding_window_pattern: a period, or one bool per layer (1:
+ * local) as newer converters may write; absent, gemma3's period of 6. */
+static kvs_status read_swa_pattern(kvs_model *m, const char *arch) {
+    char key[128];
+    kvs_gguf_kv_info info;
+    const int64_t index = kvs_gguf_find_key(m->gguf, ARCH_KEY(key, "attention.sliding_window_pattern"));
+    kvs_status st = index < 0 ? KVS_OK : kvs_gguf_kv(m->gguf, index, &info);
+    if (st != KVS_OK) return st;
+    if (index < 0 || info.type != KVS_GGUF_ARRAY) return read_int(m->gguf, key, 6, 0, 4096, &m->hp.swa_period);
+    if (info.elem_type != KVS_GGUF_BOOL || info.count != (uint64_t)m->hp.n_layer) {
+        return kvs_fail(KVS_ERR_FORMAT, "metadata '%s' must be a period or %d bools (one per layer)", key,
+                        m->hp.n_layer);
+    }
+    m->hp.swa_layers = info.data; /* one byte per bool, in the mapping */
+    return KVS_OK;
+}
+
+/* Gemma 3 as llama.cpp reads it: every 6th layer global, the others local
+ * (sliding window, RoPE base 10000 unscaled); queries scaled by
+ * 1/sqrt(query_pre_attn_scalar), which the GGUF does not carry: head_dim,
+ * except the 27B (62 layers) where it is n_embd / n_head; an optional final
+ * logit soft-cap. A file without a window has no local layers. */
+static kvs_status read_gemma3(kvs_model *m, const char *arch) {
+    const kvs_gguf *g = m->gguf;
+    kvs_hparams *hp = &m->hp;
+    char key[128];
+    kvs_status st;
+    if ((st = read_int(g, ARCH_KEY(key, "attention.sliding_window"), 0, 0, INT32_MAX, &hp->n_swa))) return st;
+    if ((st = read_swa_pattern(m, arch))) return st;
+    if ((st = read_float(g, ARCH_KEY(key, "rope.freq_base_swa"), 10000.0f, &hp->rope_freq_base_swa))) return st;
+    if (hp->rope_freq_base_swa <= 0.0f) return kvs_fail(KVS_ERR_FORMAT, "rope.freq_base_swa must be positive");
+    if ((st = read_float(g, ARCH_KEY(key, "final_logit_softcapping"), 0.0f, &hp->final_softcap))) return st;
+    if (hp->final_softcap < 0.0f) return kvs_fail(KVS_ERR_FORMAT, "final_logit_softcapping must be >= 0");
+    hp->rope_freq_scale_swa = 1.0f;
+    hp->rope_neox = 1;
+    hp->ffn_gelu = 1;
+    hp->embd_scale = sqrtf((float)hp->n_embd);
+    const int32_t query_pre_attn = hp->n_layer == 62 ? hp->n_embd / hp->n_head : hp->head_dim;
+    if (query_pre_attn < 1) return kvs_fail(KVS_ERR_FORMAT, "gemma3 needs n_embd >= head_count");
+    hp->attn_scale = 1.0f / sqrtf((float)query_pre_attn);
+    return KVS_OK;
+}
+
 static kvs_status read_hparams(kvs_model *m) {
-    const char *arch = m->arch == KVS_ARCH_QWEN2 ? "qwen2" : "llama";
+    const char *arch = arch_name(m->arch);
     const kvs_gguf *g = m->gguf;
     kvs_hparams *hp = &m->hp;
     char key[128];
@@ -113,7 +161,10 @@ static kvs_status read_hparams(kvs_model *m) {
     if ((st = read_float(g, ARCH_KEY(key, "rope.freq_base"), 10000.0f, &hp->rope_freq_base))) return st;
     if (hp->rope_freq_base <= 0.0f) return kvs_fail(KVS_ERR_FORMAT, "rope.freq_base must be positive");
     hp->rope_neox = m->arch == KVS_ARCH_QWEN2;
-    return read_rope_scaling(m, arch);
+    hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
+    hp->embd_scale = 1.0f;
+    if ((st = read_rope_scaling(m, arch))) return st;
+    return m->arch == KVS_ARCH_GEMMA3 ? read_gemma3(m, arch) : KVS_OK;
 }
 
 /* ---- weights ------------------------------------------------------------ */
@@ -179,7 +230,7 @@ static kvs_status bind_layer(kvs_model *m, int il) {
     const kvs_hparams *hp = &m->hp;
     kvs_layer *l = &m->layers[il];
     int64_t q_dim = (int64_t)hp->n_head * hp->head_dim, kv_dim = (int64_t)hp->n_head_kv * hp->head_dim;
-    int bias = m->arch == KVS_ARCH_QWEN2;
+    const int bias = m->arch == KVS_ARCH_QWEN2, gemma = m->arch == KVS_ARCH_GEMMA3;
     char name[96];
     kvs_status st;
 #define NAME(suffix) (snprintf(name, sizeof name, "blk.%d.%s", il, suffix), name)
@@ -191,6 +242,12 @@ static kvs_status bind_layer(kvs_model *m, int il) {
     if ((st = bind_vector(m, NAME("attn_q.bias"), q_dim, bias, &l->bq))) return st;
     if ((st = bind_vector(m, NAME("attn_k.bias"), kv_dim, bias, &l->bk))) return st;
     if ((st = bind_vector(m, NAME("attn_v.bias"), kv_dim, bias, &l->bv))) return st;
+    if (gemma) { /* only gemma3's graph reads them: elsewhere such tensors stay unbound */
+        if ((st = bind_vector(m, NAME("attn_q_norm.weight"), hp->head_dim, 1, &l->q_norm))) return st;
+        if ((st = bind_vector(m, NAME("attn_k_norm.weight"), hp->head_dim, 1, &l->k_norm))) return st;
+        if ((st = bind_vector(m, NAME("post_attention_norm.weight"), hp->n_embd, 1, &l->attn_post_norm))) return st;
+        if ((st = bind_vector(m, NAME("post_ffw_norm.weight"), hp->n_embd, 1, &l->ffn_post_norm))) return st;
+    }
     if ((st = bind_vector(m, NAME("ffn_norm.weight"), hp->n_embd, 1, &l->ffn_norm))) return st;
     if ((st = bind_matrix(m, NAME("ffn_gate.weight"), hp->n_embd, hp->n_ff, 1, &l->w_gate))) return st;
     if ((st = bind_matrix(m, NAME("ffn_up.weight"), hp->n_embd, hp->n_ff, 1, &l->w_up))) return st;

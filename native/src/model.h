@@ -8,7 +8,9 @@
 
 typedef enum kvs_arch {
     KVS_ARCH_LLAMA = 0, /* SmolLM2, Llama 2/3, Mistral conventions */
-    KVS_ARCH_QWEN2 = 1  /* q/k/v biases, NeoX-style RoPE           */
+    KVS_ARCH_QWEN2 = 1, /* q/k/v biases, NeoX-style RoPE           */
+    KVS_ARCH_GEMMA3 = 2 /* scaled embeddings, QK-norm, sandwich norms, GeGLU,
+                           sliding-window layers with their own RoPE base */
 } kvs_arch;
 
 typedef struct kvs_hparams {
@@ -25,7 +27,24 @@ typedef struct kvs_hparams {
     float rms_eps;
     float rope_freq_base;
     float rope_freq_scale; /* 1 / linear scaling factor */
+    float attn_scale;      /* softmax scale of q.k: 1/sqrt(head_dim) unless the architecture says otherwise */
+    float embd_scale;      /* token embeddings are multiplied by it (gemma: sqrt(n_embd)), else 1 */
+    float final_softcap;   /* > 0: logits = c * tanh(logits / c); 0: none */
+    int32_t ffn_gelu;      /* 1: GeGLU, gelu_tanh(gate) * up; 0: SwiGLU */
+    int32_t n_swa;         /* local layers see the newest n_swa positions (their own included); 0: none */
+    int32_t swa_period;    /* of every swa_period layers the last is global, the others local (0: all local) */
+    const uint8_t *swa_layers; /* [n_layer] 1: local, from a per-layer pattern (in the file
+                                  mapping); NULL: by swa_period */
+    float rope_freq_base_swa, rope_freq_scale_swa; /* RoPE of the local layers */
 } kvs_hparams;
+
+/* Whether layer il attends to a sliding window (llama.cpp's set_swa_pattern:
+ * the last layer of each period is global). */
+static inline int kvs_layer_is_swa(const kvs_hparams *hp, int32_t il) {
+    if (hp->n_swa <= 0) return 0;
+    if (hp->swa_layers) return hp->swa_layers[il] != 0;
+    return hp->swa_period == 0 || il % hp->swa_period < hp->swa_period - 1;
+}
 
 /* A weight tensor used in place from the file mapping. */
 typedef struct kvs_tensor {
@@ -54,10 +73,14 @@ typedef struct kvs_layer {
     kvs_tensor wv;            /* [n_embd] -> [n_head_kv * head_dim] */
     kvs_tensor wo;            /* [n_head * head_dim] -> [n_embd]    */
     const float *bq, *bk, *bv;/* qwen2 biases, NULL when absent      */
+    const float *q_norm;      /* [head_dim] gemma3 per-head RMSNorm of q and k before RoPE, */
+    const float *k_norm;      /* [head_dim] NULL when absent                                */
+    const float *attn_post_norm; /* [n_embd] gemma3 norm of the attention output before the residual, or NULL */
     const float *ffn_norm;    /* [n_embd] */
     kvs_tensor w_gate;        /* [n_embd] -> [n_ff] */
     kvs_tensor w_up;          /* [n_embd] -> [n_ff] */
     kvs_tensor w_down;        /* [n_ff] -> [n_embd] */
+    const float *ffn_post_norm; /* [n_embd] gemma3 norm of the FFN output before the residual, or NULL */
 } kvs_layer;
 
 struct kvs_model {

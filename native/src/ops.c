@@ -348,6 +348,26 @@ void kvs_swiglu(float *gate, const float *up, int64_t n, int32_t impl) {
     }
 }
 
+void kvs_geglu(float *gate, const float *up, int64_t n, int32_t impl) {
+#if defined(KVS_HAVE_AVX2_BUILD)
+    if (impl != KVS_IMPL_SCALAR && kvs_avx2_available()) {
+        kvs_geglu_avx2(gate, up, n);
+        return;
+    }
+#endif
+    (void)impl;
+    /* GELU's tanh form, as Gemma was trained with (gelu_pytorch_tanh) */
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        gate[i] = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))) * up[i];
+    }
+}
+
+void kvs_softcap(float *x, int64_t n, float cap) {
+    const float inv = 1.0f / cap;
+    for (int64_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] * inv);
+}
+
 void kvs_add_bias(float *y, const float *b, int64_t n) {
     if (!b) return;
     for (int64_t i = 0; i < n; i++) y[i] += b[i];

@@ -1,5 +1,5 @@
 /* ops.h - private: CPU operations of the forward pass (threaded matrix
- * products, RMSNorm, RoPE, SwiGLU). */
+ * products, RMSNorm, RoPE, SwiGLU, GeGLU). */
 #ifndef KVS_OPS_H
 #define KVS_OPS_H
 
@@ -52,6 +52,12 @@ void kvs_rope(float *x, int32_t n_heads, const kvs_hparams *hp, const float *fre
 
 /* gate = silu(gate) * up, elementwise (SwiGLU), with impl's kernel. */
 void kvs_swiglu(float *gate, const float *up, int64_t n, int32_t impl);
+
+/* gate = gelu_tanh(gate) * up, elementwise (GeGLU), with impl's kernel. */
+void kvs_geglu(float *gate, const float *up, int64_t n, int32_t impl);
+
+/* x = cap * tanh(x / cap) (Gemma's logit soft-capping), cap > 0. */
+void kvs_softcap(float *x, int64_t n, float cap);
 
 /* y += b (n floats), no-op when b is NULL. */
 void kvs_add_bias(float *y, const float *b, int64_t n);
