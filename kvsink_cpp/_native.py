@@ -14,7 +14,7 @@ import cffi
 
 from .errors import raise_for_status
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 CDEF = """
 typedef enum kvs_status {
@@ -207,6 +207,7 @@ typedef struct kvs_context_params {
     int32_t matmul;
     int32_t kv_rotate;
     float act_outlier_ratio;
+    int32_t swa_full;
 } kvs_context_params;
 
 kvs_context_params kvs_context_default_params(void);
@@ -223,6 +224,16 @@ int32_t kvs_context_n_past(const kvs_context *ctx);
 kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past);
 
 double kvs_context_kv_bytes_per_token(const kvs_context *ctx);
+
+typedef struct kvs_kv_memory {
+    int32_t n_global_layers, n_local_layers;
+    int32_t local_window;
+    int32_t local_block_tokens;
+    double global_bytes_per_token;
+    double local_bytes_per_token;
+    int64_t allocated_bytes;
+} kvs_kv_memory;
+void kvs_context_kv_memory(const kvs_context *ctx, kvs_kv_memory *out);
 
 int32_t kvs_context_n_sinks(const kvs_context *ctx);
 int32_t kvs_context_n_evicted(const kvs_context *ctx);

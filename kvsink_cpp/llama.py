@@ -124,7 +124,7 @@ _LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 # placement (results are the same whatever their value), accepted as given
 _SPEED_HINTS = {
     "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock", "n_ubatch", "n_threads_batch",
-    "offload_kqv", "flash_attn", "last_n_tokens_size", "numa", "op_offload", "swa_full", "no_perf",
+    "offload_kqv", "flash_attn", "last_n_tokens_size", "numa", "op_offload", "no_perf",
     "mul_mat_q", "embedding",
 }
 # options that change results: only their llama-cpp-python default (or what
@@ -253,6 +253,7 @@ class Llama:
         kv_key_per_token: Optional[bool] = None,
         matmul: Optional[str] = None,
         act_outlier_ratio: Optional[float] = None,
+        swa_full: bool = False,
         vocab_only: bool = False,
         **llama_cpp_options,
     ):
@@ -319,6 +320,7 @@ class Llama:
         if kv_ring and logits_all:
             raise ValueError("kv_ring cannot be combined with logits_all (scores has n_ctx rows)")
         ctx_params.kv_ring = int(bool(kv_ring))
+        ctx_params.swa_full = int(bool(swa_full))
         ctx_params.matmul = _matmul_mode(matmul, ctx_params.matmul)
         ctx_params.kv_rotate = _kv_rotate(kv_rotate, ctx_params.kv_rotate)
         if act_outlier_ratio is not None:
@@ -399,7 +401,8 @@ class Llama:
                 "type_k": names.get(p.type_k, str(p.type_k)), "type_v": names.get(p.type_v, str(p.type_v)),
                 "kv_block": p.kv_block, "kv_group": p.kv_group, "kv_rotate": rotate, "kv_recent": p.kv_recent,
                 "sinks": sinks, "sink_capacity": p.sink_capacity,
-                "kv_bytes_per_token": self.kv_cache_bytes_per_token(), "n_threads": p.n_threads,
+                "kv_bytes_per_token": self.kv_cache_bytes_per_token(), "swa_full": bool(p.swa_full),
+                "n_threads": p.n_threads,
                 "impl": "avx2" if p.impl == lib.KVS_IMPL_AVX2 else "scalar"}
 
     def describe_settings(self) -> str:
@@ -415,12 +418,32 @@ class Llama:
                   if quantized else "")
         profile = (f" [profile {self.sink_profile.source}]" if s["sinks"].startswith("kvsink") and self.sink_profile
                    else "")
+        mem = self.kv_cache_memory()
+        local = ""
+        if mem["n_local_layers"]:
+            kept = (f"keep {mem['local_block_tokens']} tokens" if mem["local_block_tokens"]
+                    else "keep every token (swa_full)")
+            local = (f" ({mem['global_bytes_per_token']:,.0f} in {mem['n_global_layers']} global layers; "
+                     f"{mem['n_local_layers']} sliding-window layers {kept})")
         return (f"matmul {matmul}; KV {s['type_k']}/{s['type_v']}{layout}; sinks {s['sinks']}{profile}; "
-                f"{s['kv_bytes_per_token']:,.0f} KV bytes/token; {s['n_threads']} threads, {s['impl']}")
+                f"{s['kv_bytes_per_token']:,.0f} KV bytes/token{local}; {s['n_threads']} threads, {s['impl']}")
 
     def kv_cache_bytes_per_token(self) -> float:
         """KV cache bytes per token once quantized (all layers, K and V, scales included)."""
         return lib.kvs_context_kv_bytes_per_token(self._require_context())
+
+    def kv_cache_memory(self) -> Dict[str, float]:
+        """Where the KV cache's memory goes by kind of layer: global layers keep
+        every token; sliding-window (local) layers, unless swa_full, keep only
+        `local_block_tokens` tokens of blocks, so past them a token costs
+        `global_bytes_per_token` alone. `allocated_bytes`: every buffer of the
+        cache (blocks, fp16 window, sink table, RoPE tables)."""
+        m = ffi.new("kvs_kv_memory *")
+        lib.kvs_context_kv_memory(self._require_context(), m)
+        return {"n_global_layers": m.n_global_layers, "n_local_layers": m.n_local_layers,
+                "local_window": m.local_window, "local_block_tokens": m.local_block_tokens,
+                "global_bytes_per_token": m.global_bytes_per_token,
+                "local_bytes_per_token": m.local_bytes_per_token, "allocated_bytes": m.allocated_bytes}
 
     def kv_cache_stats(self) -> Dict[str, float]:
         """The sink table (rows in use, capacity, their positions, predicted sinks
@@ -1043,7 +1066,8 @@ class Llama:
 
     def _session_settings(self) -> dict:
         s = self.settings()
-        return {k: s[k] for k in ("type_k", "type_v", "kv_block", "kv_group", "kv_rotate", "kv_recent", "sinks")}
+        return {k: s[k] for k in ("type_k", "type_v", "kv_block", "kv_group", "kv_rotate", "kv_recent", "sinks",
+                                  "swa_full")}
 
     # ---- lifetime --------------------------------------------------------
     def close(self) -> None:

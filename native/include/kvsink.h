@@ -30,7 +30,7 @@ extern "C" {
 #  define KVS_API __attribute__((visibility("default")))
 #endif
 
-#define KVS_ABI_VERSION 5
+#define KVS_ABI_VERSION 6
 
 /* ---- status and errors ------------------------------------------------- */
 
@@ -292,6 +292,10 @@ typedef struct kvs_context_params {
                             median 32-block maximum (a massive activation, as sink tokens
                             carry) is taken out of its 8-bit block and multiplied exactly;
                             0: none (plain 8-bit). Default 4 */
+    int32_t swa_full;    /* 1: sliding-window layers keep every token, as global layers do
+                            (llama.cpp's --swa-full); 0 (default): only the blocks their
+                            window can still reach, so going back more than a block from
+                            the end (kvs_context_set_n_past) clears the cache            */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);
@@ -313,6 +317,18 @@ KVS_API int32_t kvs_context_n_past(const kvs_context *ctx);
 KVS_API kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past);
 /* KV cache bytes per token once quantized (all layers, K and V, scales included). */
 KVS_API double kvs_context_kv_bytes_per_token(const kvs_context *ctx);
+/* Where a context's KV cache memory goes, by kind of layer: global layers
+ * keep every token; sliding-window (local) layers, unless swa_full, only the
+ * newest local_block_tokens of quantized blocks (their window and a margin). */
+typedef struct kvs_kv_memory {
+    int32_t n_global_layers, n_local_layers;
+    int32_t local_window;          /* positions a local layer's query sees (0: no local layers) */
+    int32_t local_block_tokens;    /* tokens of blocks local layers keep (0: every block) */
+    double global_bytes_per_token; /* blocks of all global layers, K and V, scales included */
+    double local_bytes_per_token;  /* the same for all local layers (while within their blocks) */
+    int64_t allocated_bytes;       /* the cache's buffers: blocks, window, sink table, RoPE tables */
+} kvs_kv_memory;
+KVS_API void kvs_context_kv_memory(const kvs_context *ctx, kvs_kv_memory *out);
 /* Rows in the sink table, and non-sink tokens evicted by the ring buffer. */
 KVS_API int32_t kvs_context_n_sinks(const kvs_context *ctx);
 KVS_API int32_t kvs_context_n_evicted(const kvs_context *ctx);

@@ -114,7 +114,8 @@ static kvs_status create_cache(kvs_context *ctx) {
     ctx->ubatch = is_float_type(p->type_k) && is_float_type(p->type_v) ? p->n_batch
                   : (p->kv_block < p->n_batch ? p->kv_block : p->n_batch);
     kvs_kv_params kp = {p->type_k, p->type_v, p->kv_block, p->kv_recent, ctx->ubatch,
-                        p->sink_capacity, p->kv_key_per_token, p->kv_group, p->kv_ring, p->kv_rotate};
+                        p->sink_capacity, p->kv_key_per_token, p->kv_group, p->kv_ring, p->kv_rotate,
+                        p->swa_full};
     ctx->sink_policy = p->sink_policy;
     ctx->sink_pfn = p->sink_pfn;
     if (p->sink_policy == KVS_SINKS_KVSINK && !ctx->model->profile.present) {
@@ -222,6 +223,11 @@ int32_t kvs_context_sink_positions(const kvs_context *ctx, int32_t *positions, i
 }
 double kvs_context_kv_bytes_per_token(const kvs_context *ctx) {
     return ctx ? kvs_kv_cache_bytes_per_token(ctx->kv) : 0.0;
+}
+void kvs_context_kv_memory(const kvs_context *ctx, kvs_kv_memory *out) {
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (ctx) kvs_kv_cache_memory(ctx->kv, out);
 }
 
 void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *sink_predict_seconds) {

@@ -140,29 +140,47 @@ static void free_rope(kv_rope *r) {
     free(r->blk_sin);
 }
 
-/* Which layers are local, and the RoPE tables of each kind present. */
+/* Blocks a local layer's window can reach: queries from n_past on see keys
+ * from n_past - n_swa + 1, which start at most ceil((n_swa - 1) / B) blocks
+ * before the window; one more slot for the block being committed, one so
+ * that going back (kvs_kv_cache_truncate) by up to a block keeps them. */
+static int32_t local_ring_slots(const kvs_kv_cache *c, const kvs_hparams *hp) {
+    return (hp->n_swa - 1 + c->B - 1) / c->B + 2;
+}
+
+/* Which layers are local, where their blocks live, and the RoPE tables of
+ * each kind present. */
 static kvs_status alloc_layer_kinds(kvs_kv_cache *c, const kvs_hparams *hp) {
     c->window = calloc((size_t)c->n_layer, sizeof *c->window);
-    if (!c->window) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache's layer table");
-    int any_local = 0;
+    c->layer_index = calloc((size_t)c->n_layer, sizeof *c->layer_index);
+    if (!c->window || !c->layer_index) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache's layer table");
+    int32_t n_local = 0;
     for (int32_t il = 0; il < c->n_layer; il++) {
         c->window[il] = kvs_layer_is_swa(hp, il) ? hp->n_swa : 0;
-        any_local |= c->window[il] > 0;
+        n_local += c->window[il] > 0;
+    }
+    c->n_swa = n_local > 0 ? hp->n_swa : 0;
+    /* a local ring as large as the block ring would save nothing */
+    c->L = n_local > 0 && !c->p.swa_full && local_ring_slots(c, hp) < c->NB ? local_ring_slots(c, hp) : 0;
+    for (int32_t il = 0; il < c->n_layer; il++) {
+        c->layer_index[il] = kv_layer_trimmed(c, il) ? c->n_loc++ : c->n_glob++;
     }
     kvs_status st = alloc_rope(c, &c->rope[0], c->P);
-    if (st == KVS_OK && any_local) st = alloc_rope(c, &c->rope[1], local_distances(c, hp));
+    if (st == KVS_OK && n_local > 0) st = alloc_rope(c, &c->rope[1], local_distances(c, hp));
     return st;
 }
 
 static kvs_status alloc_all(kvs_kv_cache *c) {
-    const size_t lh = (size_t)c->n_layer * c->n_kv, row = lh * c->hd * c->row_elem;
+    const size_t row = kv_token_row_bytes(c);
     const size_t half = (size_t)(c->n_rot / 2);
     struct { void **ptr; size_t n; } bufs[] = {
         {(void **)&c->win_k, c->Wcap * row}, {(void **)&c->win_v, c->Wcap * row},
         {(void **)&c->win_score, (size_t)c->Wcap * 4}, {(void **)&c->sink_k, (size_t)c->S * row + 1},
         {(void **)&c->sink_v, (size_t)c->S * row + 1}, {(void **)&c->sink_pos, (size_t)c->S * 4 + 4},
         {(void **)&c->sink_score, (size_t)c->S * 4 + 4}, {(void **)&c->commit_tile, (size_t)c->B * c->hd * 4},
-        {(void **)&c->blocks, (size_t)c->NB * lh * (size_t)(c->k_bytes + c->v_bytes)},
+        {(void **)&c->blocks, (size_t)c->NB * kv_block_bytes(c, c->n_glob) + 1},
+        {(void **)&c->lblocks, (size_t)c->L * kv_block_bytes(c, c->n_loc) + 1},
+        {(void **)&c->lslot, (size_t)c->NB * 4}, {(void **)&c->lowner, (size_t)c->L * 4 + 4},
         {(void **)&c->block_start, (size_t)c->NB * 4}, {(void **)&c->block_mask, (size_t)c->NB * 8},
         {(void **)&c->pair_a, half * 4 + 4}, {(void **)&c->pair_b, half * 4 + 4},
     };
@@ -173,6 +191,8 @@ static kvs_status alloc_all(kvs_kv_cache *c) {
                             (double)bufs[i].n / (1 << 20));
         }
     }
+    for (int32_t i = 0; i < c->NB; i++) c->lslot[i] = -1;
+    for (int32_t i = 0; i < c->L; i++) c->lowner[i] = -1;
     return KVS_OK;
 }
 
@@ -207,7 +227,7 @@ kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, i
     c->row_elem = (params->type_k == KVS_KV_F32 || params->type_v == KVS_KV_F32) ? 4 : 2;
     c->k_bytes = block_bytes(c, params->type_k, c->kbits, 1);
     c->v_bytes = block_bytes(c, params->type_v, c->vbits, 0);
-    if ((st = alloc_all(c)) != KVS_OK || (st = alloc_layer_kinds(c, hp)) != KVS_OK) {
+    if ((st = alloc_layer_kinds(c, hp)) != KVS_OK || (st = alloc_all(c)) != KVS_OK) {
         kvs_kv_cache_free(c);
         return st;
     }
@@ -219,8 +239,8 @@ kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, i
 void kvs_kv_cache_free(kvs_kv_cache *c) {
     if (!c) return;
     void *bufs[] = {c->win_k, c->win_v, c->win_score, c->sink_k, c->sink_v, c->sink_pos, c->sink_score,
-                    c->commit_tile, c->blocks,
-                    c->block_start, c->block_mask, c->window, c->pair_a, c->pair_b};
+                    c->commit_tile, c->blocks, c->block_start, c->block_mask, c->window, c->pair_a, c->pair_b,
+                    c->layer_index, c->lblocks, c->lslot, c->lowner};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free_rope(&c->rope[0]);
     free_rope(&c->rope[1]);
@@ -229,6 +249,25 @@ void kvs_kv_cache_free(kvs_kv_cache *c) {
 
 double kvs_kv_cache_bytes_per_token(const kvs_kv_cache *c) {
     return (double)(c->k_bytes + c->v_bytes) * c->n_layer * c->n_kv / c->B;
+}
+
+void kvs_kv_cache_memory(const kvs_kv_cache *c, kvs_kv_memory *out) {
+    int32_t n_local = 0;
+    for (int32_t il = 0; il < c->n_layer; il++) n_local += c->window[il] > 0;
+    const double per_layer = (double)(c->k_bytes + c->v_bytes) * c->n_kv / c->B;
+    const size_t row = kv_token_row_bytes(c), half = (size_t)(c->n_rot / 2);
+    size_t rope = 0;
+    for (int kind = 0; kind < 2; kind++) {
+        if (c->rope[kind].rel_cos) rope += 2 * ((size_t)c->rope[kind].n_rel * half + (size_t)c->hd * c->B) * 4;
+    }
+    out->n_global_layers = c->n_layer - n_local;
+    out->n_local_layers = n_local;
+    out->local_window = c->n_swa;
+    out->local_block_tokens = c->L > 0 ? c->L * c->B : 0;
+    out->global_bytes_per_token = per_layer * (c->n_layer - n_local);
+    out->local_bytes_per_token = per_layer * n_local;
+    out->allocated_bytes = (int64_t)(c->NB * kv_block_bytes(c, c->n_glob) + c->L * kv_block_bytes(c, c->n_loc) +
+                                     (size_t)(2 * c->Wcap + 2 * c->S) * row + rope);
 }
 
 
@@ -320,8 +359,21 @@ static void encode_block(const kvs_kv_cache *c, const float *tile, const uint8_t
     }
 }
 
+/* Block slot's (layer, head) data: in the block ring, or for a trimmed
+ * local layer in the local ring (callers read only blocks that still have
+ * their local data there: those a local window can reach). */
 static uint8_t *block_data(const kvs_kv_cache *c, int32_t slot, int32_t il, int32_t h) {
-    return c->blocks + (((size_t)slot * c->n_layer + il) * c->n_kv + h) * (size_t)(c->k_bytes + c->v_bytes);
+    const size_t bytes = (size_t)(c->k_bytes + c->v_bytes), li = (size_t)c->layer_index[il];
+    if (kv_layer_trimmed(c, il)) return c->lblocks + (((size_t)c->lslot[slot] * c->n_loc + li) * c->n_kv + h) * bytes;
+    return c->blocks + (((size_t)slot * c->n_glob + li) * c->n_kv + h) * bytes;
+}
+
+/* Give block slot the next local slot (the oldest local data goes). */
+static void take_local_slot(kvs_kv_cache *c, int32_t slot) {
+    if (c->L == 0) return;
+    c->lslot[slot] = c->lnext;
+    c->lowner[c->lnext] = slot;
+    c->lnext = (c->lnext + 1) % c->L;
 }
 
 static void evict_oldest(kvs_kv_cache *c) {
@@ -400,6 +452,7 @@ static void requantize_with_sink(kvs_kv_cache *c, int32_t r, int32_t slot) {
     const int64_t gb = kvs_kv_group_bytes(c->kbits, B);
     float *tile = c->commit_tile, column[64];
     for (int32_t il = 0; il < c->n_layer; il++) {
+        if (kv_layer_trimmed(c, il) && !kv_block_has_local(c, slot)) continue; /* beyond every window */
         for (int32_t h = 0; h < c->n_kv; h++) {
             uint8_t *data = block_data(c, slot, il, h);
             for (int32_t d = 0; d < hd; d++) {
@@ -464,6 +517,7 @@ static void commit_block(kvs_kv_cache *c) {
         skip[t] = 1;
         mask |= 1ull << t;
     }
+    take_local_slot(c, slot);
     float *tile = c->commit_tile;
     for (int32_t il = 0; il < c->n_layer; il++) {
         for (int32_t h = 0; h < c->n_kv; h++) {
@@ -488,6 +542,23 @@ void kvs_kv_cache_commit(kvs_kv_cache *c) {
     while (c->n_past - c->win_start >= c->p.recent + c->B) commit_block(c);
 }
 
+/* Whether the local layers still hold every kept block that a query at
+ * position n_past (or later) reaches through its window. */
+static int local_blocks_reach(const kvs_kv_cache *c, int32_t n_past) {
+    for (int32_t k = c->n_blocks - 1; k >= 0 && c->L > 0; k--) {
+        const int32_t slot = (c->first_block + k) % c->NB;
+        if (c->block_start[slot] + c->B <= n_past - c->n_swa + 1) break; /* older ones are out of reach too */
+        if (!kv_block_has_local(c, slot)) return 0;
+    }
+    return 1;
+}
+
+static void clear(kvs_kv_cache *c) {
+    c->n_blocks = c->first_block = c->n_evicted = c->frontier = c->win_start = c->n_sinks = 0;
+    for (int32_t i = 0; i < c->L; i++) c->lowner[i] = -1;
+    c->lnext = 0;
+}
+
 kvs_status kvs_kv_cache_truncate(kvs_kv_cache *c, int32_t n_past, int32_t *kept) {
     if (n_past < 0 || n_past > c->n_past) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "n_past %d is outside [0, %d] (tokens in the cache)", n_past, c->n_past);
@@ -499,9 +570,16 @@ kvs_status kvs_kv_cache_truncate(kvs_kv_cache *c, int32_t n_past, int32_t *kept)
             c->n_blocks--;
         }
         n_past = c->n_blocks > 0 ? c->block_start[(c->first_block + c->n_blocks - 1) % c->NB] + c->B : 0;
-        if (n_past == 0) c->first_block = c->n_evicted = c->frontier = 0;
         c->win_start = n_past;
         while (c->n_sinks > 0 && c->sink_pos[c->n_sinks - 1] >= n_past) c->n_sinks--;
+    }
+    /* local layers that already let blocks go cannot see further back again */
+    if (!local_blocks_reach(c, n_past)) n_past = 0;
+    if (n_past == 0) clear(c);
+    if (c->L > 0 && c->n_blocks > 0) {
+        /* the next block reuses the local slots of the blocks just dropped */
+        const int32_t newest = (c->first_block + c->n_blocks - 1) % c->NB;
+        if (kv_block_has_local(c, newest)) c->lnext = (c->lslot[newest] + 1) % c->L;
     }
     c->n_past = n_past;
     *kept = n_past;
@@ -520,10 +598,16 @@ typedef struct segment {
     uint64_t mask;     /* tokens read from the sink table instead */
 } segment;
 
+/* Cache position of sink row k: rows before the frontier come first, the
+ * others sit at their position less the evicted tokens before them. */
+static int32_t sink_c0(const kvs_kv_cache *c, int32_t k) {
+    return c->sink_pos[k] < c->frontier ? k : c->sink_pos[k] - c->n_evicted;
+}
+
 /* Segment k of [sink rows | blocks | window up to position last]; 0 past the end. */
 static int get_segment(const kvs_kv_cache *c, int32_t k, int32_t last, segment *sg) {
     if (k < c->n_sinks) {
-        *sg = (segment){0, k, c->sink_pos[k] < c->frontier ? k : c->sink_pos[k] - c->n_evicted, 1, 0};
+        *sg = (segment){0, k, sink_c0(c, k), 1, 0};
         return 1;
     }
     k -= c->n_sinks;
@@ -733,10 +817,39 @@ static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, att
     }
 }
 
-int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *c, int32_t n_tokens) {
-    const int32_t last = c->n_past + n_tokens - 1;
-    const int32_t window = last < c->win_start ? 0 : (last - c->win_start) / c->B + 1;
-    return c->n_sinks + c->n_blocks + window;
+/* The segments a one-token query of layer il sees, as the decode split
+ * numbers them: sink rows from sink0 on, then the segments from seg1 on
+ * (blocks, then window runs); a local layer leaves out the sink rows and
+ * blocks before its window. */
+typedef struct decode_segments {
+    int32_t sink0, seg1, n;
+} decode_segments;
+
+static decode_segments decode_segments_of(const kvs_kv_cache *c, int32_t il) {
+    const int32_t m = c->n_past, hidden = window_start(c, il, m);
+    const int32_t window = m < c->win_start ? 0 : (m - c->win_start) / c->B + 1;
+    /* sink rows' cache positions increase: the first one not hidden */
+    int32_t lo = 0, hi = c->n_sinks;
+    while (lo < hi) {
+        const int32_t mid = lo + (hi - lo) / 2;
+        if (sink_c0(c, mid) < hidden) lo = mid + 1;
+        else hi = mid;
+    }
+    /* blocks run contiguously from the frontier's cache position */
+    const int32_t hidden_blocks = (hidden - (c->frontier - c->n_evicted)) / c->B;
+    decode_segments d = {lo, c->n_sinks + (hidden_blocks < 0 ? 0 : hidden_blocks < c->n_blocks ? hidden_blocks : c->n_blocks), 0};
+    d.n = (c->n_sinks - d.sink0) + (c->n_sinks + c->n_blocks + window - d.seg1);
+    return d;
+}
+
+/* Segment k of the segments decode_segments_of counts. */
+static int get_decode_segment(const kvs_kv_cache *c, const decode_segments *d, int32_t k, segment *sg) {
+    const int32_t n_sink = c->n_sinks - d->sink0;
+    return get_segment(c, k < n_sink ? d->sink0 + k : d->seg1 + k - n_sink, c->n_past, sg);
+}
+
+int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *c, int32_t il) {
+    return decode_segments_of(c, il).n;
 }
 
 /* Scores of the one-token job's heads against segments k0..k1-1, packed: head
@@ -748,9 +861,10 @@ static int32_t score_part(const kvs_kv_cache *c, const kvs_attend_job *job, atte
     const int32_t m = c->n_past + job->t0, hd = c->hd;
     const int32_t hidden = window_start(c, job->il, m); /* cache positions before it are masked */
     const kv_rope *r = kv_layer_rope(c, job->il);
+    const decode_segments d = decode_segments_of(c, job->il);
     int32_t off = 0;
     segment sg;
-    for (int32_t k = k0; k < k1 && get_segment(c, k, m, &sg); k++) {
+    for (int32_t k = k0; k < k1 && get_decode_segment(c, &d, k, &sg); k++) {
         const int32_t n = visible_in_layer(c, job->il, &sg, m);
         if (n == 0) continue;
         load_rotated_keys(c, job->il, job->kv_head, &sg, s, kk, impl);
@@ -784,10 +898,11 @@ void kvs_kv_cache_attend_part(const kvs_kv_cache *c, const kvs_attend_job *job, 
     }
     /* the value sums: blocks of per-token groups decode each value once for
      * all heads; sink rows and the window go through f32 rows */
+    const decode_segments d = decode_segments_of(c, job->il);
     segment sg;
     int32_t off = 0;
     if (c->rot_v) memset(s.rot, 0, (size_t)job->n_heads * hd * sizeof(float));
-    for (int32_t k = k0; k < k1 && get_segment(c, k, m, &sg); k++) {
+    for (int32_t k = k0; k < k1 && get_decode_segment(c, &d, k, &sg); k++) {
         const int32_t n = visible_in_layer(c, job->il, &sg, m); /* as score_part counted */
         if (n == 0) continue;
         if (sg.kind == 1 && c->vbits > 0) {

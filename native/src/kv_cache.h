@@ -32,6 +32,8 @@ typedef struct kvs_kv_params {
     int32_t group;           /* channels per value (and per-token key) group */
     int32_t ring;            /* 1: evict the oldest blocks when full; 0: refuse */
     int32_t rotate;          /* KVS_KV_ROTATE_* bits: Hadamard-rotate quantized keys / values */
+    int32_t swa_full;        /* 1: sliding-window layers keep every block, as global ones do;
+                                0: only the blocks their window can still reach */
 } kvs_kv_params;
 
 kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, int32_t n_ctx,
@@ -40,6 +42,8 @@ void kvs_kv_cache_free(kvs_kv_cache *cache);
 
 /* KV bytes per token once quantized (blocks, scales included), all layers. */
 double kvs_kv_cache_bytes_per_token(const kvs_kv_cache *cache);
+/* Where the cache's memory goes, by kind of layer (kvs_kv_memory in kvsink.h). */
+void kvs_kv_cache_memory(const kvs_kv_cache *cache, kvs_kv_memory *out);
 /* Floats of per-thread scratch kvs_kv_cache_attend needs for max_queries queries. */
 int64_t kvs_kv_cache_scratch_floats(const kvs_kv_cache *cache, int32_t max_queries);
 
@@ -75,20 +79,23 @@ typedef struct kvs_attend_job {
 void kvs_kv_cache_attend(const kvs_kv_cache *cache, const kvs_attend_job *job, float *scratch, int32_t impl);
 
 /* Decoding one token, attention splits over the keys (n_head_kv is often
- * smaller than the thread count): segments [sink rows | blocks | window runs]
- * are numbered 0..kvs_kv_cache_n_segments()-1; a part takes segments k0..k1-1
- * of a one-token job and writes, per query head j, at partial + j*(hd+2):
+ * smaller than the thread count): the segments [sink rows | blocks | window
+ * runs] that layer il's query can see (a local layer's window leaves out
+ * older ones) are numbered 0..kvs_kv_cache_n_segments()-1; a part takes
+ * segments k0..k1-1 of a one-token job and writes, per query head j, at partial + j*(hd+2):
  * the max score, the sum of exp(score - max) and the sum of exp(score - max)*v
  * (sum 0 when it had no keys). kvs_kv_cache_attend_combine merges n_parts
  * such records of one head (part_stride floats apart) into the output row. */
-int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *cache, int32_t n_tokens);
+int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *cache, int32_t il);
 void kvs_kv_cache_attend_part(const kvs_kv_cache *cache, const kvs_attend_job *job, int32_t k0, int32_t k1,
                               float *scratch, float *partial, int32_t impl);
 void kvs_kv_cache_attend_combine(int32_t hd, int32_t n_parts, int64_t part_stride, const float *partial, float *out);
 /* Finish the append: quantize blocks that left the recent window, evict if needed. */
 void kvs_kv_cache_commit(kvs_kv_cache *cache);
 /* Forget tokens from position n_past on; positions inside committed blocks
- * round down to the block start. *kept receives the new n_past. */
+ * round down to the block start, and when local layers no longer hold the
+ * blocks their window would reach from there, nothing is kept. *kept
+ * receives the new n_past. */
 kvs_status kvs_kv_cache_truncate(kvs_kv_cache *cache, int32_t n_past, int32_t *kept);
 
 /* Saving and restoring the cache as it is (kv_state.c). Bytes the state of

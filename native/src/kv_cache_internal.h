@@ -38,7 +38,7 @@ struct kvs_kv_cache {
     int32_t n_sinks;
     int32_t n_dropped;             /* predicted sinks quantized (or forgotten) for want of a row */
     float *commit_tile;            /* [B][hd] one (layer, head) of a block being encoded */
-    uint8_t *blocks;               /* [NB][n_layer][n_kv] of (K bytes, V bytes) */
+    uint8_t *blocks;               /* [NB][n_glob][n_kv] of (K bytes, V bytes) */
     int32_t *block_start;          /* [NB] position of each block's first token */
     uint64_t *block_mask;          /* [NB] bit t set: token t is read from the sink table */
     int32_t first_block, n_blocks; /* ring of kept blocks */
@@ -50,7 +50,33 @@ struct kvs_kv_cache {
     int32_t *window;               /* [n_layer] positions a local layer's query sees (its own
                                       included), 0 for a global layer */
     int32_t *pair_a, *pair_b;      /* [n_rot/2] the channels RoPE rotates together */
+    /* Local layers keep only the blocks their window can still reach (unless
+     * kv params ask for swa_full): their block data lives in a ring of L
+     * slots of its own, reused as blocks are committed. */
+    int32_t n_swa;                 /* the local layers' window (0: none) */
+    int32_t L;                     /* slots of the local ring; 0: every layer in `blocks` */
+    int32_t n_glob, n_loc;         /* layers stored in `blocks` / in `lblocks` */
+    int32_t *layer_index;          /* [n_layer] index of the layer among those of its storage */
+    uint8_t *lblocks;              /* [L][n_loc][n_kv] of (K bytes, V bytes) */
+    int32_t *lslot;                /* [NB] local slot each block's local data took (-1: none) */
+    int32_t *lowner;               /* [L] block slot whose data each local slot holds (-1: none) */
+    int32_t lnext;                 /* local slot the next committed block takes */
 };
+
+/* Whether layer il keeps its blocks in the local ring. */
+static inline int kv_layer_trimmed(const kvs_kv_cache *c, int32_t il) {
+    return c->L > 0 && c->window[il] > 0;
+}
+
+/* Whether block slot's local data is still in the local ring. */
+static inline int kv_block_has_local(const kvs_kv_cache *c, int32_t slot) {
+    return c->L == 0 || (c->lslot[slot] >= 0 && c->lowner[c->lslot[slot]] == slot);
+}
+
+/* Bytes of one block of every (layer, head) of one storage kind. */
+static inline size_t kv_block_bytes(const kvs_kv_cache *c, int32_t n_layers) {
+    return (size_t)n_layers * c->n_kv * (size_t)(c->k_bytes + c->v_bytes);
+}
 
 /* The RoPE tables of layer il. */
 static inline const kv_rope *kv_layer_rope(const kvs_kv_cache *c, int32_t il) {

@@ -10,7 +10,9 @@
  *            counters: i32 x COUNTER_FIELDS
  *            sinks:  n_sinks x (i32 position, f32 score), their K rows, their V rows
  *            blocks, oldest first: n_blocks x (i32 start, u64 sink mask), then each
- *                    block's (layer, head) K and V bytes as the cache holds them
+ *                    block's (layer, head) K and V bytes as the cache holds them for
+ *                    the layers of the block ring, then for the local layers (kept
+ *                    in a ring of their own) those of the newest n_local blocks
  *            window: n_win x f32 sink score, their K rows, their V rows
  * Loading checks the header, the checksum, the geometry and every invariant the
  * attention code relies on (positions, counts, masks) before it copies anything:
@@ -57,34 +59,42 @@ static uint32_t crc32_of(const uint8_t *p, size_t n) {
 static const char *const GEOMETRY_NAMES[GEOMETRY_FIELDS] = {
     "n_layer", "n_head_kv", "head_dim", "n_rot", "rope_neox", "type_k", "type_v", "kv_block",
     "kv_group", "kv_recent", "kv_key_per_token", "kv_rotate (keys)", "kv_rotate (values)",
-    "reserved", "reserved", "reserved",
+    "sliding-window layers keeping only their window (swa_full 0)", "blocks sliding-window layers keep",
+    "reserved",
 };
 
 static void geometry_of(const kvs_kv_cache *c, int32_t g[GEOMETRY_FIELDS]) {
     const int32_t values[GEOMETRY_FIELDS] = {
         c->n_layer, c->n_kv, c->hd, c->n_rot, c->neox, c->p.type_k, c->p.type_v, c->B,
-        c->G, c->p.recent, c->p.key_per_token, c->rot_k, c->rot_v, 0, 0, 0,
+        c->G, c->p.recent, c->p.key_per_token, c->rot_k, c->rot_v, c->n_loc, c->L, 0,
     };
     memcpy(g, values, sizeof values);
 }
 
 typedef struct counters {
-    int32_t n_past, win_start, n_evicted, frontier, n_sinks, n_dropped, n_blocks, reserved;
+    int32_t n_past, win_start, n_evicted, frontier, n_sinks, n_dropped, n_blocks;
+    int32_t n_local; /* newest blocks whose local layers' data is saved */
 } counters;
 
-static counters counters_of(const kvs_kv_cache *c) {
-    return (counters){c->n_past, c->win_start, c->n_evicted, c->frontier, c->n_sinks, c->n_dropped, c->n_blocks, 0};
+/* The newest blocks that still have their local layers' data: a run, since
+ * local slots are taken in order (0 without local layers of their own). */
+static int32_t blocks_with_local_data(const kvs_kv_cache *c) {
+    int32_t n = 0;
+    while (c->L > 0 && n < c->n_blocks && kv_block_has_local(c, (c->first_block + c->n_blocks - 1 - n) % c->NB)) n++;
+    return n;
 }
 
-static size_t block_bytes_all_heads(const kvs_kv_cache *c) {
-    return (size_t)c->n_layer * c->n_kv * (size_t)(c->k_bytes + c->v_bytes);
+static counters counters_of(const kvs_kv_cache *c) {
+    return (counters){c->n_past, c->win_start, c->n_evicted, c->frontier, c->n_sinks, c->n_dropped, c->n_blocks,
+                      blocks_with_local_data(c)};
 }
 
 /* Payload bytes of a cache with these (validated) counters. */
 static size_t payload_bytes(const kvs_kv_cache *c, const counters *n) {
     const size_t row = kv_token_row_bytes(c), n_win = (size_t)(n->n_past - n->win_start);
     return GEOMETRY_FIELDS * 4 + COUNTER_FIELDS * 4 + (size_t)n->n_sinks * (8 + 2 * row) +
-           (size_t)n->n_blocks * (BLOCK_HEADER_BYTES + block_bytes_all_heads(c)) + n_win * (4 + 2 * row);
+           (size_t)n->n_blocks * (BLOCK_HEADER_BYTES + kv_block_bytes(c, c->n_glob)) +
+           (size_t)n->n_local * kv_block_bytes(c, c->n_loc) + n_win * (4 + 2 * row);
 }
 
 size_t kvs_kv_cache_state_size(const kvs_kv_cache *c) {
@@ -113,9 +123,13 @@ static uint8_t *put_blocks(const kvs_kv_cache *c, uint8_t *p) {
         p = put(p, &c->block_start[slot], 4);
         p = put(p, &c->block_mask[slot], 8);
     }
-    const size_t bytes = block_bytes_all_heads(c);
+    const size_t bytes = kv_block_bytes(c, c->n_glob), local = kv_block_bytes(c, c->n_loc);
     for (int32_t k = 0; k < c->n_blocks; k++) {
         p = put(p, c->blocks + (size_t)((c->first_block + k) % c->NB) * bytes, bytes);
+    }
+    const int32_t n_local = blocks_with_local_data(c);
+    for (int32_t k = c->n_blocks - n_local; k < c->n_blocks; k++) {
+        p = put(p, c->lblocks + (size_t)c->lslot[(c->first_block + k) % c->NB] * local, local);
     }
     return p;
 }
@@ -208,7 +222,11 @@ static kvs_status check_counters(const kvs_kv_cache *c, const counters *n) {
     else if (n->frontier < 0 || (int64_t)n->frontier + (int64_t)n->n_blocks * c->B != n->win_start)
         bad = "blocks that do not end where the window starts";
     else if (n->n_evicted < 0 || n->n_evicted > n->frontier) bad = "more evicted tokens than positions before the frontier";
-    else if (n->n_dropped < 0 || n->reserved != 0) bad = "bad counters";
+    else if (n->n_dropped < 0) bad = "bad counters";
+    else if (n->n_local < 0 || n->n_local > n->n_blocks || n->n_local > c->L) bad = "more blocks of local layers than they keep";
+    else if (c->L > 0 && n->n_local < n->n_blocks &&
+             (int64_t)n->frontier + (int64_t)(n->n_blocks - n->n_local) * c->B > (int64_t)n->n_past - c->n_swa + 1)
+        bad = "local layers without the blocks their window reaches";
     else if (!c->p.ring && n->n_past > c->n_ctx) bad = "more tokens than n_ctx (and no ring buffer)";
     if (bad) {
         return kvs_fail(KVS_ERR_FORMAT, "KV state is inconsistent: %s (n_past %d, window from %d, %d blocks, "
@@ -287,7 +305,7 @@ static kvs_status check_window_scores(const counters *n, const uint8_t *scores) 
 }
 
 static void restore(kvs_kv_cache *c, const counters *n, const uint8_t *p) {
-    const size_t row = kv_token_row_bytes(c), bytes = block_bytes_all_heads(c);
+    const size_t row = kv_token_row_bytes(c), bytes = kv_block_bytes(c, c->n_glob), local = kv_block_bytes(c, c->n_loc);
     for (int32_t i = 0; i < n->n_sinks; i++, p += 8) {
         c->sink_pos[i] = get_i32(p);
         c->sink_score[i] = get_f32(p + 4);
@@ -299,6 +317,15 @@ static void restore(kvs_kv_cache *c, const counters *n, const uint8_t *p) {
         memcpy(&c->block_mask[k], p + 4, 8);
     }
     memcpy(c->blocks, p, (size_t)n->n_blocks * bytes), p += (size_t)n->n_blocks * bytes;
+    for (int32_t k = 0; k < c->NB; k++) c->lslot[k] = -1;
+    for (int32_t i = 0; i < c->L; i++) c->lowner[i] = -1;
+    for (int32_t i = 0; i < n->n_local; i++, p += local) { /* the newest blocks, in local slots 0.. */
+        const int32_t slot = n->n_blocks - n->n_local + i;
+        memcpy(c->lblocks + (size_t)i * local, p, local);
+        c->lslot[slot] = i;
+        c->lowner[i] = slot;
+    }
+    c->lnext = c->L > 0 ? n->n_local % c->L : 0;
     const int32_t n_win = n->n_past - n->win_start;
     for (int32_t t = 0; t < n_win; t++, p += 4) c->win_score[(n->win_start + t) % c->Wcap] = get_f32(p);
     for (int32_t t = 0; t < n_win; t++, p += row) memcpy(c->win_k + (size_t)((n->win_start + t) % c->Wcap) * row, p, row);
@@ -332,7 +359,8 @@ kvs_status kvs_kv_cache_load_state(kvs_kv_cache *c, const void *buf, size_t size
     const size_t row = kv_token_row_bytes(c);
     const uint8_t *sinks = payload + fixed;
     const uint8_t *block_headers = sinks + (size_t)n.n_sinks * (8 + 2 * row);
-    const uint8_t *window = block_headers + (size_t)n.n_blocks * (BLOCK_HEADER_BYTES + block_bytes_all_heads(c));
+    const uint8_t *window = block_headers + (size_t)n.n_blocks * (BLOCK_HEADER_BYTES + kv_block_bytes(c, c->n_glob)) +
+                            (size_t)n.n_local * kv_block_bytes(c, c->n_loc);
     if ((st = check_sinks_and_masks(c, &n, sinks, block_headers)) != KVS_OK) return st;
     if ((st = check_window_scores(&n, window)) != KVS_OK) return st;
     restore(c, &n, sinks);
