@@ -422,3 +422,43 @@ def test_shipped_smollm2_profile_is_what_the_calibration_finds(smollm2_calibrati
     p = smollm2_calibration.profile
     assert (shipped["layer"], shipped["channels"]) == (p.layer, p.channels)
     assert shipped["threshold"] == pytest.approx(p.threshold, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_shipped_gemma3_profile_predicts_the_sinks_numpy_finds():
+    """Gemma 3 270M's shipped profile (our calibration: emergence after layer 7
+    of 18, channels 87/163/400; bench/profile-gemma3.txt) against the numpy
+    forward on the held-out text: position 0 and most of the later layers'
+    sinks predicted, no prediction far from a sink, and the threshold away
+    from every token's score. (On this 212-token paragraph numpy finds only
+    position 0 as a sink of >= 3 later layers, and the profile predicts
+    nothing else; Gemma's later sinks -- '.' and ' ' tokens -- showed up in
+    the calibration's 400-token segments.)"""
+    import json
+    from kvsink_cpp.models import find_gemma3_model, gemma3_model_path
+    from kvsink_cpp.sink_profiles import PROFILE_DIR
+    from numpy_llama import NumpyLlama
+    path = find_gemma3_model()
+    if path is None:
+        pytest.skip(f"Gemma 3 270M not in the cache ({gemma3_model_path()}); run `python -m kvsink_cpp pull gemma3`")
+    shipped = json.loads((PROFILE_DIR / "gemma-3-270m-q4_k_m.json").read_text())
+    p = SinkProfile(layer=shipped["layer"], channels=shipped["channels"], threshold=shipped["threshold"])
+    with Llama(str(path), n_ctx=32, verbose=False) as llm:
+        assert llm.sink_profile is not None and llm.sink_profile.layer == p.layer
+        tokens = llm.tokenize(HELD_OUT)
+    trace = {}
+    NumpyLlama(path).forward(tokens, trace=trace, n_logits=1)
+    hidden, mass = np.array(trace["hidden"]), np.array(trace["attn_mass"])
+    is_sink, labelled, ratio = _label_sinks(mass)
+    target = _targets(is_sink, p.layer) & labelled
+    predicted = p.is_sink(hidden[p.layer])
+    hits = (predicted & target).sum()
+    near = (ratio[p.layer + 1:] >= 5).sum(axis=0) >= MIN_SINK_LAYERS
+    print(f"gemma3 held-out: {len(tokens)} tokens, {target.sum()} sinks, {predicted.sum()} predicted, {hits} hit, "
+          f"{(predicted & labelled & ~near).sum()} far from a sink")
+    assert predicted[0] and target[0]
+    assert hits >= 0.8 * target.sum()                                           # recall
+    assert (predicted & labelled & ~near).sum() == 0 and predicted.sum() <= 0.08 * len(tokens)
+    scores = np.abs(hidden[p.layer][:, p.channels]).max(axis=1) / p.threshold
+    assert np.abs(np.log(scores)).min() > 0.05, "a token's score is too close to the threshold"
