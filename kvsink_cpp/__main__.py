@@ -40,6 +40,7 @@ def _model_or_default(path):
 
 
 def _cmd_info(args) -> int:
+    from . import chat_format
     from .gguf_file import GGUFFile
     path = _model_or_default(args.model)
     with GGUFFile(path) as f:
@@ -50,7 +51,8 @@ def _cmd_info(args) -> int:
         print(f"{'architecture:':<26}{arch}")
         print(f"{'name:':<26}{meta.get('general.name', '?')}")
         for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
-                    "attention.head_count", "attention.head_count_kv", "rope.freq_base"):
+                    "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                    "attention.sliding_window", "rope.freq_base", "rope.scaling.type"):
             if f"{arch}.{key}" in meta:
                 print(f"{key + ':':<26}{meta[f'{arch}.{key}']}")
         counts = {}
@@ -67,7 +69,8 @@ def _cmd_info(args) -> int:
         print(f"{'vocab:':<26}{meta.get('tokenizer.ggml.model', '?')} "
               f"({len(tokens) if tokens else '?'} tokens, pre-tokenizer "
               f"{meta.get('tokenizer.ggml.pre', 'default')})")
-        print(f"{'chat template:':<26}{'yes' if 'tokenizer.chat_template' in meta else 'no (chatml is used)'}")
+        fallback = f"no (built-in {chat_format.arch_template_name(arch)} is used)"
+        print(f"{'chat template:':<26}{'yes' if 'tokenizer.chat_template' in meta else fallback}")
         print(f"{'sink profile:':<26}{_describe_profile(f, meta)}")
     return 0
 

@@ -81,11 +81,20 @@ _GEMMA = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 
+# Phi-3's format (as llama.cpp's LLM_CHAT_TEMPLATE_PHI_3 writes it): <|role|>, the text, <|end|>.
+_PHI3 = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": _CHATML,
     "llama2": _LLAMA2,
     "llama3": _LLAMA3,
     "gemma": _GEMMA,
+    "phi3": _PHI3,
 }
 
 
@@ -226,8 +235,14 @@ def _token_text(metadata: Mapping, id_key: str) -> str:
 
 
 # The built-in format of architectures whose GGUFs may come without a template
-# (Gemma 3 270M's does); other architectures fall back to chatml.
-ARCH_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+# (Gemma 3 270M's does); other architectures (llama, qwen2, qwen3: Qwen's own
+# format is chatml) fall back to chatml.
+ARCH_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3"}
+
+
+def arch_template_name(architecture) -> str:
+    """The built-in template a GGUF of this architecture without a template gets."""
+    return ARCH_TEMPLATES.get(architecture, "chatml")
 
 
 def from_metadata(metadata: Mapping, name: str | None = None) -> ChatFormatter:
@@ -239,8 +254,7 @@ def from_metadata(metadata: Mapping, name: str | None = None) -> ChatFormatter:
         template = metadata.get("tokenizer.chat_template")
         if template:
             return ChatFormatter(template, bos_token=bos, eos_token=eos)
-        fallback = ARCH_TEMPLATES.get(metadata.get("general.architecture"), "chatml")
-        return builtin(fallback, bos_token=bos, eos_token=eos)
+        return builtin(arch_template_name(metadata.get("general.architecture")), bos_token=bos, eos_token=eos)
     # GGUF may carry extra named templates, e.g. tokenizer.chat_template.tool_use.
     named = metadata.get(f"tokenizer.chat_template.{name}")
     if named:

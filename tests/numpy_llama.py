@@ -11,6 +11,18 @@ tanh form; of every 6 layers the first 5 attend to a sliding window (key p is
 masked for query m when m - p >= n_swa) and rotate with base 10000, the 6th is
 global with rope.freq_base; tied output, an optional final soft-cap. Norm
 weights are used as stored (the converter already added Gemma's +1).
+
+The others, from their definitions (Hugging Face's modeling_*.py, llama.cpp's
+src/models/*.cpp): llama rotates adjacent pairs (2i, 2i+1), everything else
+NeoX pairs (i, i + n_rot/2). qwen2 adds q/k/v biases. qwen3 has none, but a
+per-head RMSNorm of q and k before RoPE, like gemma3; its heads may be wider
+than n_embd / n_head (attention.key_length). phi3 fuses q, k and v into one
+matrix attn_qkv (rows: q, then k, then v) and gate and up into ffn_up (rows:
+gate, then up). llama and phi3 files may declare attention.sliding_window:
+every layer then attends to that window, rotating exactly as without it.
+Llama 3.1's "llama3" scaling divides each frequency by the factor stored in
+rope_freqs.weight and scales no position (its factor built that tensor);
+"linear" divides every position by its factor.
 """
 from __future__ import annotations
 
@@ -40,10 +52,14 @@ class NumpyLlama:
         scaling = _field(reader, f"{a}.rope.scaling.type", "none")
         factor = _field(reader, f"{a}.rope.scaling.factor", 1.0)
         self.freq_scale = 1.0 / factor if scaling == "linear" else 1.0
-        self.neox = self.arch in ("qwen2", "gemma3")
+        self.neox = self.arch in ("qwen2", "qwen3", "phi3", "gemma3")
         gemma3 = self.arch == "gemma3"
-        self.n_swa = _field(reader, f"{a}.attention.sliding_window", 0) if gemma3 else 0
-        self.swa_period = _field(reader, f"{a}.attention.sliding_window_pattern", 6)
+        windowed = self.arch in ("gemma3", "llama", "phi3")
+        self.n_swa = _field(reader, f"{a}.attention.sliding_window", 0) if windowed else 0
+        # gemma3: of every 6 layers the last is global; llama and phi3: every layer is local
+        self.swa_period = _field(reader, f"{a}.attention.sliding_window_pattern", 6) if gemma3 else 0
+        # only gemma3's local layers rotate differently (their own base, unscaled, no factors)
+        self.own_local_rope = gemma3
         self.freq_base_swa = _field(reader, f"{a}.rope.freq_base_swa", 10000.0)
         self.softcap = _field(reader, f"{a}.final_logit_softcapping", 0.0) if gemma3 else 0.0
         self.embd_scale = float(np.sqrt(self.n_embd)) if gemma3 else 1.0
@@ -55,6 +71,8 @@ class NumpyLlama:
             shape = tuple(int(d) for d in reversed(t.shape))  # numpy order: outer first
             self.w[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         self.output = self.w.get("output.weight", self.w["token_embd.weight"])
+        # Llama 3.1's frequency factors: the llama graph's alone
+        self.rope_freqs = self.w.get("rope_freqs.weight") if self.arch == "llama" else None
 
     def is_swa(self, il):
         """Whether layer il attends to a sliding window (the last of each period is global)."""
@@ -71,11 +89,11 @@ class NumpyLlama:
         """x: (n_tokens, n_heads, head_dim); rotates the first n_rot dims, with
         layer il's base (local layers have their own, unscaled, no factors)."""
         half = self.n_rot // 2
-        local = il is not None and self.is_swa(il)
+        local = il is not None and self.is_swa(il) and self.own_local_rope
         base, scale = (self.freq_base_swa, 1.0) if local else (self.freq_base, self.freq_scale)
         freqs = base ** (-2.0 * np.arange(half) / self.n_rot)
-        if "rope_freqs.weight" in self.w and not local:
-            freqs = freqs / self.w["rope_freqs.weight"].astype(np.float64)
+        if self.rope_freqs is not None and not local:
+            freqs = freqs / self.rope_freqs.astype(np.float64)
         theta = np.outer(positions * scale, freqs)[:, None, :]  # (n, 1, half)
         cos, sin = np.cos(theta), np.sin(theta)
         x = x.copy()
@@ -97,9 +115,18 @@ class NumpyLlama:
         through their per-head norms when the model has them."""
         n = len(x)
         h = self._rmsnorm(x, self.w[p + "attn_norm.weight"])
-        q = self._linear(h, p + "attn_q.weight").reshape(n, self.n_head, self.head_dim)
-        k = self._linear(h, p + "attn_k.weight").reshape(n, self.n_head_kv, self.head_dim)
-        v = self._linear(h, p + "attn_v.weight").reshape(n, self.n_head_kv, self.head_dim)
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        if p + "attn_qkv.weight" in self.w:  # phi3: one product, then its columns q | k | v
+            qkv = self._linear(h, p + "attn_qkv.weight")
+            assert qkv.shape[1] == q_dim + 2 * kv_dim
+            q, k, v = qkv[:, :q_dim], qkv[:, q_dim:q_dim + kv_dim], qkv[:, q_dim + kv_dim:]
+        else:
+            q = self._linear(h, p + "attn_q.weight")
+            k = self._linear(h, p + "attn_k.weight")
+            v = self._linear(h, p + "attn_v.weight")
+        q = q.reshape(n, self.n_head, self.head_dim)
+        k = k.reshape(n, self.n_head_kv, self.head_dim)
+        v = v.reshape(n, self.n_head_kv, self.head_dim)
         if p + "attn_q_norm.weight" in self.w:
             q = self._rmsnorm(q, self.w[p + "attn_q_norm.weight"])
             k = self._rmsnorm(k, self.w[p + "attn_k_norm.weight"])
@@ -119,8 +146,11 @@ class NumpyLlama:
 
     def _ffn(self, x, p):
         h = self._rmsnorm(x, self.w[p + "ffn_norm.weight"])
-        gate = self._linear(h, p + "ffn_gate.weight")
-        up = self._linear(h, p + "ffn_up.weight")
+        if p + "ffn_gate.weight" in self.w:
+            gate = self._linear(h, p + "ffn_gate.weight")
+            up = self._linear(h, p + "ffn_up.weight")
+        else:  # phi3: ffn_up holds gate then up (Phi3MLP's gate_up_proj, chunked in two)
+            gate, up = np.split(self._linear(h, p + "ffn_up.weight"), 2, axis=-1)
         if self.gelu:  # GELU's tanh form (gelu_pytorch_tanh)
             act = 0.5 * gate * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (gate + 0.044715 * gate ** 3)))
         else:

@@ -107,7 +107,7 @@ def test_builtin_gemma_folds_the_system_prompt_into_the_first_user_turn():
 
 
 def test_builtin_names():
-    assert set(BUILTIN_TEMPLATES) == {"chatml", "llama2", "llama3", "gemma"}
+    assert set(BUILTIN_TEMPLATES) == {"chatml", "llama2", "llama3", "gemma", "phi3"}
 
 
 @pytest.mark.parametrize("name", ["llama2", "gemma"])
@@ -117,7 +117,7 @@ def test_builtins_refuse_roles_out_of_order(name):
 
 
 def test_unknown_builtin_lists_the_names():
-    with pytest.raises(ValueError, match="chatml, gemma, llama2, llama3"):
+    with pytest.raises(ValueError, match="chatml, gemma, llama2, llama3, phi3"):
         builtin("vicuna")
 
 

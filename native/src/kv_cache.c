@@ -98,7 +98,8 @@ static void fill_rope_table(const kvs_kv_cache *c, const rope_freqs *f, kv_rope 
 }
 
 /* Global layers rotate with the model's base, scaling and factors; local
- * ones with their own base (gemma3: 10000, unscaled, no factors). */
+ * ones with their own base (gemma3: 10000, unscaled, no factors; the other
+ * architectures: the global base, scaling and factors). */
 static void fill_rope_tables(kvs_kv_cache *c, const kvs_hparams *hp, const float *factors) {
     for (int32_t d = 0, k = 0; d < c->n_rot; d++) {
         int32_t i, partner;
@@ -110,7 +111,7 @@ static void fill_rope_tables(kvs_kv_cache *c, const kvs_hparams *hp, const float
         }
     }
     const rope_freqs global = {hp->rope_freq_base, hp->rope_freq_scale, factors};
-    const rope_freqs local = {hp->rope_freq_base_swa, hp->rope_freq_scale_swa, NULL};
+    const rope_freqs local = {hp->rope_freq_base_swa, hp->rope_freq_scale_swa, hp->rope_factors_swa ? factors : NULL};
     fill_rope_table(c, &global, &c->rope[0]);
     if (c->rope[1].rel_cos) fill_rope_table(c, &local, &c->rope[1]);
 }

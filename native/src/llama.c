@@ -1,10 +1,12 @@
-/* llama.c - the forward pass of llama-family models (llama, qwen2, gemma3),
- * top to bottom: embeddings, then per layer RMSNorm -> attention -> residual
- * -> RMSNorm -> SwiGLU FFN -> residual, then the final norm and the logits.
- * Gemma 3 adds steps that are no-ops elsewhere: scaled embeddings, per-head
- * RMSNorm of q and k, a norm of each block's output before its residual
- * ("sandwich" norms), GeGLU, sliding-window layers (kv_cache.c) and an
- * optional logit soft-cap. */
+/* llama.c - the forward pass of llama-family models (llama, qwen2, qwen3,
+ * phi3, gemma3), top to bottom: embeddings, then per layer RMSNorm ->
+ * attention -> residual -> RMSNorm -> SwiGLU FFN -> residual, then the final
+ * norm and the logits. Gemma 3 adds steps that are no-ops elsewhere: scaled
+ * embeddings, per-head RMSNorm of q and k (qwen3 too), a norm of each block's
+ * output before its residual ("sandwich" norms), GeGLU, sliding-window layers
+ * (kv_cache.c; llama and phi3 files may window every layer) and an optional
+ * logit soft-cap. phi3's fused q|k|v and gate|up weights arrive here as
+ * separate matrices (views of their rows, model.c). */
 #include <math.h>
 #include <string.h>
 #include <time.h>
@@ -94,7 +96,7 @@ static void embed_tokens(kvs_context *ctx, const int32_t *tokens, int32_t n_toke
     for (int64_t i = 0; i < (int64_t)n_tokens * m->hp.n_embd; i++) ctx->x[i] *= m->hp.embd_scale;
 }
 
-/* RMSNorm of each of n_heads heads in place (gemma3's QK-norm), or nothing. */
+/* RMSNorm of each of n_heads heads in place (gemma3's and qwen3's QK-norm), or nothing. */
 static void norm_heads(float *x, int32_t n_heads, const float *weight, const kvs_hparams *hp) {
     if (!weight) return;
     for (int32_t h = 0; h < n_heads; h++) {

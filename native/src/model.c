@@ -50,20 +50,47 @@ static kvs_status read_string(const kvs_gguf *g, const char *key, char *buf, siz
     return KVS_OK;
 }
 
+/* The architectures this loader reads, by their general.architecture names. */
+static const struct {
+    const char *name;
+    kvs_arch arch;
+} ARCHS[] = {{"llama", KVS_ARCH_LLAMA}, {"qwen2", KVS_ARCH_QWEN2}, {"qwen3", KVS_ARCH_QWEN3},
+             {"phi3", KVS_ARCH_PHI3},   {"gemma3", KVS_ARCH_GEMMA3}};
+#define N_ARCHS (sizeof ARCHS / sizeof ARCHS[0])
+
 static kvs_status read_arch(kvs_model *m) {
     char arch[64];
     kvs_status st = read_string(m->gguf, "general.architecture", arch, sizeof arch);
     if (st != KVS_OK) return st;
-    if (strcmp(arch, "llama") == 0) m->arch = KVS_ARCH_LLAMA;
-    else if (strcmp(arch, "qwen2") == 0) m->arch = KVS_ARCH_QWEN2;
-    else if (strcmp(arch, "gemma3") == 0) m->arch = KVS_ARCH_GEMMA3;
-    else if (arch[0] == '\0') return kvs_fail(KVS_ERR_FORMAT, "metadata 'general.architecture' is missing");
-    else return kvs_fail(KVS_ERR_UNSUPPORTED, "architecture '%s' is not supported (llama, qwen2, gemma3 are)", arch);
-    return KVS_OK;
+    if (arch[0] == '\0') return kvs_fail(KVS_ERR_FORMAT, "metadata 'general.architecture' is missing");
+    for (size_t i = 0; i < N_ARCHS; i++) {
+        if (strcmp(arch, ARCHS[i].name) == 0) {
+            m->arch = ARCHS[i].arch;
+            return KVS_OK;
+        }
+    }
+    char names[128] = "";
+    for (size_t i = 0; i < N_ARCHS; i++) {
+        strncat(names, i ? ", " : "", sizeof names - strlen(names) - 1);
+        strncat(names, ARCHS[i].name, sizeof names - strlen(names) - 1);
+    }
+    return kvs_fail(KVS_ERR_UNSUPPORTED, "architecture '%s' is not supported (%s are)", arch, names);
+}
+
+static const char *arch_name(kvs_arch arch) {
+    for (size_t i = 0; i < N_ARCHS; i++) {
+        if (ARCHS[i].arch == arch) return ARCHS[i].name;
+    }
+    return "llama";
 }
 
 #define ARCH_KEY(buf, suffix) (snprintf(buf, sizeof buf, "%s.%s", arch, suffix), buf)
 
+/* RoPE scaling: linear (positions divided by the factor), or Llama 3.1's
+ * ("llama3"), whose per-frequency factors the converter stores in
+ * rope_freqs.weight (its rope.scaling.factor made them: not a linear scale).
+ * Others (yarn, longrope and Phi-3's rope_factors_long/short) change the
+ * rotation in ways this runtime does not implement: refused, never ignored. */
 static kvs_status read_rope_scaling(kvs_model *m, const char *arch) {
     char key[128], type[32];
     kvs_hparams *hp = &m->hp;
@@ -76,18 +103,35 @@ static kvs_status read_rope_scaling(kvs_model *m, const char *arch) {
         if (factor != 0.0f && type[0] == '\0') strcpy(type, "linear");
     }
     hp->rope_freq_scale = 1.0f;
-    if (type[0] == '\0' || strcmp(type, "none") == 0) return KVS_OK;
-    if (strcmp(type, "linear") != 0) {
-        return kvs_fail(KVS_ERR_UNSUPPORTED, "rope scaling type '%s' is not supported (linear is)", type);
+    if (type[0] != '\0' && strcmp(type, "none") != 0 && strcmp(type, "linear") != 0 && strcmp(type, "llama3") != 0) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "rope scaling type '%s' is not supported (linear and llama3 are)", type);
     }
+    if (kvs_gguf_find_tensor(m->gguf, "rope_factors_long.weight") >= 0 ||
+        kvs_gguf_find_tensor(m->gguf, "rope_factors_short.weight") >= 0) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "LongRoPE scaling (tensors 'rope_factors_long.weight' and "
+                        "'rope_factors_short.weight', e.g. Phi-3 128k) is not supported");
+    }
+    if (strcmp(type, "llama3") == 0) {
+        if (m->arch != KVS_ARCH_LLAMA) {
+            return kvs_fail(KVS_ERR_UNSUPPORTED, "rope scaling type 'llama3' is supported for llama files only, "
+                            "not %s", arch);
+        }
+        if (kvs_gguf_find_tensor(m->gguf, "rope_freqs.weight") < 0) {
+            return kvs_fail(KVS_ERR_FORMAT, "rope scaling type 'llama3' needs its frequency factors, "
+                            "tensor 'rope_freqs.weight', which the file lacks");
+        }
+        return KVS_OK;
+    }
+    if (strcmp(type, "linear") != 0) return KVS_OK;
     if (factor <= 0.0f) return kvs_fail(KVS_ERR_FORMAT, "linear rope scaling needs a positive factor, got %g", factor);
     hp->rope_freq_scale = 1.0f / factor;
     return KVS_OK;
 }
 
-static const char *arch_name(kvs_arch arch) {
-    return arch == KVS_ARCH_QWEN2 ? "qwen2" : arch == KVS_ARCH_GEMMA3 ? "gemma3" : "llama";
-}
+/* Longest window a file may declare: far beyond any context, and small enough
+ * that window + block arithmetic stays in int32 (windows of 2^18 exist:
+ * Phi-4-mini's covers its whole context). */
+#define MAX_WINDOW (1 << 30)
 
 /* attention.sliding_window_pattern: a period, or one bool per layer (1:
  * local) as newer converters may write; absent, gemma3's period of 6. */
@@ -116,7 +160,7 @@ static kvs_status read_gemma3(kvs_model *m, const char *arch) {
     kvs_hparams *hp = &m->hp;
     char key[128];
     kvs_status st;
-    if ((st = read_int(g, ARCH_KEY(key, "attention.sliding_window"), 0, 0, INT32_MAX, &hp->n_swa))) return st;
+    if ((st = read_int(g, ARCH_KEY(key, "attention.sliding_window"), 0, 0, MAX_WINDOW, &hp->n_swa))) return st;
     if ((st = read_swa_pattern(m, arch))) return st;
     if ((st = read_float(g, ARCH_KEY(key, "rope.freq_base_swa"), 10000.0f, &hp->rope_freq_base_swa))) return st;
     if (hp->rope_freq_base_swa <= 0.0f) return kvs_fail(KVS_ERR_FORMAT, "rope.freq_base_swa must be positive");
@@ -130,6 +174,20 @@ static kvs_status read_gemma3(kvs_model *m, const char *arch) {
     if (query_pre_attn < 1) return kvs_fail(KVS_ERR_FORMAT, "gemma3 needs n_embd >= head_count");
     hp->attn_scale = 1.0f / sqrtf((float)query_pre_attn);
     return KVS_OK;
+}
+
+/* Local layers of the other architectures rotate exactly like the global
+ * ones. llama (Mistral's convention) and phi3 may declare a window that then
+ * applies to every layer: key p is hidden from query m when m - p >= n_swa. */
+static kvs_status read_window(kvs_model *m, const char *arch) {
+    kvs_hparams *hp = &m->hp;
+    char key[128];
+    hp->rope_freq_base_swa = hp->rope_freq_base;
+    hp->rope_freq_scale_swa = hp->rope_freq_scale;
+    hp->rope_factors_swa = 1;
+    hp->swa_period = 0;
+    if (m->arch != KVS_ARCH_LLAMA && m->arch != KVS_ARCH_PHI3) return KVS_OK;
+    return read_int(m->gguf, ARCH_KEY(key, "attention.sliding_window"), 0, 0, MAX_WINDOW, &hp->n_swa);
 }
 
 static kvs_status read_hparams(kvs_model *m) {
@@ -160,11 +218,11 @@ static kvs_status read_hparams(kvs_model *m) {
     if ((st = read_float(g, ARCH_KEY(key, "attention.layer_norm_rms_epsilon"), 1e-5f, &hp->rms_eps))) return st;
     if ((st = read_float(g, ARCH_KEY(key, "rope.freq_base"), 10000.0f, &hp->rope_freq_base))) return st;
     if (hp->rope_freq_base <= 0.0f) return kvs_fail(KVS_ERR_FORMAT, "rope.freq_base must be positive");
-    hp->rope_neox = m->arch == KVS_ARCH_QWEN2;
+    hp->rope_neox = m->arch != KVS_ARCH_LLAMA; /* llama.cpp's LLAMA_ROPE_TYPE_NEOX for all the others */
     hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
     hp->embd_scale = 1.0f;
     if ((st = read_rope_scaling(m, arch))) return st;
-    return m->arch == KVS_ARCH_GEMMA3 ? read_gemma3(m, arch) : KVS_OK;
+    return m->arch == KVS_ARCH_GEMMA3 ? read_gemma3(m, arch) : read_window(m, arch);
 }
 
 /* ---- weights ------------------------------------------------------------ */
@@ -226,31 +284,89 @@ static kvs_status bind_vector(kvs_model *m, const char *name, int64_t n, int req
     return KVS_OK;
 }
 
+/* Rows [r0, r0 + n) of a bound matrix as a matrix of its own: a fused
+ * weight's parts are products of their own (packed and multiplied apart). */
+static kvs_tensor row_view(const kvs_tensor *whole, int64_t r0, int64_t n) {
+    kvs_tensor view = *whole;
+    view.data = (const uint8_t *)whole->data + r0 * whole->row_bytes;
+    view.ne[1] = n;
+    view.packed = NULL;
+    return view;
+}
+
+/* q, k and v: three matrices, or phi3's fused attn_qkv (q rows, then k, then v;
+ * likewise its bias if any) when the file has one. */
+static kvs_status bind_qkv(kvs_model *m, int il, int64_t q_dim, int64_t kv_dim, kvs_layer *l) {
+    const int64_t n_embd = m->hp.n_embd;
+    char name[96];
+    kvs_status st;
+#define NAME(suffix) (snprintf(name, sizeof name, "blk.%d.%s", il, suffix), name)
+    if (m->arch == KVS_ARCH_PHI3 && kvs_gguf_find_tensor(m->gguf, NAME("attn_qkv.weight")) >= 0) {
+        kvs_tensor qkv;
+        if ((st = bind_matrix(m, name, n_embd, q_dim + 2 * kv_dim, 1, &qkv))) return st;
+        l->wq = row_view(&qkv, 0, q_dim);
+        l->wk = row_view(&qkv, q_dim, kv_dim);
+        l->wv = row_view(&qkv, q_dim + kv_dim, kv_dim);
+        const float *bias;
+        if ((st = bind_vector(m, NAME("attn_qkv.bias"), q_dim + 2 * kv_dim, 0, &bias))) return st;
+        if (bias) {
+            l->bq = bias;
+            l->bk = bias + q_dim;
+            l->bv = bias + q_dim + kv_dim;
+        }
+        return KVS_OK;
+    }
+    const int bias = m->arch == KVS_ARCH_QWEN2; /* required there; elsewhere added when present */
+    if ((st = bind_matrix(m, NAME("attn_q.weight"), n_embd, q_dim, 1, &l->wq))) return st;
+    if ((st = bind_matrix(m, NAME("attn_k.weight"), n_embd, kv_dim, 1, &l->wk))) return st;
+    if ((st = bind_matrix(m, NAME("attn_v.weight"), n_embd, kv_dim, 1, &l->wv))) return st;
+    if ((st = bind_vector(m, NAME("attn_q.bias"), q_dim, bias, &l->bq))) return st;
+    if ((st = bind_vector(m, NAME("attn_k.bias"), kv_dim, bias, &l->bk))) return st;
+    return bind_vector(m, NAME("attn_v.bias"), kv_dim, bias, &l->bv);
+#undef NAME
+}
+
+/* gate and up: two matrices, or phi3's fused ffn_up (gate rows, then up:
+ * llama.cpp's LLM_FFN_SWIGLU splits it in halves, the first activated). */
+static kvs_status bind_gate_up(kvs_model *m, int il, kvs_layer *l) {
+    const int64_t n_embd = m->hp.n_embd, n_ff = m->hp.n_ff;
+    char name[96];
+    kvs_status st;
+#define NAME(suffix) (snprintf(name, sizeof name, "blk.%d.%s", il, suffix), name)
+    if (m->arch == KVS_ARCH_PHI3) {
+        kvs_tensor gate_up;
+        if ((st = bind_matrix(m, NAME("ffn_up.weight"), n_embd, 2 * n_ff, 1, &gate_up))) return st;
+        l->w_gate = row_view(&gate_up, 0, n_ff);
+        l->w_up = row_view(&gate_up, n_ff, n_ff);
+        return KVS_OK;
+    }
+    if ((st = bind_matrix(m, NAME("ffn_gate.weight"), n_embd, n_ff, 1, &l->w_gate))) return st;
+    return bind_matrix(m, NAME("ffn_up.weight"), n_embd, n_ff, 1, &l->w_up);
+#undef NAME
+}
+
 static kvs_status bind_layer(kvs_model *m, int il) {
     const kvs_hparams *hp = &m->hp;
     kvs_layer *l = &m->layers[il];
     int64_t q_dim = (int64_t)hp->n_head * hp->head_dim, kv_dim = (int64_t)hp->n_head_kv * hp->head_dim;
-    const int bias = m->arch == KVS_ARCH_QWEN2, gemma = m->arch == KVS_ARCH_GEMMA3;
+    const int gemma = m->arch == KVS_ARCH_GEMMA3;
+    const int qk_norm = gemma || m->arch == KVS_ARCH_QWEN3;
     char name[96];
     kvs_status st;
 #define NAME(suffix) (snprintf(name, sizeof name, "blk.%d.%s", il, suffix), name)
     if ((st = bind_vector(m, NAME("attn_norm.weight"), hp->n_embd, 1, &l->attn_norm))) return st;
-    if ((st = bind_matrix(m, NAME("attn_q.weight"), hp->n_embd, q_dim, 1, &l->wq))) return st;
-    if ((st = bind_matrix(m, NAME("attn_k.weight"), hp->n_embd, kv_dim, 1, &l->wk))) return st;
-    if ((st = bind_matrix(m, NAME("attn_v.weight"), hp->n_embd, kv_dim, 1, &l->wv))) return st;
+    if ((st = bind_qkv(m, il, q_dim, kv_dim, l))) return st;
     if ((st = bind_matrix(m, NAME("attn_output.weight"), q_dim, hp->n_embd, 1, &l->wo))) return st;
-    if ((st = bind_vector(m, NAME("attn_q.bias"), q_dim, bias, &l->bq))) return st;
-    if ((st = bind_vector(m, NAME("attn_k.bias"), kv_dim, bias, &l->bk))) return st;
-    if ((st = bind_vector(m, NAME("attn_v.bias"), kv_dim, bias, &l->bv))) return st;
-    if (gemma) { /* only gemma3's graph reads them: elsewhere such tensors stay unbound */
+    if (qk_norm) { /* only gemma3's and qwen3's graphs read them */
         if ((st = bind_vector(m, NAME("attn_q_norm.weight"), hp->head_dim, 1, &l->q_norm))) return st;
         if ((st = bind_vector(m, NAME("attn_k_norm.weight"), hp->head_dim, 1, &l->k_norm))) return st;
+    }
+    if (gemma) {
         if ((st = bind_vector(m, NAME("post_attention_norm.weight"), hp->n_embd, 1, &l->attn_post_norm))) return st;
         if ((st = bind_vector(m, NAME("post_ffw_norm.weight"), hp->n_embd, 1, &l->ffn_post_norm))) return st;
     }
     if ((st = bind_vector(m, NAME("ffn_norm.weight"), hp->n_embd, 1, &l->ffn_norm))) return st;
-    if ((st = bind_matrix(m, NAME("ffn_gate.weight"), hp->n_embd, hp->n_ff, 1, &l->w_gate))) return st;
-    if ((st = bind_matrix(m, NAME("ffn_up.weight"), hp->n_embd, hp->n_ff, 1, &l->w_up))) return st;
+    if ((st = bind_gate_up(m, il, l))) return st;
     if ((st = bind_matrix(m, NAME("ffn_down.weight"), hp->n_ff, hp->n_embd, 1, &l->w_down))) return st;
 #undef NAME
     return KVS_OK;
@@ -269,7 +385,9 @@ static kvs_status bind_weights(kvs_model *m) {
     if ((st = bind_vector(m, "output_norm.weight", hp->n_embd, 1, &m->output_norm))) return st;
     if ((st = bind_matrix(m, "output.weight", hp->n_embd, hp->n_vocab, 0, &m->output))) return st;
     if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
-    if ((st = bind_vector(m, "rope_freqs.weight", hp->n_rot / 2, 0, &m->rope_freqs))) return st;
+    if (m->arch == KVS_ARCH_LLAMA) { /* Llama 3.1's frequency factors: no other graph reads them */
+        if ((st = bind_vector(m, "rope_freqs.weight", hp->n_rot / 2, 0, &m->rope_freqs))) return st;
+    }
     m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
     if (!m->layers) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %d layers", hp->n_layer);
     for (int il = 0; il < hp->n_layer; il++) {

@@ -9,8 +9,10 @@
 typedef enum kvs_arch {
     KVS_ARCH_LLAMA = 0, /* SmolLM2, Llama 2/3, Mistral conventions */
     KVS_ARCH_QWEN2 = 1, /* q/k/v biases, NeoX-style RoPE           */
-    KVS_ARCH_GEMMA3 = 2 /* scaled embeddings, QK-norm, sandwich norms, GeGLU,
-                           sliding-window layers with their own RoPE base */
+    KVS_ARCH_GEMMA3 = 2, /* scaled embeddings, QK-norm, sandwich norms, GeGLU,
+                            sliding-window layers with their own RoPE base */
+    KVS_ARCH_QWEN3 = 3,  /* qwen2 without biases, with QK-norm; head_dim may differ from n_embd / n_head */
+    KVS_ARCH_PHI3 = 4    /* fused q|k|v and gate|up weights, NeoX-style RoPE, optional window on every layer */
 } kvs_arch;
 
 typedef struct kvs_hparams {
@@ -36,6 +38,8 @@ typedef struct kvs_hparams {
     const uint8_t *swa_layers; /* [n_layer] 1: local, from a per-layer pattern (in the file
                                   mapping); NULL: by swa_period */
     float rope_freq_base_swa, rope_freq_scale_swa; /* RoPE of the local layers */
+    int32_t rope_factors_swa; /* 1: local layers take the frequency factors (rope_freqs) too: every
+                                 architecture whose local layers rotate like its global ones (not gemma3) */
 } kvs_hparams;
 
 /* Whether layer il attends to a sliding window (llama.cpp's set_swa_pattern:
@@ -68,17 +72,19 @@ typedef struct kvs_sink_profile {
 
 typedef struct kvs_layer {
     const float *attn_norm;   /* [n_embd] */
+    /* wq, wk, wv: phi3's fused attn_qkv is bound as three views of its rows
+     * (q, then k, then v), each packed and multiplied as its own matrix */
     kvs_tensor wq;            /* [n_embd] -> [n_head * head_dim]    */
     kvs_tensor wk;            /* [n_embd] -> [n_head_kv * head_dim] */
     kvs_tensor wv;            /* [n_embd] -> [n_head_kv * head_dim] */
     kvs_tensor wo;            /* [n_head * head_dim] -> [n_embd]    */
     const float *bq, *bk, *bv;/* qwen2 biases, NULL when absent      */
-    const float *q_norm;      /* [head_dim] gemma3 per-head RMSNorm of q and k before RoPE, */
+    const float *q_norm;      /* [head_dim] gemma3/qwen3 per-head RMSNorm of q and k before RoPE, */
     const float *k_norm;      /* [head_dim] NULL when absent                                */
     const float *attn_post_norm; /* [n_embd] gemma3 norm of the attention output before the residual, or NULL */
     const float *ffn_norm;    /* [n_embd] */
-    kvs_tensor w_gate;        /* [n_embd] -> [n_ff] */
-    kvs_tensor w_up;          /* [n_embd] -> [n_ff] */
+    kvs_tensor w_gate;        /* [n_embd] -> [n_ff]; phi3: the first n_ff rows of the fused ffn_up */
+    kvs_tensor w_up;          /* [n_embd] -> [n_ff]; phi3: its last n_ff rows                       */
     kvs_tensor w_down;        /* [n_ff] -> [n_embd] */
     const float *ffn_post_norm; /* [n_embd] gemma3 norm of the FFN output before the residual, or NULL */
 } kvs_layer;
