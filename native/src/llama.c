@@ -139,10 +139,10 @@ static void attention_block(kvs_context *ctx, int32_t il, int32_t n_tokens) {
     }
     attention_job job = {ctx, il, n_tokens, 1, 0};
     if (n_tokens == 1 && !ctx->trace_mass) {
+        /* parts follow the keys alone, never the thread count, so that a
+         * token decodes bit for bit alike on any number of threads */
         job.n_segments = kvs_kv_cache_n_segments(ctx->kv, il);
-        const int32_t want = (4 * ctx->params.n_threads + hp->n_head_kv - 1) / hp->n_head_kv;
-        job.n_parts = want < ATTN_MAX_PARTS ? want : ATTN_MAX_PARTS;
-        if (job.n_parts > job.n_segments) job.n_parts = job.n_segments;
+        job.n_parts = job.n_segments < ATTN_MAX_PARTS ? job.n_segments : ATTN_MAX_PARTS;
         kvs_threadpool_run(ctx->cpu.pool, attention_split_task, &job);
         attention_combine(ctx, &job);
     } else {
