@@ -30,7 +30,7 @@ def tokens_of(n, seed=3):
 
 def open_llm(path, cache, swa_full, **kw):
     type_k, type_v, rotate, sinks = cache
-    opts = dict(n_ctx=256, n_batch=64, n_threads=2, verbose=False, matmul="f32", type_k=type_k, type_v=type_v,
+    opts = dict(n_ctx=1024, n_batch=64, n_threads=2, verbose=False, matmul="f32", type_k=type_k, type_v=type_v,
                 kv_rotate=rotate, sinks=sinks, kv_block=8, kv_recent=8, kv_group=32)
     return Llama(str(path), swa_full=swa_full, **{**opts, **kw})
 
@@ -52,7 +52,7 @@ def logits_of(llm, tokens, batched):
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "token-by-token"])
 @pytest.mark.parametrize("cache", CACHES, ids=lambda c: "/".join(c))
 def test_local_layers_keeping_their_window_change_nothing(model, cache, batched):
-    tokens = tokens_of(200)
+    tokens = tokens_of(700)  # the local ring (544 tokens) turns over
     with open_llm(model, cache, swa_full=True) as full, open_llm(model, cache, swa_full=False) as trimmed:
         want, got = logits_of(full, tokens, batched), logits_of(trimmed, tokens, batched)
         assert trimmed.kv_cache_memory()["local_block_tokens"] > 0, "the local ring is not in use"
@@ -60,12 +60,12 @@ def test_local_layers_keeping_their_window_change_nothing(model, cache, batched)
 
 
 def test_the_ring_buffer_with_trimmed_local_layers(model):
-    """n_ctx 64 and 300 tokens: blocks of global layers are evicted while the
-    local ring turns over many times."""
-    tokens = tokens_of(300, seed=5)
+    """n_ctx 640 and 1,400 tokens: blocks of global layers are evicted while
+    the local ring turns over."""
+    tokens = tokens_of(1400, seed=5)
     cache = CACHES[2]
-    with open_llm(model, cache, True, n_ctx=64, kv_ring=True) as full, \
-            open_llm(model, cache, False, n_ctx=64, kv_ring=True) as trimmed:
+    with open_llm(model, cache, True, n_ctx=640, kv_ring=True) as full, \
+            open_llm(model, cache, False, n_ctx=640, kv_ring=True) as trimmed:
         want, got = logits_of(full, tokens, False), logits_of(trimmed, tokens, False)
         assert trimmed.kv_cache_stats()["n_evicted"] > 0
     np.testing.assert_array_equal(got, want)
@@ -80,13 +80,13 @@ def test_memory_by_kind_of_layer(model):
         per_token = trimmed.kv_cache_bytes_per_token()
     assert (mt["n_local_layers"], mt["n_global_layers"]) == (6, 1)
     assert mt["local_window"] == WINDOW
-    # ceil((16 - 1) / 8) + 2 blocks of 8 tokens
-    assert mt["local_block_tokens"] == 32 and mf["local_block_tokens"] == 0
+    # ceil((16 - 1 + 512) / 8) + 2 blocks of 8 tokens: the window, 512 to go back, margins
+    assert mt["local_block_tokens"] == 544 and mf["local_block_tokens"] == 0
     assert mt["global_bytes_per_token"] + mt["local_bytes_per_token"] == pytest.approx(per_token)
     assert mt["local_bytes_per_token"] == pytest.approx(per_token * 6 / 7)
-    # the local layers' blocks: 256 tokens' worth kept in full, 32 trimmed
+    # the local layers' blocks: 1024 tokens' worth kept in full, 544 trimmed
     saved = mf["allocated_bytes"] - mt["allocated_bytes"]
-    assert saved == pytest.approx(mt["local_bytes_per_token"] * (256 - 32), rel=1e-9)
+    assert saved == pytest.approx(mt["local_bytes_per_token"] * (1024 - 544), rel=1e-9)
 
 
 def test_going_back_past_what_local_layers_keep_starts_over(model):
@@ -94,14 +94,14 @@ def test_going_back_past_what_local_layers_keep_starts_over(model):
     keeps everything doing the same. Back by more: the cache cannot see that
     far for local layers, so it is cleared and the tokens are evaluated
     again, as a fresh context evaluates them."""
-    tokens = tokens_of(120, seed=7)
+    tokens = tokens_of(700, seed=7)
     cache = CACHES[2]
     with open_llm(model, cache, False) as llm, open_llm(model, cache, True) as full, \
             open_llm(model, cache, False) as fresh:
         for a in (llm, full):
             a.eval(tokens)
-            a.n_tokens = 99  # back 21 tokens: more than the fp16 window, less than local layers keep
-            a.eval([tokens[99]])
+            a.n_tokens = 579  # back 121 tokens: more than the fp16 window, less than local layers keep
+            a.eval([tokens[579]])
         np.testing.assert_array_equal(llm.last_logits(), full.last_logits())
 
         fresh.eval(tokens[:40])
@@ -112,14 +112,14 @@ def test_going_back_past_what_local_layers_keep_starts_over(model):
 
 def test_set_n_past_reports_what_it_kept(model):
     from kvsink_cpp._native import lib
-    tokens = tokens_of(120, seed=8)
+    tokens = tokens_of(700, seed=8)
     cache = CACHES[2]
     with open_llm(model, cache, False) as trimmed, open_llm(model, cache, True) as full:
         for llm in (trimmed, full):
             llm.eval(tokens)
         for llm in (trimmed, full):
-            assert lib.kvs_context_set_n_past(llm._ctx, 117) == 0
-            assert lib.kvs_context_n_past(llm._ctx) == 117  # inside the fp16 window
+            assert lib.kvs_context_set_n_past(llm._ctx, 697) == 0
+            assert lib.kvs_context_n_past(llm._ctx) == 697  # inside the fp16 window
         assert lib.kvs_context_set_n_past(full._ctx, 40) == 0
         assert lib.kvs_context_n_past(full._ctx) == 40  # a block boundary
         assert lib.kvs_context_set_n_past(trimmed._ctx, 40) == 0
@@ -128,12 +128,12 @@ def test_set_n_past_reports_what_it_kept(model):
 
 @pytest.mark.parametrize("cache", CACHES[1:3], ids=lambda c: "/".join(c))
 def test_saved_state_with_the_local_ring_continues_bit_for_bit(model, cache):
-    tokens = tokens_of(160, seed=9)
+    tokens = tokens_of(640, seed=9)
     with open_llm(model, cache, False) as a, open_llm(model, cache, False) as b:
-        a.eval(tokens[:130])
+        a.eval(tokens[:610])
         state = a.save_state()
         b.load_state(state)
-        for t in tokens[130:]:
+        for t in tokens[610:]:
             a.eval([t])
             b.eval([t])
             np.testing.assert_array_equal(b.last_logits(), a.last_logits())

@@ -141,12 +141,17 @@ static void free_rope(kv_rope *r) {
     free(r->blk_sin);
 }
 
+/* Tokens a context may go back (kvs_kv_cache_truncate: a regenerated reply,
+ * a rewound benchmark) and still find its local layers' blocks: llama.cpp's
+ * sliding-window caches keep their window plus a batch of 512 likewise. */
+#define LOCAL_REWIND 512
+
 /* Blocks a local layer's window can reach: queries from n_past on see keys
  * from n_past - n_swa + 1, which start at most ceil((n_swa - 1) / B) blocks
- * before the window; one more slot for the block being committed, one so
- * that going back (kvs_kv_cache_truncate) by up to a block keeps them. */
+ * before the window; one more slot for the block being committed, one for a
+ * partial block, and LOCAL_REWIND tokens for going back. */
 static int32_t local_ring_slots(const kvs_kv_cache *c, const kvs_hparams *hp) {
-    return (hp->n_swa - 1 + c->B - 1) / c->B + 2;
+    return (int32_t)(((int64_t)hp->n_swa - 1 + LOCAL_REWIND + c->B - 1) / c->B + 2);
 }
 
 /* Which layers are local, where their blocks live, and the RoPE tables of
