@@ -41,6 +41,16 @@ def _matrix(rng, qtype: T, n_out: int, n_in: int, scale: float = 0.05):
     return gguf.quants.quantize(w, qtype), qtype  # BF16
 
 
+def _add_shape(w, n_embd, n_layer, n_ff, n_head, n_head_kv):
+    """The size keys every writer below starts with."""
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+
+
 def write_model(path, arch: str, types: dict, *, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
                 n_layer=2, n_vocab=320, tied=False, rope_scale=None, rope_scaling_type="linear",
                 rope_freqs=False, biases=False, head_dim=None, qk_norm=False, fused=False,
@@ -64,12 +74,7 @@ def write_model(path, arch: str, types: dict, *, n_embd=256, n_ff=512, n_head=4,
     w = gguf.GGUFWriter(str(path), arch)
     if extra:
         extra(w)
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    _add_shape(w, n_embd, n_layer, n_ff, n_head, n_head_kv)
     if key_length:
         w.add_key_length(key_length)
         w.add_value_length(key_length)
@@ -208,12 +213,7 @@ def write_gemma3(path, types: dict | None = None, *, n_embd=256, n_ff=512, n_hea
     types = types or GEMMA3_TYPES
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    _add_shape(w, n_embd, n_layer, n_ff, n_head, n_head_kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(1e-6)

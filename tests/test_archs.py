@@ -17,9 +17,9 @@ from kvsink_cpp import chat_format
 
 import synthetic
 from kv_sim import KVSinkSim
+from logits_check import EXACT, assert_logits_close, max_rel_diff, run
 from numpy_llama import NumpyLlama
 
-EXACT = dict(matmul="f32", type_k="f32", type_v="f32", sinks="none")
 N_TOKENS = 48  # three windows of 16
 
 LLAMA_TYPES = {"embd": T.Q8_0, "q": T.Q4_0, "k": T.Q5_1, "v": T.Q5_0, "o": T.Q4_0,
@@ -48,30 +48,6 @@ MODELS = {
     "llama-window16-scaled": write_llama_window,
     "llama-llama3-scaling": write_llama3_scaling,
 }
-
-
-def max_rel_diff(got, want):
-    return np.abs(got - want).max() / np.abs(want).max()
-
-
-def assert_logits_close(got, want, rel=1e-3):
-    diff = np.abs(got - want).max()
-    tol = rel * np.abs(want).max()
-    assert diff <= tol, f"max |logit difference| {diff:.3g} exceeds {tol:.3g}"
-    mismatch = np.flatnonzero(got.argmax(-1) != want.argmax(-1))
-    assert mismatch.size == 0, f"argmax differs at positions {mismatch.tolist()}"
-
-
-def run(path, tokens, batched=True, **kw):
-    """Logits of every token, evaluated in one batch or one token at a time."""
-    opts = {**EXACT, **kw}
-    with Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False, **opts) as llm:
-        if batched:
-            llm.eval(tokens)
-        else:
-            for t in tokens:
-                llm.eval([t])
-        return llm.scores[: len(tokens)].copy()
 
 
 def tokens_for(seed=2):

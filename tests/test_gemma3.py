@@ -12,9 +12,9 @@ from kvsink_cpp import chat_format
 
 import synthetic
 from kv_sim import KVSinkSim
+from logits_check import EXACT, assert_logits_close, max_rel_diff, run
 from numpy_llama import NumpyLlama
 
-EXACT = dict(matmul="f32", type_k="f32", type_v="f32", sinks="none")
 N_TOKENS = 48  # three windows of the synthetic models
 
 # (writer keywords): head_dim 128 with one KV head; head_dim 256 with 4 query
@@ -27,30 +27,6 @@ MODELS = {
     "hd64-pattern-softcap": dict(head_dim=64, n_head=4, n_head_kv=2,
                                  swa_pattern=[True, False, True, True, True, True, False], softcap=400.0),
 }
-
-
-def max_rel_diff(got, want):
-    return np.abs(got - want).max() / np.abs(want).max()
-
-
-def assert_logits_close(got, want, rel=1e-3):
-    diff = np.abs(got - want).max()
-    tol = rel * np.abs(want).max()
-    assert diff <= tol, f"max |logit difference| {diff:.3g} exceeds {tol:.3g}"
-    mismatch = np.flatnonzero(got.argmax(-1) != want.argmax(-1))
-    assert mismatch.size == 0, f"argmax differs at positions {mismatch.tolist()}"
-
-
-def run(path, tokens, batched=True, **kw):
-    """Logits of every token, evaluated in one batch or one token at a time."""
-    opts = {**EXACT, **kw}
-    with Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False, **opts) as llm:
-        if batched:
-            llm.eval(tokens)
-        else:
-            for t in tokens:
-                llm.eval([t])
-        return llm.scores[: len(tokens)].copy()
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
