@@ -122,6 +122,11 @@ static int32_t local_distances(const kvs_kv_cache *c, const kvs_hparams *hp) {
     return (int64_t)hp->n_swa + c->B < c->P ? hp->n_swa + c->B : c->P;
 }
 
+/* Bytes of one kind's RoPE tables holding n_rel distances. */
+static size_t rope_bytes(const kvs_kv_cache *c, int32_t n_rel) {
+    return 2 * ((size_t)n_rel * (size_t)(c->n_rot / 2) + (size_t)c->hd * c->B) * 4;
+}
+
 static kvs_status alloc_rope(kvs_kv_cache *c, kv_rope *r, int32_t n_rel) {
     const size_t half = (size_t)(c->n_rot / 2), blk = (size_t)c->hd * c->B * 4;
     r->n_rel = n_rel;
@@ -131,7 +136,7 @@ static kvs_status alloc_rope(kvs_kv_cache *c, kv_rope *r, int32_t n_rel) {
     r->blk_sin = calloc(1, blk);
     if (r->rel_cos && r->rel_sin && r->blk_cos && r->blk_sin) return KVS_OK;
     return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of RoPE tables for the KV cache",
-                    (double)(2 * ((size_t)n_rel * half * 4 + blk)) / (1 << 20));
+                    (double)rope_bytes(c, n_rel) / (1 << 20));
 }
 
 static void free_rope(kv_rope *r) {
@@ -261,10 +266,10 @@ void kvs_kv_cache_memory(const kvs_kv_cache *c, kvs_kv_memory *out) {
     int32_t n_local = 0;
     for (int32_t il = 0; il < c->n_layer; il++) n_local += c->window[il] > 0;
     const double per_layer = (double)(c->k_bytes + c->v_bytes) * c->n_kv / c->B;
-    const size_t row = kv_token_row_bytes(c), half = (size_t)(c->n_rot / 2);
+    const size_t row = kv_token_row_bytes(c);
     size_t rope = 0;
     for (int kind = 0; kind < 2; kind++) {
-        if (c->rope[kind].rel_cos) rope += 2 * ((size_t)c->rope[kind].n_rel * half + (size_t)c->hd * c->B) * 4;
+        if (c->rope[kind].rel_cos) rope += rope_bytes(c, c->rope[kind].n_rel);
     }
     out->n_global_layers = c->n_layer - n_local;
     out->n_local_layers = n_local;
