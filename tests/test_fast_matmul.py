@@ -20,7 +20,13 @@ from kvsink_cpp.errors import InvalidArgumentError, UnsupportedError  # noqa: E4
 import synthetic  # noqa: E402
 from test_formats import TYPES, oracle, random_row, require_avx2  # noqa: E402
 
-FAST_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+FAST_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+K_TYPES = {"Q4_K", "Q5_K", "Q6_K"}  # super-blocks of 256: rows are multiples of 256
+
+
+def fit(name: str, n: int) -> int:
+    """n, rounded up to a whole number of the type's blocks."""
+    return -(-n // 256) * 256 if name in K_TYPES else n
 
 
 def impls() -> list[int]:
@@ -98,7 +104,7 @@ def test_quantizer_matches_numpy_bit_for_bit(impl):
 @pytest.mark.parametrize("impl", impls())
 def test_integer_dot_matches_numpy(name, impl):
     rng = np.random.default_rng(300 + TYPES[name])
-    for n in (32, 96, 1536):
+    for n in (fit(name, 32), fit(name, 96), 1536):
         row = random_row(name, n, rng)
         x = activations(n, rng)
         q, d = numpy_quantize(x)
@@ -113,7 +119,7 @@ def test_integer_dot_matches_numpy(name, impl):
 @pytest.mark.parametrize("impl", impls())
 def test_four_row_kernel_matches_one_row_kernel(name, impl):
     rng = np.random.default_rng(50 + TYPES[name])
-    n = 576
+    n = fit(name, 576)
     rows = [random_row(name, n, rng) for _ in range(7)]  # one group of four, three single rows
     x = activations(n, rng)
     together = matvec_q8(TYPES[name], impl, rows, x)
@@ -129,7 +135,7 @@ def test_batched_product_matches_token_by_token(name, impl):
     """Many tokens (rows unpacked once into quads, 18 rows: quads plus a
     remainder) give what each token alone gives."""
     rng = np.random.default_rng(70 + TYPES[name])
-    n, n_rows, n_tokens = 576, 18, 5
+    n, n_rows, n_tokens = fit(name, 576), 18, 5
     rows = [random_row(name, n, rng) for _ in range(n_rows)]
     x = np.stack([activations(n, rng) for _ in range(n_tokens)])
     batch = matmul_q8(TYPES[name], impl, rows, x)
@@ -144,7 +150,7 @@ def test_batched_product_matches_token_by_token(name, impl):
 def test_avx2_integer_dot_matches_scalar(name):
     require_avx2()
     rng = np.random.default_rng(900 + TYPES[name])
-    for n in (32, 64, 576, 1536):
+    for n in sorted({fit(name, 32), fit(name, 64), fit(name, 576), 1536}):
         row = random_row(name, n, rng)
         x = activations(n, rng)
         scalar = dot_q8(TYPES[name], lib.KVS_IMPL_SCALAR, row, x)
@@ -154,9 +160,9 @@ def test_avx2_integer_dot_matches_scalar(name):
 
 
 def test_types_without_integer_dot_are_unsupported():
-    row = random_row("Q4_K", 256, np.random.default_rng(0))
-    with pytest.raises(UnsupportedError, match="Q4_K has no integer dot"):
-        dot_q8(TYPES["Q4_K"], lib.KVS_IMPL_SCALAR, row, np.ones(256, dtype=np.float32))
+    row = random_row("Q3_K", 256, np.random.default_rng(0))
+    with pytest.raises(UnsupportedError, match="Q3_K has no integer dot"):
+        dot_q8(TYPES["Q3_K"], lib.KVS_IMPL_SCALAR, row, np.ones(256, dtype=np.float32))
 
 
 def test_quantizer_rejects_partial_blocks():
@@ -222,7 +228,7 @@ def test_outlier_split_matches_numpy(name, impl):
     """Packed groups and leftover rows, one token and several: the product is
     the 8-bit product without the outliers plus their exact terms."""
     rng = np.random.default_rng(1200 + TYPES[name])
-    n, n_rows = 576, 21
+    n, n_rows = fit(name, 576), 21
     rows = [random_row(name, n, rng) for _ in range(n_rows)]
     x = sink_rows(n, 4, rng)
     w = np.stack([oracle(name, row) for row in rows]).astype(np.float64)
@@ -233,11 +239,11 @@ def test_outlier_split_matches_numpy(name, impl):
         assert np.all(np.abs(got - want) <= 1e-5 * scale), np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
 def test_outlier_split_is_closer_to_exact(name):
     """The point of the split: a sink row's small channels keep their 8 bits."""
     rng = np.random.default_rng(1300 + TYPES[name])
-    n = 576
+    n = fit(name, 576)
     rows = [random_row(name, n, rng) for _ in range(16)]
     x = sink_rows(n, 3, rng)[1:2]
     w = np.stack([oracle(name, row) for row in rows]).astype(np.float64)

@@ -9,6 +9,7 @@
 
 #include "blocks.h"
 #include "formats.h"
+#include "kernels_avx2.h"
 #include "kvsink.h"
 
 void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n) {
@@ -27,12 +28,14 @@ void kvs_quantize_act_scalar(const float *x, block_q8_act *y, int64_t n) {
     }
 }
 
-/* One weight block as integers: w[j] = d * q[j] + m, where q = u - offset
- * for the unsigned stored quant u. */
+/* One weight block of 32 as integers: w[j] = d * q[j] + m, where q = u -
+ * offset for the unsigned stored quant u. Q6_K's two scales per block are
+ * folded into q (q = scale * (u - 32), d the super-block's): the integer
+ * dot stays exact and the block keeps one d. */
 typedef struct {
     int q[32];
     float d, m;
-    int offset;
+    int offset;   /* 0 with `signed_quants`: Q8_0, Q6_K (no quads) */
 } int_block;
 
 static float half(const kvs_half *p) {
@@ -55,54 +58,158 @@ static void unpack_nibbles(const uint8_t qs[16], uint32_t qh, int offset, int *q
     }
 }
 
-static void unpack_q4_0(const void *src, int_block *b) {
-    const block_q4_0 *w = src;
+/* Element j (0..31) of a nibble block, its 5th bit included. */
+static int nibble_at(const uint8_t qs[16], uint32_t qh, int j) {
+    const int u = j < 16 ? qs[j] & 0x0f : qs[j - 16] >> 4;
+    return u + (int)(((qh >> j) & 1u) << 4);
+}
+
+/* Block i (of 32 elements) of a row, as integers. */
+typedef void (*unpack_fn)(const uint8_t *row, int64_t i, int_block *b);
+/* Element j of a row, dequantized as the exact path does (formats.c). */
+typedef float (*weight_at_fn)(const uint8_t *row, int64_t j);
+
+static void unpack_q4_0(const uint8_t *row, int64_t i, int_block *b) {
+    const block_q4_0 *w = (const block_q4_0 *)row + i;
     unpack_nibbles(w->qs, 0, 8, b->q);
     b->d = half(&w->d);
     b->m = 0.0f;
     b->offset = 8;
 }
 
-static void unpack_q4_1(const void *src, int_block *b) {
-    const block_q4_1 *w = src;
+static float weight_at_q4_0(const uint8_t *row, int64_t j) {
+    const block_q4_0 *w = (const block_q4_0 *)row + j / 32;
+    return (float)(nibble_at(w->qs, 0, (int)(j % 32)) - 8) * half(&w->d);
+}
+
+static void unpack_q4_1(const uint8_t *row, int64_t i, int_block *b) {
+    const block_q4_1 *w = (const block_q4_1 *)row + i;
     unpack_nibbles(w->qs, 0, 0, b->q);
     b->d = half(&w->d);
     b->m = half(&w->m);
     b->offset = 0;
 }
 
-static void unpack_q5_0(const void *src, int_block *b) {
-    const block_q5_0 *w = src;
+static float weight_at_q4_1(const uint8_t *row, int64_t j) {
+    const block_q4_1 *w = (const block_q4_1 *)row + j / 32;
+    return half(&w->d) * (float)nibble_at(w->qs, 0, (int)(j % 32)) + half(&w->m);
+}
+
+static void unpack_q5_0(const uint8_t *row, int64_t i, int_block *b) {
+    const block_q5_0 *w = (const block_q5_0 *)row + i;
     unpack_nibbles(w->qs, fifth_bits(w->qh), 16, b->q);
     b->d = half(&w->d);
     b->m = 0.0f;
     b->offset = 16;
 }
 
-static void unpack_q5_1(const void *src, int_block *b) {
-    const block_q5_1 *w = src;
+static float weight_at_q5_0(const uint8_t *row, int64_t j) {
+    const block_q5_0 *w = (const block_q5_0 *)row + j / 32;
+    return (float)(nibble_at(w->qs, fifth_bits(w->qh), (int)(j % 32)) - 16) * half(&w->d);
+}
+
+static void unpack_q5_1(const uint8_t *row, int64_t i, int_block *b) {
+    const block_q5_1 *w = (const block_q5_1 *)row + i;
     unpack_nibbles(w->qs, fifth_bits(w->qh), 0, b->q);
     b->d = half(&w->d);
     b->m = half(&w->m);
     b->offset = 0;
 }
 
-static void unpack_q8_0(const void *src, int_block *b) {
-    const block_q8_0 *w = src;
+static float weight_at_q5_1(const uint8_t *row, int64_t j) {
+    const block_q5_1 *w = (const block_q5_1 *)row + j / 32;
+    return half(&w->d) * (float)nibble_at(w->qs, fifth_bits(w->qh), (int)(j % 32)) + half(&w->m);
+}
+
+static void unpack_q8_0(const uint8_t *row, int64_t i, int_block *b) {
+    const block_q8_0 *w = (const block_q8_0 *)row + i;
     for (int j = 0; j < 32; j++) b->q[j] = w->qs[j];
     b->d = half(&w->d);
     b->m = 0.0f;
-    b->offset = 0; /* signed: no quads */
+    b->offset = 0;
 }
 
-typedef void (*unpack_fn)(const void *src, int_block *b);
+static float weight_at_q8_0(const uint8_t *row, int64_t j) {
+    const block_q8_0 *w = (const block_q8_0 *)row + j / 32;
+    return (float)w->qs[j % 32] * half(&w->d);
+}
 
-static float q8_dot_blocks(int64_t n, const void *row, const block_q8_act *x, unpack_fn unpack, size_t bytes) {
-    const uint8_t *w = row;
+/* Q4_K/Q5_K: sub-block s (0..7) of a super-block has scale d * sc[s] and
+ * min dmin * mn[s]; its 32 quants are the low (s even) or high (s odd)
+ * nibbles of qs[32 * (s / 2) ..], Q5_K's 5th bit is bit s of qh[l]. */
+static void k4_block(kvs_half d, kvs_half dmin, const uint8_t scales[12], int s, int_block *b) {
+    uint8_t sc[8], mn[8];
+    kvs_unpack_k4_scales(scales, sc, mn);
+    b->d = half(&d) * (float)sc[s];
+    b->m = -(half(&dmin) * (float)mn[s]);
+    b->offset = 0;
+}
+
+static void unpack_q4_k(const uint8_t *row, int64_t i, int_block *b) {
+    const block_q4_K *w = (const block_q4_K *)row + i / 8;
+    const int s = (int)(i % 8);
+    const uint8_t *qs = w->qs + 32 * (s / 2);
+    for (int l = 0; l < 32; l++) b->q[l] = (qs[l] >> (4 * (s & 1))) & 0x0f;
+    k4_block(w->d, w->dmin, w->scales, s, b);
+}
+
+static void unpack_q5_k(const uint8_t *row, int64_t i, int_block *b) {
+    const block_q5_K *w = (const block_q5_K *)row + i / 8;
+    const int s = (int)(i % 8);
+    const uint8_t *qs = w->qs + 32 * (s / 2);
+    for (int l = 0; l < 32; l++) b->q[l] = ((qs[l] >> (4 * (s & 1))) & 0x0f) | (((w->qh[l] >> s) & 1) << 4);
+    k4_block(w->d, w->dmin, w->scales, s, b);
+}
+
+/* Element j as formats.c dequantizes it: d1 * q - m1. */
+static float k4_weight(kvs_half d, kvs_half dmin, const uint8_t scales[12], int s, int q) {
+    uint8_t sc[8], mn[8];
+    kvs_unpack_k4_scales(scales, sc, mn);
+    return half(&d) * (float)sc[s] * (float)q - half(&dmin) * (float)mn[s];
+}
+
+static float weight_at_q4_k(const uint8_t *row, int64_t j) {
+    const block_q4_K *w = (const block_q4_K *)row + j / 256;
+    const int e = (int)(j % 256), s = e / 32;
+    return k4_weight(w->d, w->dmin, w->scales, s, (w->qs[32 * (s / 2) + e % 32] >> (4 * (s & 1))) & 0x0f);
+}
+
+static float weight_at_q5_k(const uint8_t *row, int64_t j) {
+    const block_q5_K *w = (const block_q5_K *)row + j / 256;
+    const int e = (int)(j % 256), s = e / 32, l = e % 32;
+    const int q = ((w->qs[32 * (s / 2) + l] >> (4 * (s & 1))) & 0x0f) | (((w->qh[l] >> s) & 1) << 4);
+    return k4_weight(w->d, w->dmin, w->scales, s, q);
+}
+
+/* Q6_K: block k (0..3) of 128-half h holds elements 128h + 32k + l; its
+ * low 4 bits are the low (k < 2) or high nibbles of ql[64h + 32(k % 2) + l],
+ * its high 2 bits bits 2k..2k+1 of qh[32h + l], its scale scales[8h + 2k +
+ * l / 16] (formats.c's order). */
+static int q6_quant(const block_q6_K *w, int h, int k, int l) {
+    const int low = (w->ql[64 * h + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0x0f;
+    return (low | (((w->qh[32 * h + l] >> (2 * k)) & 3) << 4)) - 32;
+}
+
+static void unpack_q6_k(const uint8_t *row, int64_t i, int_block *b) {
+    const block_q6_K *w = (const block_q6_K *)row + i / 8;
+    const int h = (int)(i % 8) / 4, k = (int)(i % 4);
+    for (int l = 0; l < 32; l++) b->q[l] = w->scales[8 * h + 2 * k + l / 16] * q6_quant(w, h, k, l);
+    b->d = half(&w->d);
+    b->m = 0.0f;
+    b->offset = 0;
+}
+
+static float weight_at_q6_k(const uint8_t *row, int64_t j) {
+    const block_q6_K *w = (const block_q6_K *)row + j / 256;
+    const int e = (int)(j % 256), h = e / 128, k = e % 128 / 32, l = e % 32;
+    return half(&w->d) * (float)w->scales[8 * h + 2 * k + l / 16] * (float)q6_quant(w, h, k, l);
+}
+
+static float q8_dot_blocks(int64_t n, const void *row, const block_q8_act *x, unpack_fn unpack) {
     double acc = 0.0;
-    for (int64_t i = 0; i < n / QK_ACT; i++, w += bytes, x++) {
+    for (int64_t i = 0; i < n / QK_ACT; i++, x++) {
         int_block b;
-        unpack(w, &b);
+        unpack(row, i, &b);
         int32_t isum = 0;
         for (int j = 0; j < QK_ACT; j++) isum += b.q[j] * x->qs[j];
         acc += (double)(b.d * x->d) * (double)isum + (double)b.m * (double)x->s;
@@ -110,13 +217,12 @@ static float q8_dot_blocks(int64_t n, const void *row, const block_q8_act *x, un
     return (float)acc;
 }
 
-static void q8_unpack4(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out, unpack_fn unpack,
-                       size_t bytes) {
+static void q8_unpack4(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out, unpack_fn unpack) {
     for (int r = 0; r < 4; r++) {
         const uint8_t *w = (const uint8_t *)rows + r * row_bytes;
-        for (int64_t i = 0; i < n / QK_ACT; i++, w += bytes) {
+        for (int64_t i = 0; i < n / QK_ACT; i++) {
             int_block b;
-            unpack(w, &b);
+            unpack(w, i, &b);
             for (int j = 0; j < QK_ACT; j++) out[i].u[r][j] = (uint8_t)(b.q[j] + b.offset);
             out[i].d[r] = b.d;
             out[i].c[r] = b.m - (float)b.offset * b.d;
@@ -137,29 +243,34 @@ static void q8_quad_dot(int64_t nb, const q8_quad *w, const block_q8_act *x, flo
 }
 
 /* The four-row twin is four single-row dots. */
-#define DEFINE_Q8_DOT(name, block)                                                                  \
+#define DEFINE_Q8_DOT(name)                                                                         \
     static float q8_dot_##name(int64_t n, const void *row, const block_q8_act *x) {                \
-        return q8_dot_blocks(n, row, x, unpack_##name, sizeof(block));                            \
+        return q8_dot_blocks(n, row, x, unpack_##name);                                            \
     }                                                                                              \
     static void q8_dot4_##name(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, \
                                float out[4]) {                                                     \
         for (int r = 0; r < 4; r++) out[r] = q8_dot_##name(n, (const uint8_t *)rows + r * row_bytes, x); \
     }
 
-#define DEFINE_Q8_UNPACK4(name, block)                                                                \
+#define DEFINE_Q8_UNPACK4(name)                                                                       \
     static void q8_unpack4_##name(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out) {      \
-        q8_unpack4(n, rows, row_bytes, out, unpack_##name, sizeof(block));                            \
+        q8_unpack4(n, rows, row_bytes, out, unpack_##name);                                           \
     }
 
-DEFINE_Q8_DOT(q4_0, block_q4_0)
-DEFINE_Q8_DOT(q4_1, block_q4_1)
-DEFINE_Q8_DOT(q5_0, block_q5_0)
-DEFINE_Q8_DOT(q5_1, block_q5_1)
-DEFINE_Q8_DOT(q8_0, block_q8_0)
-DEFINE_Q8_UNPACK4(q4_0, block_q4_0)
-DEFINE_Q8_UNPACK4(q4_1, block_q4_1)
-DEFINE_Q8_UNPACK4(q5_0, block_q5_0)
-DEFINE_Q8_UNPACK4(q5_1, block_q5_1)
+DEFINE_Q8_DOT(q4_0)
+DEFINE_Q8_DOT(q4_1)
+DEFINE_Q8_DOT(q5_0)
+DEFINE_Q8_DOT(q5_1)
+DEFINE_Q8_DOT(q8_0)
+DEFINE_Q8_DOT(q4_k)
+DEFINE_Q8_DOT(q5_k)
+DEFINE_Q8_DOT(q6_k)
+DEFINE_Q8_UNPACK4(q4_0)
+DEFINE_Q8_UNPACK4(q4_1)
+DEFINE_Q8_UNPACK4(q5_0)
+DEFINE_Q8_UNPACK4(q5_1)
+DEFINE_Q8_UNPACK4(q4_k)
+DEFINE_Q8_UNPACK4(q5_k)
 
 /* ---- massive activations (act_q8.h) ------------------------------------ */
 
@@ -222,30 +333,25 @@ int kvs_split_outliers(const float *x, block_q8_act *y, int64_t n, float ratio, 
 typedef struct {
     int32_t type;
     kvs_q8_kernels scalar, avx2;
-    unpack_fn unpack;   /* one block as integers (the outliers' weight columns) */
-    size_t block_bytes;
+    weight_at_fn weight_at;   /* the outliers' weight columns */
 } q8_dot_entry;
 
-#define ENTRY(type, name, block)                                                                   \
-    {type, {q8_dot_##name, q8_dot4_##name, q8_unpack4_##name, q8_quad_dot}, AVX2(name), unpack_##name, \
-     sizeof(block)}
+#define ENTRY(type, name) \
+    {type, {q8_dot_##name, q8_dot4_##name, q8_unpack4_##name, q8_quad_dot}, AVX2(name), weight_at_##name}
+#define ENTRY_SIGNED(type, name) \
+    {type, {q8_dot_##name, q8_dot4_##name, NULL, NULL}, AVX2_SIGNED(name), weight_at_##name}
 
 static const q8_dot_entry q8_dots[] = {
-    ENTRY(KVS_TYPE_Q4_0, q4_0, block_q4_0), ENTRY(KVS_TYPE_Q4_1, q4_1, block_q4_1),
-    ENTRY(KVS_TYPE_Q5_0, q5_0, block_q5_0), ENTRY(KVS_TYPE_Q5_1, q5_1, block_q5_1),
-    {KVS_TYPE_Q8_0, {q8_dot_q8_0, q8_dot4_q8_0, NULL, NULL}, AVX2_SIGNED(q8_0), unpack_q8_0, sizeof(block_q8_0)},
+    ENTRY(KVS_TYPE_Q4_0, q4_0), ENTRY(KVS_TYPE_Q4_1, q4_1), ENTRY(KVS_TYPE_Q5_0, q5_0),
+    ENTRY(KVS_TYPE_Q5_1, q5_1), ENTRY_SIGNED(KVS_TYPE_Q8_0, q8_0),
+    ENTRY(KVS_TYPE_Q4_K, q4_k), ENTRY(KVS_TYPE_Q5_K, q5_k), ENTRY_SIGNED(KVS_TYPE_Q6_K, q6_k),
 };
 
 void kvs_q8_weight_column(int32_t type, const void *data, int64_t row_bytes, int64_t j, int64_t r0, int64_t r1,
                           float *out) {
     for (size_t i = 0; i < sizeof q8_dots / sizeof q8_dots[0]; i++) {
         if (q8_dots[i].type != type) continue;
-        const uint8_t *block = (const uint8_t *)data + j / QK_ACT * (int64_t)q8_dots[i].block_bytes;
-        for (int64_t r = r0; r < r1; r++) {
-            int_block b;
-            q8_dots[i].unpack(block + r * row_bytes, &b);
-            out[r - r0] = b.d * (float)b.q[j % QK_ACT] + b.m;
-        }
+        for (int64_t r = r0; r < r1; r++) out[r - r0] = q8_dots[i].weight_at((const uint8_t *)data + r * row_bytes, j);
         return;
     }
 }

@@ -1,7 +1,8 @@
 /* act_q8.h - private: the fast path of matrix products. Activations are
  * quantized to 8 bits in blocks of 32 (one f32 scale each) so that weight
- * blocks of the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are dotted
- * with integer multiply-adds. This approximates the exact f32 path (see
+ * blocks of the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the
+ * 32-element blocks inside the K formats' super-blocks (Q4_K, Q5_K, Q6_K)
+ * are dotted with integer multiply-adds. This approximates the exact f32 path (see
  * DESIGN 9); tests hold the AVX2 kernels to their scalar twins and the
  * scalar twins to a numpy model of the same arithmetic. */
 #ifndef KVS_ACT_Q8_H
@@ -106,6 +107,14 @@ void kvs_q8_unpack4_q5_1_avx2(int64_t n, const void *rows, int64_t row_bytes, q8
 void kvs_q8_quad_dot_avx2(int64_t nb, const q8_quad *w, const block_q8_act *x, float out[4]);
 float kvs_q8_dot_q8_0_avx2(int64_t n, const void *row, const block_q8_act *x);
 void kvs_q8_dot4_q8_0_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
+float kvs_q8_dot_q4_k_avx2(int64_t n, const void *row, const block_q8_act *x);
+void kvs_q8_dot4_q4_k_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
+void kvs_q8_unpack4_q4_k_avx2(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out);
+float kvs_q8_dot_q5_k_avx2(int64_t n, const void *row, const block_q8_act *x);
+void kvs_q8_dot4_q5_k_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
+void kvs_q8_unpack4_q5_k_avx2(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out);
+float kvs_q8_dot_q6_k_avx2(int64_t n, const void *row, const block_q8_act *x);
+void kvs_q8_dot4_q6_k_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, float out[4]);
 #endif
 
 #endif

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "blocks.h"
+#include "kernels_avx2.h"
 #include "simd_avx2.h"
 
 static inline int hsum_i32(__m256i v) {
@@ -209,5 +210,117 @@ DEFINE_Q8_DOTS(q4_1, block_q4_1)
 DEFINE_Q8_DOTS(q5_0, block_q5_0)
 DEFINE_Q8_DOTS(q5_1, block_q5_1)
 DEFINE_Q8_DOTS(q8_0, block_q8_0)
+
+/* ---- K formats: super-blocks of 256, blocks of 32 ----------------------
+ * Q4_K/Q5_K: block s of a super-block has scale d*sc[s] and min dmin*mn[s]
+ * (each block is then a Q4_1/Q5_1 block with float scales); Q6_K has a scale
+ * per 16, applied to the maddubs pairs by a madd before the float sum. */
+
+static inline void k4_scales(const uint8_t packed[12], const kvs_half *d, const kvs_half *dmin, float dsc[8],
+                             float dmn[8]) {
+    uint8_t sc[8], mn[8];
+    kvs_unpack_k4_scales(packed, sc, mn);
+    const float fd = half_at(d), fm = half_at(dmin);
+    for (int s = 0; s < 8; s++) {
+        dsc[s] = fd * (float)sc[s];
+        dmn[s] = fm * (float)mn[s];
+    }
+}
+
+/* Block s's 32 quants: low (s even) or high nibbles of qs[32 * (s / 2) ..]. */
+static inline __m256i k4_quants(const uint8_t *qs, int s) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * (s / 2)));
+    return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (s & 1))), _mm256_set1_epi8(0x0f));
+}
+
+/* Q5_K adds bit s of each qh byte as the 5th bit. */
+static inline __m256i k5_quants(const uint8_t *qs, const uint8_t *qh, int s) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+    const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(s)), _mm256_set1_epi8(1));
+    return _mm256_or_si256(k4_quants(qs, s), _mm256_slli_epi16(bit, 4));
+}
+
+/* acc += the super-block's products with its 8 activation blocks; returns
+ * the sum of its min terms (dmin*mn[s] * x.s), to subtract. */
+#define DEFINE_K4_SUPER(name, block_t, QUANTS)                                                         \
+    static inline float name##_super(const block_t *b, const block_q8_act *x, __m256 *acc) {          \
+        float dsc[8], dmn[8], mins = 0.0f;                                                            \
+        k4_scales(b->scales, &b->d, &b->dmin, dsc, dmn);                                              \
+        for (int s = 0; s < 8; s++) {                                                                 \
+            *acc = _mm256_fmadd_ps(_mm256_set1_ps(dsc[s] * x[s].d), products(QUANTS, load_act(x + s)), *acc); \
+            mins += dmn[s] * x[s].s;                                                                  \
+        }                                                                                             \
+        return mins;                                                                                  \
+    }
+DEFINE_K4_SUPER(q4_k, block_q4_K, k4_quants(b->qs, s))
+DEFINE_K4_SUPER(q5_k, block_q5_K, k5_quants(b->qs, b->qh, s))
+
+/* Q6_K block k of half h: u = low | high << 4 (0..63) and (u - 32) * x as
+ * maddubs(u, x) - maddubs(32, x) (each |pair| <= 2*63*127); the pairs of
+ * elements 0..15 take scale 0, those of 16..31 scale 1. */
+static inline float q6_k_super(const block_q6_K *b, const block_q8_act *x, __m256 *acc) {
+    const float d = half_at(&b->d);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3), offset = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; h++) {
+        const __m256i ql[2] = {_mm256_loadu_si256((const __m256i *)(b->ql + 64 * h)),
+                               _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32))};
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+        for (int k = 0; k < 4; k++) {
+            const __m256i low = _mm256_and_si256(_mm256_srl_epi16(ql[k % 2], _mm_cvtsi32_si128(4 * (k / 2))), m4);
+            const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), m2);
+            const __m256i u = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+            const block_q8_act *xb = x + 4 * h + k;
+            const __m256i xq = load_act(xb);
+            const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(u, xq), _mm256_maddubs_epi16(offset, xq));
+            const int8_t *sc = b->scales + 8 * h + 2 * k;
+            const __m256i scale = _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
+            *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, scale)), *acc);
+        }
+    }
+    return 0.0f;
+}
+
+#define DEFINE_K_DOTS(name, block_t)                                                                  \
+    float kvs_q8_dot_##name##_avx2(int64_t n, const void *row, const block_q8_act *x) {              \
+        const block_t *b = row;                                                                       \
+        __m256 acc = _mm256_setzero_ps();                                                             \
+        float mins = 0.0f;                                                                            \
+        for (int64_t i = 0; i < n / QK_K; i++) mins += name##_super(b + i, x + 8 * i, &acc);          \
+        return hsum(acc) - mins;                                                                      \
+    }                                                                                                 \
+    void kvs_q8_dot4_##name##_avx2(int64_t n, const void *rows, int64_t row_bytes, const block_q8_act *x, \
+                                   float out[4]) {                                                    \
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        float mins[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                     \
+        for (int64_t i = 0; i < n / QK_K; i++) {                                                      \
+            for (int r = 0; r < 4; r++) {                                                             \
+                const block_t *b = (const block_t *)((const uint8_t *)rows + r * row_bytes) + i;      \
+                mins[r] += name##_super(b, x + 8 * i, &acc[r]);                                       \
+            }                                                                                         \
+        }                                                                                             \
+        _mm_storeu_ps(out, _mm_sub_ps(hsum4(acc), _mm_loadu_ps(mins)));                              \
+    }
+DEFINE_K_DOTS(q4_k, block_q4_K)
+DEFINE_K_DOTS(q5_k, block_q5_K)
+DEFINE_K_DOTS(q6_k, block_q6_K)
+
+/* Quads of Q4_K/Q5_K: each block is an unsigned block with a float scale and min. */
+#define DEFINE_K4_UNPACK4(name, block_t, QUANTS)                                                       \
+    void kvs_q8_unpack4_##name##_avx2(int64_t n, const void *rows, int64_t row_bytes, q8_quad *out) {  \
+        for (int r = 0; r < 4; r++) {                                                                   \
+            const block_t *b = (const block_t *)((const uint8_t *)rows + r * row_bytes);               \
+            for (int64_t i = 0; i < n / QK_K; i++, b++) {                                               \
+                float dsc[8], dmn[8];                                                                   \
+                k4_scales(b->scales, &b->d, &b->dmin, dsc, dmn);                                        \
+                for (int s = 0; s < 8; s++) {                                                           \
+                    _mm256_storeu_si256((__m256i *)out[8 * i + s].u[r], QUANTS);                        \
+                    out[8 * i + s].d[r] = dsc[s];                                                       \
+                    out[8 * i + s].c[r] = -dmn[s];                                                      \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }
+DEFINE_K4_UNPACK4(q4_k, block_q4_K, k4_quants(b->qs, s))
+DEFINE_K4_UNPACK4(q5_k, block_q5_K, k5_quants(b->qs, b->qh, s))
 
 #endif
