@@ -100,11 +100,11 @@ def _add_runtime_args(p: argparse.ArgumentParser, n_predict_default: int) -> Non
     p.add_argument("--typical", type=float, default=1.0, help="locally typical sampling, 1.0 = off")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1.0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    add_kv_cache_args(p)
+    add_context_args(p)
 
 
-def add_kv_cache_args(p: argparse.ArgumentParser) -> None:
-    """KV cache flags, named as llama.cpp's where it has them; None = the library's default."""
+def add_context_args(p: argparse.ArgumentParser) -> None:
+    """KV cache, product and device flags, named as llama.cpp's where it has them; None = the library's default."""
     from .llama import DEFAULT_KV_TYPE, KV_TYPES
     p.add_argument("-ctk", "--cache-type-k", default=None, choices=list(KV_TYPES),
                    help=f"KV cache type for keys (default {DEFAULT_KV_TYPE})")
@@ -117,14 +117,19 @@ def add_kv_cache_args(p: argparse.ArgumentParser) -> None:
                    help="Hadamard-rotate quantized keys, values or both (default: q4/q3/q2 blocks when head_dim is a power of two)")
     p.add_argument("--kv-block", type=int, default=None, help="tokens per quantized block (default 64 for q4, else 32)")
     p.add_argument("--kv-recent", type=int, default=None, help="newest tokens kept unquantized (default 32)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
+                   help="layers on the GPU: -1 (or at least the model's layers) = all, 0 = none (default: none); "
+                        "needs a CUDA build and an NVIDIA GPU")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     p.add_argument("--matmul", default=None, choices=("f32", "q8"),
                    help="matrix products: q8 (default: 8-bit activations, outliers exact, integer dots; closer "
                         "to exact than llama.cpp) or f32 (exact, the reference; ~1.5-2x slower)")
 
 
-def kv_cache_options(args) -> dict:
+def context_options(args) -> dict:
     return dict(type_k=args.cache_type_k, type_v=args.cache_type_v, sinks=args.sinks,
-                kv_block=args.kv_block, kv_recent=args.kv_recent, kv_rotate=args.kv_rotate, matmul=args.matmul)
+                kv_block=args.kv_block, kv_recent=args.kv_recent, kv_rotate=args.kv_rotate, matmul=args.matmul,
+                device=args.device, n_gpu_layers=args.n_gpu_layers)
 
 def _check_runtime_args(args) -> None:
     """The generation flags, checked before a model is loaded (a ValueError: `error: ...`)."""
@@ -153,7 +158,7 @@ def _load(path: str, args):
     from .llama import Llama
     # the ring buffer keeps a long chat going past n_ctx: sinks and the recent tokens stay
     return Llama(path, n_ctx=args.ctx_size, n_threads=args.threads, verbose=False,
-                 chat_format=getattr(args, "chat_format", None), kv_ring=True, **kv_cache_options(args))
+                 chat_format=getattr(args, "chat_format", None), kv_ring=True, **context_options(args))
 
 
 def _cmd_chat(args) -> int:

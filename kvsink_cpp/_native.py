@@ -14,7 +14,7 @@ import cffi
 
 from .errors import raise_for_status
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 CDEF = """
 typedef enum kvs_status {
@@ -80,6 +80,18 @@ kvs_status kvs_matmul_q8(int32_t type, int32_t impl, float outlier_ratio, const 
 
 kvs_status kvs_matmul_q16(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
                                   const float *x, int64_t n_tokens, float *out);
+
+int32_t kvs_cuda_built(void);
+kvs_status kvs_cuda_check(void);
+kvs_status kvs_cuda_dequantize(int32_t type, const void *src, int64_t n, float *dst);
+kvs_status kvs_cuda_matmul(int32_t type, const void *rows, int64_t n_rows, int64_t n, const float *x,
+                                   int64_t n_tokens, float *out);
+kvs_status kvs_cuda_rmsnorm(const float *x, const float *weight, int64_t n_rows, int64_t n, float eps,
+                                    float *out);
+kvs_status kvs_cuda_rope(float *x, int64_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t n_rot,
+                                 int32_t neox, const int32_t *positions, float freq_base, float freq_scale,
+                                 const float *freq_factors);
+kvs_status kvs_cuda_glu(int32_t gelu, float *gate, const float *up, int64_t n);
 
 typedef struct kvs_gguf kvs_gguf;
 
@@ -189,6 +201,11 @@ typedef enum kvs_sink_policy {
     KVS_SINKS_KVSINK = 2
 } kvs_sink_policy;
 
+typedef enum kvs_device {
+    KVS_DEVICE_CPU = 0,
+    KVS_DEVICE_CUDA = 1
+} kvs_device;
+
 typedef struct kvs_context_params {
     int32_t n_ctx;
     int32_t n_batch;
@@ -208,6 +225,7 @@ typedef struct kvs_context_params {
     int32_t kv_rotate;
     float act_outlier_ratio;
     int32_t swa_full;
+    int32_t device;
 } kvs_context_params;
 
 kvs_context_params kvs_context_default_params(void);

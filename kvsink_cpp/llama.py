@@ -142,18 +142,55 @@ _DEFAULT_ONLY = {
 def _check_llama_cpp_options(options: dict) -> None:
     """Accept llama-cpp-python's options that change nothing here; refuse any
     that would change results unless it has the one value we honour, by
-    name, rather than silently ignoring a setting the caller relies on."""
+    name, rather than silently ignoring a setting the caller relies on.
+    (n_gpu_layers is a device choice: see _device_from.)"""
     for name, value in options.items():
         if name == "n_gpu_layers":
-            if value not in (None, 0):
-                warnings.warn(f"kvsink_cpp: n_gpu_layers={value!r}: this build has no GPU backend; every layer "
-                              f"runs on the CPU", KvsinkWarning, stacklevel=3)
-        elif name in _DEFAULT_ONLY:
+            continue
+        if name in _DEFAULT_ONLY:
             if value not in _DEFAULT_ONLY[name]:
                 raise ValueError(f"{name}={value!r} is not supported by kvsink_cpp (accepted: "
                                  f"{', '.join(repr(v) for v in _DEFAULT_ONLY[name])})")
         elif name not in _SPEED_HINTS:
             raise TypeError(f"Llama() got an unexpected keyword argument {name!r}")
+
+
+_DEVICES = {"cpu": "KVS_DEVICE_CPU", "cuda": "KVS_DEVICE_CUDA"}
+
+
+def _device_from(device: Optional[str], n_gpu_layers) -> str:
+    """The device a context runs on: `device`, else llama-cpp-python's
+    n_gpu_layers (0: the CPU; -1, or at least the model's layers as scripts
+    write 99: every layer on the GPU). Offload is all or nothing: a part of
+    the layers is refused rather than quietly rounded."""
+    if n_gpu_layers is not None and (not isinstance(n_gpu_layers, int) or isinstance(n_gpu_layers, bool)):
+        raise ValueError(f"n_gpu_layers must be an int, got {n_gpu_layers!r}")
+    if device is not None:
+        if device not in _DEVICES:
+            raise ValueError(f"device must be one of {sorted(_DEVICES)}, got {device!r}")
+        if device == "cpu" and n_gpu_layers:
+            raise ValueError(f"device='cpu' contradicts n_gpu_layers={n_gpu_layers}")
+        return device
+    return "cuda" if n_gpu_layers else "cpu"
+
+
+def cuda_status() -> str:
+    """"ok" when the CUDA backend can run here, else the reason it cannot:
+    this library built without CUDA, no driver, no device, no kernels for it."""
+    if lib.kvs_cuda_check() == lib.KVS_OK:
+        return "ok"
+    return ffi.string(lib.kvs_last_error()).decode("utf-8", "replace")
+
+
+def cuda_available() -> bool:
+    """True when this build has the CUDA backend and an NVIDIA GPU it can use."""
+    return cuda_status() == "ok"
+
+
+def _check_offload(n_gpu_layers, n_layer: int) -> None:
+    if n_gpu_layers is not None and 0 < n_gpu_layers < n_layer:
+        raise ValueError(f"n_gpu_layers={n_gpu_layers}: kvsink_cpp offloads all {n_layer} layers or none "
+                         f"(partial offload is not implemented); pass -1 for all, 0 for the CPU")
 
 
 def physical_cores() -> int:
@@ -254,6 +291,7 @@ class Llama:
         matmul: Optional[str] = None,
         act_outlier_ratio: Optional[float] = None,
         swa_full: bool = False,
+        device: Optional[str] = None,
         vocab_only: bool = False,
         **llama_cpp_options,
     ):
@@ -265,6 +303,8 @@ class Llama:
         self._lock_owner: Optional[int] = None
         chat_format_name = chat_format
         _check_llama_cpp_options(llama_cpp_options)
+        n_gpu_layers = llama_cpp_options.get("n_gpu_layers")
+        self.device = _device_from(device, n_gpu_layers)
         # llama-cpp-python's seed is the default for sampling calls that give none
         self.seed = None if seed is None or seed == _LLAMA_DEFAULT_SEED else seed
         self.model_path = os.fspath(model_path)
@@ -298,6 +338,9 @@ class Llama:
         self.sink_profile = self._loaded.sink_profile
 
         ctx_params = ffi.new("kvs_context_params *", lib.kvs_context_default_params())
+        if self.device == "cuda":
+            _check_offload(n_gpu_layers, lib.kvs_model_n_layer(self._model))
+        ctx_params.device = getattr(lib, _DEVICES[self.device])
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = n_batch
         ctx_params.n_threads = n_threads
@@ -402,7 +445,7 @@ class Llama:
                 "kv_block": p.kv_block, "kv_group": p.kv_group, "kv_rotate": rotate, "kv_recent": p.kv_recent,
                 "sinks": sinks, "sink_capacity": p.sink_capacity,
                 "kv_bytes_per_token": self.kv_cache_bytes_per_token(), "swa_full": bool(p.swa_full),
-                "n_threads": p.n_threads,
+                "n_threads": p.n_threads, "device": "cuda" if p.device == lib.KVS_DEVICE_CUDA else "cpu",
                 "impl": "avx2" if p.impl == lib.KVS_IMPL_AVX2 else "scalar"}
 
     def describe_settings(self) -> str:

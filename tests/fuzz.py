@@ -80,7 +80,9 @@ def build_harness(out: Path) -> Path:
     cc = _compiler()
     out.mkdir(parents=True, exist_ok=True)
     _check_sanitizers(cc, out)
-    sources = [s for s in (NATIVE / "src").glob("*.c") if X86 or not s.stem.endswith("_avx2")]
+    # as CMake's CPU-only build: backend_cuda.c is the CUDA build's (cuda_absent.c answers without it)
+    sources = [s for s in (NATIVE / "src").glob("*.c")
+               if (X86 or not s.stem.endswith("_avx2")) and s.name != "backend_cuda.c"]
     sources.append(NATIVE / "fuzz" / "fuzz_main.c")
     sources.sort(key=lambda s: -s.stat().st_size)  # the longest compiles start first
     commands = [_object_command(cc, s, out / (s.stem + ".o")) for s in sources]

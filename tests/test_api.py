@@ -179,10 +179,9 @@ def test_bad_arguments_raise_before_c(model_path):
 
 
 def test_llama_cpp_python_options_are_accepted_or_refused_by_name(model_path):
-    with pytest.warns(KvsinkWarning, match="no GPU backend"):
-        with Llama(str(model_path), n_ctx=32, n_gpu_layers=-1, use_mmap=True, n_threads_batch=2, flash_attn=True,
-                   embedding=True, seed=7, verbose=False) as llm:
-            assert llm.seed == 7
+    with Llama(str(model_path), n_ctx=32, n_gpu_layers=0, use_mmap=True, n_threads_batch=2, flash_attn=True,
+               embedding=True, seed=7, verbose=False) as llm:
+        assert llm.seed == 7 and llm.device == "cpu"
     with pytest.raises(TypeError, match="no_such_option"):
         Llama(str(model_path), no_such_option=1, verbose=False)
     # options that would change results are refused unless at their default

@@ -30,7 +30,7 @@ extern "C" {
 #  define KVS_API __attribute__((visibility("default")))
 #endif
 
-#define KVS_ABI_VERSION 6
+#define KVS_ABI_VERSION 7
 
 /* ---- status and errors ------------------------------------------------- */
 
@@ -122,6 +122,38 @@ KVS_API kvs_status kvs_matmul_q8(int32_t type, int32_t impl, float outlier_ratio
  * other than Q8_0. */
 KVS_API kvs_status kvs_matmul_q16(int32_t type, int32_t impl, const void *rows, int64_t n_rows, int64_t n,
                                   const float *x, int64_t n_tokens, float *out);
+
+/* ---- CUDA ---------------------------------------------------------------- */
+
+/* 1 when this library was built with the CUDA backend (KVSINK_CUDA=ON). */
+KVS_API int32_t kvs_cuda_built(void);
+/* KVS_OK when the CUDA backend can run here; otherwise KVS_ERR_UNSUPPORTED
+ * and kvs_last_error() says which: built without CUDA, no driver, a driver
+ * older than the runtime, no device, or no kernel image for the device. */
+KVS_API kvs_status kvs_cuda_check(void);
+
+/* Test entries of the CUDA kernels, each the twin of a CPU scalar kernel:
+ * host buffers in and out (the call uploads, runs on device 0, downloads
+ * and waits). KVS_ERR_UNSUPPORTED (with kvs_cuda_check's reason) where
+ * CUDA cannot run. */
+/* dst = the n elements of type at src, as kvs_dequantize. */
+KVS_API kvs_status kvs_cuda_dequantize(int32_t type, const void *src, int64_t n, float *dst);
+/* out[t * n_rows + r] = dot(row r, x[t]) with f32 activations and f32
+ * accumulation (the CPU exact path's product). Rows lie one after another. */
+KVS_API kvs_status kvs_cuda_matmul(int32_t type, const void *rows, int64_t n_rows, int64_t n, const float *x,
+                                   int64_t n_tokens, float *out);
+/* out = each row of n (of n_rows) / rms(row) * weight, as the CPU RMSNorm. */
+KVS_API kvs_status kvs_cuda_rmsnorm(const float *x, const float *weight, int64_t n_rows, int64_t n, float eps,
+                                    float *out);
+/* x: n_tokens x n_heads heads of head_dim floats, token t rotated for
+ * positions[t] (the first n_rot elements of each head; adjacent pairs, or
+ * NeoX halves when neox), base/scale/factors as the CPU RoPE (freq_factors:
+ * n_rot / 2 floats or NULL). In place. */
+KVS_API kvs_status kvs_cuda_rope(float *x, int64_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t n_rot,
+                                 int32_t neox, const int32_t *positions, float freq_base, float freq_scale,
+                                 const float *freq_factors);
+/* gate = act(gate) * up for n elements: SiLU (gelu 0) or tanh-GELU (gelu 1). In place. */
+KVS_API kvs_status kvs_cuda_glu(int32_t gelu, float *gate, const float *up, int64_t n);
 
 /* ---- GGUF files --------------------------------------------------------- */
 
@@ -262,6 +294,12 @@ typedef enum kvs_sink_policy {
     KVS_SINKS_KVSINK = 2  /* predicted from the model's sink profile; without one, pfn:1 */
 } kvs_sink_policy;
 
+/* Where a context's forward pass runs, chosen once at creation. */
+typedef enum kvs_device {
+    KVS_DEVICE_CPU = 0,
+    KVS_DEVICE_CUDA = 1   /* NVIDIA GPU 0: fails at creation with the reason where CUDA cannot run */
+} kvs_device;
+
 typedef struct kvs_context_params {
     int32_t n_ctx;       /* KV cache capacity in tokens; 0 = the model's training context */
     int32_t n_batch;     /* most tokens per kvs_context_eval call                          */
@@ -296,6 +334,7 @@ typedef struct kvs_context_params {
                             (llama.cpp's --swa-full); 0 (default): only the blocks their
                             window can still reach, so going back more than a block from
                             the end (kvs_context_set_n_past) clears the cache            */
+    int32_t device;      /* kvs_device the context runs on (default KVS_DEVICE_CPU)         */
 } kvs_context_params;
 
 KVS_API kvs_context_params kvs_context_default_params(void);

@@ -105,6 +105,23 @@ static kvs_status resolve_params(const kvs_model *m, kvs_context_params *p) {
     return KVS_OK;
 }
 
+/* The backend of a context: the CPU's, or CUDA's where it can run. */
+static kvs_status choose_backend(kvs_context *ctx) {
+    switch (ctx->params.device) {
+    case KVS_DEVICE_CPU: ctx->backend = &kvs_backend_cpu; return KVS_OK;
+    case KVS_DEVICE_CUDA: {
+        /* built without CUDA, no driver, no device: the check says which */
+        kvs_status st = kvs_cuda_check();
+#if defined(KVS_HAVE_CUDA)
+        if (st == KVS_OK) ctx->backend = &kvs_backend_cuda;
+#endif
+        ctx->params.matmul = KVS_MATMUL_F32; /* the GPU's products: f32 activations */
+        return st;
+    }
+    default: return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "unknown device %d", ctx->params.device);
+    }
+}
+
 static int is_float_type(int32_t type) { return type == KVS_KV_F32 || type == KVS_KV_F16; }
 
 static kvs_status create_cache(kvs_context *ctx) {
@@ -143,6 +160,7 @@ static kvs_status alloc_scratch(kvs_context *ctx) {
         {&ctx->scores, (int64_t)ctx->params.n_threads * ctx->scratch_len},
         {&ctx->attn_partial, (int64_t)hp->n_head * ATTN_MAX_PARTS * (hp->head_dim + 2)},
         {&ctx->cpu.row_scratch, (int64_t)ctx->params.n_threads * MATMUL_ROWS * row},
+        {&ctx->sink_top, nb},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         *bufs[i].ptr = malloc((size_t)bufs[i].n * sizeof(float));
@@ -167,11 +185,17 @@ kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params
     ctx->model = model;
     ctx->params = params ? *params : kvs_context_default_params();
     kvs_status st = resolve_params(model, &ctx->params);
+    if (st == KVS_OK) st = choose_backend(ctx);
     if (st == KVS_OK) st = kvs_threadpool_create(ctx->params.n_threads, &ctx->cpu.pool);
     if (st == KVS_OK) st = create_cache(ctx);
     if (st == KVS_OK) st = alloc_scratch(ctx);
+#if defined(KVS_HAVE_CUDA)
+    if (st == KVS_OK && ctx->backend == &kvs_backend_cuda) st = kvs_cuda_backend_init(ctx);
+#endif
     /* the fast path's one-token products read weights packed 8 rows at a time */
-    if (st == KVS_OK && ctx->params.matmul == KVS_MATMUL_Q8) st = kvs_model_pack_weights(model);
+    if (st == KVS_OK && ctx->backend == &kvs_backend_cpu && ctx->params.matmul == KVS_MATMUL_Q8) {
+        st = kvs_model_pack_weights(model);
+    }
     if (st != KVS_OK) {
         kvs_context_free(ctx);
         return st;
@@ -185,10 +209,13 @@ kvs_status kvs_context_create(kvs_model *model, const kvs_context_params *params
 
 void kvs_context_free(kvs_context *ctx) {
     if (!ctx) return;
+#if defined(KVS_HAVE_CUDA)
+    kvs_cuda_backend_free(ctx); /* the host buffers come back before they are freed */
+#endif
     kvs_threadpool_free(ctx->cpu.pool);
     kvs_kv_cache_free(ctx->kv);
     float *bufs[] = {ctx->x, ctx->xb, ctx->q, ctx->k, ctx->v, ctx->att, ctx->hb, ctx->hb2,
-                     ctx->scores, ctx->attn_partial, ctx->cpu.row_scratch};
+                     ctx->scores, ctx->attn_partial, ctx->cpu.row_scratch, ctx->sink_top};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(ctx->cpu.act_scratch);
     free(ctx->cpu.act16_scratch);
@@ -322,7 +349,7 @@ kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32
         st = kvs_kv_cache_begin(ctx->kv, n);
         if (st != KVS_OK) break;
         ctx->trace_start = start;
-        kvs_llama_forward(ctx, tokens + start, n, logits_all, out);
+        st = kvs_llama_forward(ctx, tokens + start, n, logits_all, out);
         kvs_kv_cache_commit(ctx->kv);
     }
     ctx->t_eval += now_seconds() - t0;

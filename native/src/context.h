@@ -5,6 +5,7 @@
 
 #include <stdatomic.h>
 
+#include "backend.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "ops.h"
@@ -12,6 +13,9 @@
 struct kvs_context {
     kvs_model *model;
     kvs_context_params params;
+    const kvs_backend_ops *backend; /* chosen once, at creation */
+    void *backend_state;            /* the backend's own (CUDA: device buffers), or NULL */
+    kvs_status op_status;           /* the first failure of a backend op in this forward pass */
     kvs_cpu cpu;
     kvs_kv_cache *kv;
     int32_t ubatch;         /* tokens per forward pass: a block for quantized caches */
@@ -30,6 +34,7 @@ struct kvs_context {
     float *hb2;     /* [n_batch][n_ff] up                 */
     float *scores;  /* [n_threads][scratch_len] attention scratch (kvs_kv_cache_scratch_floats) */
     float *attn_partial; /* [n_head_kv][ATTN_MAX_PARTS][group][head_dim + 2] decode split records */
+    float *sink_top;     /* [n_batch] host: the sink predictor's per-token channel maxima */
     int64_t scratch_len;
     const kvs_eval_trace *trace; /* set only during kvs_context_eval_trace */
     float *trace_mass;           /* [n_threads][scratch_len] per-thread attention mass, while tracing */
@@ -42,8 +47,9 @@ struct kvs_context {
 #define ATTN_MAX_PARTS 32
 
 /* The llama-family forward pass over at most ubatch tokens appended to the
- * cache at positions n_past.. (llama.c); the cache's append is begun. */
-void kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
-                       int32_t logits_all, float *logits);
+ * cache at positions n_past.. (llama.c); the cache's append is begun.
+ * Returns the first failure of the backend's ops (never fails on the CPU). */
+kvs_status kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                             int32_t logits_all, float *logits);
 
 #endif

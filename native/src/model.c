@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "formats.h"
 #include "gguf.h"
 #include "repack.h"
@@ -550,6 +551,9 @@ void kvs_model_free(kvs_model *model) {
     free(model->owned);
     free(model->layers);
     free(model->packed);
+#if defined(KVS_HAVE_CUDA)
+    kvs_cuda_weights_free(model->cuda);
+#endif
     free(model->profile.channels);
     kvs_gguf_free(model->gguf);
     free(model);

@@ -62,6 +62,10 @@ typedef struct kvs_tensor {
 
 /* KVSink's sink profile (GGUF kvsink.* metadata): after layer `layer`, a token
  * is a sink when |hidden[c]| > threshold for any c in channels. */
+/* The model's weights in GPU memory (backend_cuda.c), NULL until a CUDA
+ * context uploads them. */
+typedef struct kvs_cuda_weights kvs_cuda_weights;
+
 typedef struct kvs_sink_profile {
     int32_t present;
     int32_t layer;
@@ -102,6 +106,7 @@ struct kvs_model {
     float **owned;            /* f32 copies of small vectors (norms, biases) */
     int32_t n_owned;
     void *packed;             /* every packed layer weight (kvs_tensor.packed points in), or NULL */
+    kvs_cuda_weights *cuda;   /* device copies of the weights, or NULL */
 };
 
 /* Pack the layer weights the fast path has packed kernels for, once per

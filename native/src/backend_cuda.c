@@ -1,0 +1,266 @@
+/* backend_cuda.c - the CUDA backend (backend.h), first stage. The model's
+ * weights are uploaded to the GPU once (shared by its contexts) and every op
+ * of the forward pass runs there with f32 activations (kernels_cuda.cu: the
+ * CPU exact path's arithmetic), except attention: the KVSink cache still
+ * lives in host memory and its attention runs on the CPU, so each layer
+ * copies q, k and v of the batch down and the attention output back up.
+ * The cache in GPU memory, read by a CUDA attention, is the next stage.
+ * Compiled only with KVSINK_CUDA=ON; unverified on a GPU so far (README). */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "context.h"
+#include "cuda_memory.h"
+#include "kernels_cuda.h"
+#include "status.h"
+
+/* Logit rows computed at a time (a row of Gemma 3 is 1 MiB of floats). */
+#define LOGIT_ROWS 8
+
+/* ---- the model's weights on the device ----------------------------------- */
+
+typedef struct device_copy {
+    const void *host;
+    void *dev;
+} device_copy;
+
+struct kvs_cuda_weights {
+    int32_t n, cap;
+    device_copy *copies;
+};
+
+static pthread_mutex_t upload_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The device copy of the host weight at `host` (NULL for NULL). Weights are
+ * found by address: the ops receive the model's own pointers. */
+static const void *device_of(const kvs_cuda_weights *w, const void *host) {
+    for (int32_t i = 0; host && i < w->n; i++) {
+        if (w->copies[i].host == host) return w->copies[i].dev;
+    }
+    return NULL;
+}
+
+static kvs_status upload(kvs_cuda_weights *w, const void *host, size_t bytes) {
+    if (!host || device_of(w, host)) return KVS_OK; /* absent, or shared (a tied output) */
+    if (w->n == w->cap) {
+        const int32_t cap = w->cap ? 2 * w->cap : 64;
+        device_copy *grown = realloc(w->copies, (size_t)cap * sizeof *grown);
+        if (!grown) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot list the device copies of the weights");
+        w->copies = grown;
+        w->cap = cap;
+    }
+    void *dev;
+    kvs_status st = kvs_cuda_alloc(&dev, bytes, "the weights");
+    if (st == KVS_OK) st = kvs_cuda_to_device(dev, host, bytes);
+    if (st != KVS_OK) {
+        kvs_cuda_release(dev);
+        return st;
+    }
+    w->copies[w->n++] = (device_copy){host, dev};
+    return KVS_OK;
+}
+
+static size_t tensor_bytes(const kvs_tensor *t) { return (size_t)(t->row_bytes * t->ne[1] * t->ne[2] * t->ne[3]); }
+
+static kvs_status upload_layer(kvs_cuda_weights *w, const kvs_hparams *hp, const kvs_layer *l) {
+    const size_t embd = (size_t)hp->n_embd * sizeof(float), head = (size_t)hp->head_dim * sizeof(float);
+    const size_t q = (size_t)hp->n_head * head, kv = (size_t)hp->n_head_kv * head;
+    const kvs_tensor *mats[] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+    const struct { const float *p; size_t bytes; } vecs[] = {
+        {l->attn_norm, embd}, {l->ffn_norm, embd}, {l->attn_post_norm, embd}, {l->ffn_post_norm, embd},
+        {l->q_norm, head},    {l->k_norm, head},   {l->bq, q},                {l->bk, kv}, {l->bv, kv},
+    };
+    kvs_status st = KVS_OK;
+    for (size_t i = 0; st == KVS_OK && i < sizeof mats / sizeof mats[0]; i++) st = upload(w, mats[i]->data, tensor_bytes(mats[i]));
+    for (size_t i = 0; st == KVS_OK && i < sizeof vecs / sizeof vecs[0]; i++) st = upload(w, vecs[i].p, vecs[i].bytes);
+    return st;
+}
+
+void kvs_cuda_weights_free(kvs_cuda_weights *w) {
+    if (!w) return;
+    for (int32_t i = 0; i < w->n; i++) kvs_cuda_release(w->copies[i].dev);
+    free(w->copies);
+    free(w);
+}
+
+/* Upload every weight of the forward pass once per model. */
+static kvs_status upload_model(kvs_model *m) {
+    pthread_mutex_lock(&upload_lock);
+    kvs_status st = KVS_OK;
+    if (!m->cuda) {
+        kvs_cuda_weights *w = calloc(1, sizeof *w);
+        st = w ? KVS_OK : kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the device weights' list");
+        for (int32_t il = 0; st == KVS_OK && il < m->hp.n_layer; il++) st = upload_layer(w, &m->hp, &m->layers[il]);
+        if (st == KVS_OK) st = upload(w, m->tok_embd.data, tensor_bytes(&m->tok_embd));
+        if (st == KVS_OK) st = upload(w, m->output.data, tensor_bytes(&m->output));
+        if (st == KVS_OK) st = upload(w, m->output_norm, (size_t)m->hp.n_embd * sizeof(float));
+        if (st == KVS_OK) m->cuda = w;
+        else kvs_cuda_weights_free(w);
+    }
+    pthread_mutex_unlock(&upload_lock);
+    return st;
+}
+
+/* ---- a context's device buffers ------------------------------------------ */
+
+/* The forward pass's buffers (ctx->x, ...) point into device memory while
+ * the context lives; the host buffers alloc_scratch made are kept here for
+ * the CPU attention and given back at the end. */
+typedef struct cuda_context {
+    float *host[8];     /* x, xb, q, k, v, att, hb, hb2 as allocated on the host */
+    float *dev[8];
+    int32_t *ids;       /* n_batch token ids */
+    float *logits;      /* LOGIT_ROWS x n_vocab */
+} cuda_context;
+
+static float **scratch_slot(kvs_context *ctx, int i) {
+    float **slots[8] = {&ctx->x, &ctx->xb, &ctx->q, &ctx->k, &ctx->v, &ctx->att, &ctx->hb, &ctx->hb2};
+    return slots[i];
+}
+
+static int64_t scratch_floats(const kvs_context *ctx, int i) {
+    const kvs_hparams *hp = &ctx->model->hp;
+    const int64_t q = (int64_t)hp->n_head * hp->head_dim, kv = (int64_t)hp->n_head_kv * hp->head_dim;
+    const int64_t per_token[8] = {hp->n_embd, hp->n_embd, q, kv, kv, q, hp->n_ff, hp->n_ff};
+    return per_token[i] * ctx->params.n_batch;
+}
+
+void kvs_cuda_backend_free(kvs_context *ctx) {
+    cuda_context *cc = ctx->backend_state;
+    if (!cc) return;
+    for (int i = 0; i < 8; i++) {
+        kvs_cuda_release(cc->dev[i]);
+        if (cc->host[i]) *scratch_slot(ctx, i) = cc->host[i];
+    }
+    kvs_cuda_release(cc->ids);
+    kvs_cuda_release(cc->logits);
+    free(cc);
+    ctx->backend_state = NULL;
+}
+
+kvs_status kvs_cuda_backend_init(kvs_context *ctx) {
+    kvs_status st = kvs_cuda_check();
+    if (st == KVS_OK) st = upload_model(ctx->model);
+    cuda_context *cc = st == KVS_OK ? calloc(1, sizeof *cc) : NULL;
+    if (st == KVS_OK && !cc) st = kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the CUDA context");
+    if (st != KVS_OK) return st;
+    ctx->backend_state = cc;
+    for (int i = 0; st == KVS_OK && i < 8; i++) {
+        st = kvs_cuda_alloc((void **)&cc->dev[i], (size_t)scratch_floats(ctx, i) * sizeof(float), "the activations");
+        if (st == KVS_OK) {
+            cc->host[i] = *scratch_slot(ctx, i);
+            *scratch_slot(ctx, i) = cc->dev[i];
+        }
+    }
+    if (st == KVS_OK) st = kvs_cuda_alloc((void **)&cc->ids, (size_t)ctx->params.n_batch * sizeof(int32_t), "token ids");
+    if (st == KVS_OK) {
+        st = kvs_cuda_alloc((void **)&cc->logits, (size_t)LOGIT_ROWS * (size_t)ctx->model->hp.n_vocab * sizeof(float),
+                            "the logits");
+    }
+    if (st != KVS_OK) kvs_cuda_backend_free(ctx);
+    return st;
+}
+
+/* ---- the ops ---------------------------------------------------------------- */
+
+/* Ops do nothing once one failed (ctx->op_status holds the first reason). */
+static int failed(kvs_context *ctx, kvs_status st) {
+    if (st != KVS_OK && ctx->op_status == KVS_OK) ctx->op_status = st;
+    return ctx->op_status != KVS_OK;
+}
+
+static const void *weight(kvs_context *ctx, const void *host) { return device_of(ctx->model->cuda, host); }
+
+static void cuda_embed(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens, float *x) {
+    const cuda_context *cc = ctx->backend_state;
+    const kvs_model *m = ctx->model;
+    /* the ids were checked against the vocabulary (context.c) before the forward pass */
+    if (failed(ctx, kvs_cuda_to_device(cc->ids, tokens, (size_t)n_tokens * sizeof(int32_t)))) return;
+    if (failed(ctx, kvs_cuda_get_rows(m->tok_embd.type, weight(ctx, m->tok_embd.data), m->tok_embd.row_bytes,
+                                      m->hp.n_embd, cc->ids, n_tokens, x, NULL))) return;
+    if (m->hp.embd_scale != 1.0f) failed(ctx, kvs_cuda_scale(x, m->hp.embd_scale, (int64_t)n_tokens * m->hp.n_embd, NULL));
+}
+
+static void cuda_rmsnorm(kvs_context *ctx, const float *x, const float *w, int64_t n_rows, int64_t n, float *out) {
+    if (ctx->op_status != KVS_OK) return;
+    failed(ctx, kvs_cuda_rmsnorm_rows(x, weight(ctx, w), n_rows, n, ctx->model->hp.rms_eps, out, NULL));
+}
+
+static void cuda_matmul(kvs_context *ctx, int n_w, const kvs_tensor *const *w, const float *x, int64_t n_tokens,
+                        float *const *y) {
+    for (int i = 0; i < n_w && ctx->op_status == KVS_OK; i++) {
+        failed(ctx, kvs_cuda_matmul_f32(w[i]->type, weight(ctx, w[i]->data), w[i]->row_bytes, w[i]->ne[1],
+                                        w[i]->ne[0], x, n_tokens, y[i], NULL));
+    }
+}
+
+static void cuda_add_bias(kvs_context *ctx, float *y, const float *b, int64_t n_rows, int64_t n) {
+    if (!b || ctx->op_status != KVS_OK) return;
+    failed(ctx, kvs_cuda_add_bias_rows(y, weight(ctx, b), n_rows, n, NULL));
+}
+
+/* The CPU's attention over the host cache: q, k, v down, the output up. */
+static void cuda_attention(kvs_context *ctx, int32_t il, int32_t n_tokens) {
+    cuda_context *cc = ctx->backend_state;
+    if (ctx->op_status != KVS_OK) return;
+    const int32_t moved[4] = {2, 3, 4, 5}; /* q, k, v, att */
+    for (int i = 0; i < 3; i++) {
+        const int j = moved[i];
+        const size_t bytes = (size_t)(scratch_floats(ctx, j) / ctx->params.n_batch * n_tokens) * sizeof(float);
+        if (failed(ctx, kvs_cuda_to_host(cc->host[j], cc->dev[j], bytes))) return;
+    }
+    for (int i = 0; i < 4; i++) *scratch_slot(ctx, moved[i]) = cc->host[moved[i]];
+    kvs_backend_cpu.attention(ctx, il, n_tokens);
+    for (int i = 0; i < 4; i++) *scratch_slot(ctx, moved[i]) = cc->dev[moved[i]];
+    const size_t att_bytes = (size_t)(scratch_floats(ctx, 5) / ctx->params.n_batch * n_tokens) * sizeof(float);
+    failed(ctx, kvs_cuda_to_device(cc->dev[5], cc->host[5], att_bytes));
+}
+
+static void cuda_glu(kvs_context *ctx, float *gate, const float *up, int64_t n, int32_t gelu) {
+    if (ctx->op_status != KVS_OK) return;
+    failed(ctx, kvs_cuda_glu_rows(gelu, gate, up, n, NULL));
+}
+
+static void cuda_add(kvs_context *ctx, float *x, const float *y, int64_t n) {
+    if (ctx->op_status != KVS_OK) return;
+    failed(ctx, kvs_cuda_add(x, y, n, NULL));
+}
+
+/* LOGIT_ROWS rows at a time through the device buffer, then to the host. */
+static void cuda_logits(kvs_context *ctx, const float *x, int64_t n_tokens, float *logits) {
+    const cuda_context *cc = ctx->backend_state;
+    const kvs_model *m = ctx->model;
+    const int64_t n_vocab = m->hp.n_vocab, n_embd = m->hp.n_embd;
+    for (int64_t t = 0; t < n_tokens && ctx->op_status == KVS_OK; t += LOGIT_ROWS) {
+        const int64_t rows = n_tokens - t < LOGIT_ROWS ? n_tokens - t : LOGIT_ROWS;
+        if (failed(ctx, kvs_cuda_matmul_f32(m->output.type, weight(ctx, m->output.data), m->output.row_bytes, n_vocab,
+                                            n_embd, x + t * n_embd, rows, cc->logits, NULL))) return;
+        if (m->hp.final_softcap > 0.0f &&
+            failed(ctx, kvs_cuda_softcap(cc->logits, m->hp.final_softcap, rows * n_vocab, NULL))) return;
+        failed(ctx, kvs_cuda_to_host(logits + t * n_vocab, cc->logits, (size_t)(rows * n_vocab) * sizeof(float)));
+    }
+}
+
+/* The predictor reads a few channels per token: bring the rows to the host
+ * (n_embd floats each, once per forward pass) and take their maxima there. */
+static void cuda_channel_max(kvs_context *ctx, const float *x, int32_t n_tokens, const int32_t *channels,
+                             int32_t n_channels, float *top) {
+    const cuda_context *cc = ctx->backend_state;
+    if (ctx->op_status != KVS_OK) return;
+    float *rows = cc->host[0]; /* the host x: free while the stream lives on the device */
+    const size_t bytes = (size_t)n_tokens * (size_t)ctx->model->hp.n_embd * sizeof(float);
+    if (failed(ctx, kvs_cuda_to_host(rows, x, bytes))) return;
+    kvs_backend_cpu.channel_max(ctx, rows, n_tokens, channels, n_channels, top);
+}
+
+static void cuda_read(kvs_context *ctx, const float *x, int64_t n, float *dst) {
+    if (ctx->op_status != KVS_OK) return;
+    failed(ctx, kvs_cuda_to_host(dst, x, (size_t)n * sizeof(float)));
+}
+
+const kvs_backend_ops kvs_backend_cuda = {
+    "cuda",   cuda_embed, cuda_rmsnorm, cuda_matmul,      cuda_add_bias, cuda_attention,
+    cuda_glu, cuda_add,   cuda_logits,  cuda_channel_max, cuda_read,
+};
