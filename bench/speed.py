@@ -6,7 +6,11 @@ kvsink_cpp's f16/q8/q4/q2 caches (sinks on, fast matrix products: matmul="q8";
 attention on), same GGUF, same threads, same token ids, in one run.
 
     python bench/speed.py [-m MODEL] [-t 2] [-t 1 ...] [--reps 3] [--depth 4096]
-                          [--configs PATTERNS] [--json] [--list]
+                          [--configs PATTERNS] [--device cuda] [--json] [--list]
+
+--device cuda times our CUDA backend with f16/q8/q4/q2 caches beside PyTorch
+eager on the same dequantized weights with an f16 cache
+(bench/torch_anchor.py), the anchor where no CUDA build of llama.cpp runs.
 
 Each setting runs in its own process (bench/speed_worker.py; llama.cpp's under
 the environment of bench/llama_cpp_env.py, KVSINK_LLAMA_CPP_VENV picks an
@@ -57,6 +61,15 @@ CONFIGS = {
     "llama.cpp/f16": ("llama.cpp", {"type_k": GGML_TYPES["f16"], "type_v": GGML_TYPES["f16"]}),
     "llama.cpp/q4_0": ("llama.cpp", {"type_k": GGML_TYPES["q4_0"], "type_v": GGML_TYPES["q4_0"]}),
 }
+# --device cuda: our CUDA backend per cache type, beside PyTorch eager on the
+# same dequantized weights with an f16 cache (bench/torch_anchor.py), the
+# anchor where no CUDA build of llama.cpp runs
+CUDA_CONFIGS = {
+    **{f"kvsink_cpp/cuda {t}": ("kvsink_cpp", {"device": "cuda", "type_k": t, "type_v": t, "sinks": "kvsink"})
+       for t in ("f16", "q8", "q4", "q2")},
+    "torch/cuda f16": ("torch", {"device": "cuda", "dtype": "float16"}),
+}
+CUDA_REFERENCE = "torch/cuda f16"
 CASES = (("pp", "pp{n_prompt}"), ("tg", "tg{n_gen}"), ("tg_deep", "tg{n_gen}@{depth}"), ("fill", "fill {depth}"))
 
 
@@ -98,7 +111,7 @@ def bench_tokens(model: str, text: Path, n: int) -> np.ndarray:
 
 
 def run_config(name: str, model: str, tokens_file: str, spec: dict) -> dict:
-    engine, kv = CONFIGS[name]
+    engine, kv = {**CONFIGS, **CUDA_CONFIGS}[name]
     python = str(llama_cpp_python()) if engine == "llama.cpp" else sys.executable
     spec = dict(spec, kv=kv)
     proc = subprocess.run([python, str(WORKER), engine, model, tokens_file, json.dumps(spec)],
@@ -108,6 +121,8 @@ def run_config(name: str, model: str, tokens_file: str, spec: dict) -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if engine == "llama.cpp":
         result["kv_bytes_per_token"] = llama_cpp_kv_bytes(model, kv["type_k"])
+    if engine == "torch":
+        result["kv_bytes_per_token"] = llama_cpp_kv_bytes(model, GGML_TYPES["f16"])
     return result
 
 
@@ -127,13 +142,14 @@ def print_table(report: dict) -> None:
     spec = report["spec"]
     labels = [(key, label.format(**spec)) for key, label in CASES if key in ("pp", "tg") or spec["depth"]]
     busy = f"; {spec['busy']} competing busy process(es)" if spec.get("busy") else ""
+    reference = spec.get("reference", REFERENCE)
     print(f"{Path(report['model']).name}; median of {spec['reps']} runs after a warm-up; ratio to "
-          f"{REFERENCE} at the same thread count in this run{busy}\n")
+          f"{reference} at the same thread count in this run{busy}\n")
     print("| threads | engine / KV | " + " | ".join(label for _, label in labels)
           + " | KV bytes/token | peak RSS (MB) |")
     print("|---|---|" + "---|" * len(labels) + "---|---|")
     for threads, results in report["runs"].items():
-        ref = results.get(REFERENCE, {})
+        ref = results.get(reference, {})
         for name, r in results.items():
             if "error" in r:
                 print(f"| {threads} | {name} | error: {r['error'][:100]} |")
@@ -184,6 +200,9 @@ def parse_args(argv=None):
     ap.add_argument("--configs", help="comma-separated glob patterns, e.g. 'kvsink_cpp/q4,llama.cpp/*'")
     ap.add_argument("--busy", type=int, default=0,
                     help="competing busy processes kept running during the timings (a shared desktop; default 0)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: our CUDA backend (f16/q8/q4/q2 caches) beside PyTorch eager with an f16 cache "
+                         "(needs a CUDA build, a GPU and torch); ratios to the PyTorch anchor")
     ap.add_argument("--list", action="store_true", help="list the settings and exit")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return ap.parse_args(argv)
@@ -207,10 +226,11 @@ class BusyProcesses:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configs = CUDA_CONFIGS if args.device == "cuda" else CONFIGS
     if args.list:
-        print("\n".join(CONFIGS))
+        print("\n".join(configs))
         return 0
-    names = select_names(list(CONFIGS), args.configs)
+    names = select_names(list(configs), args.configs)
     if args.model is None:
         from kvsink_cpp.models import find_default_model, pull_default_model
         args.model = str(find_default_model() or pull_default_model())
@@ -222,7 +242,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"-c {args.ctx_size} is too small for depth {args.depth} + {args.n_gen} tokens")
     threads = args.threads or [2]
     spec = {"n_ctx": args.ctx_size, "reps": args.reps, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-            "depth": args.depth, "busy": args.busy}
+            "depth": args.depth, "busy": args.busy, "device": args.device,
+            "reference": CUDA_REFERENCE if args.device == "cuda" else REFERENCE}
     report = {"model": args.model, "spec": spec, "weight_bytes_per_token": weight_bytes_per_token(args.model),
               "model_bytes": os.path.getsize(args.model),
               "bandwidth": {}, "runs": {}}

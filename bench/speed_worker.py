@@ -4,7 +4,7 @@ same in kvsink_cpp and llama-cpp-python, so both are timed by the same code.
 
     speed_worker.py ENGINE MODEL TOKENS.npy SPEC_JSON
 
-ENGINE is "kvsink_cpp" or "llama.cpp"; SPEC_JSON holds n_ctx, threads, reps,
+ENGINE is "kvsink_cpp", "llama.cpp" or "torch" (bench/torch_anchor.py); SPEC_JSON holds n_ctx, threads, reps,
 n_prompt, n_gen, depth and the engine's KV keyword arguments. Prints one JSON
 object: per case the median tokens/s over `reps` timed repetitions (one
 warm-up excluded) with every repetition, and the RSS figures.
@@ -48,6 +48,9 @@ def repeat(reps: int, n_tokens: int, fn) -> dict:
 
 
 def open_engine(engine: str, model: str, spec: dict):
+    if engine == "torch":  # the GPU anchor (torch_anchor.py)
+        from torch_anchor import TorchLlama
+        return TorchLlama(model, n_ctx=spec["n_ctx"], **spec["kv"])
     common = dict(model_path=model, n_ctx=spec["n_ctx"], n_batch=spec["n_prompt"], n_threads=spec["threads"],
                   verbose=False)
     if engine == "llama.cpp":
