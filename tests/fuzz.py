@@ -44,7 +44,7 @@ class BuildUnavailable(Exception):
 
 # ---- building the harness ------------------------------------------------
 
-def _compiler() -> str:
+def c_compiler() -> str:
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise BuildUnavailable("no C compiler (cc/gcc) on PATH")
@@ -68,31 +68,41 @@ def _check_sanitizers(cc: str, out: Path) -> None:
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
-def _object_command(cc: str, src: Path, obj: Path) -> list[str]:
+def _object_command(cc: str, src: Path, obj: Path, flags: Sequence[str]) -> list[str]:
     isa = ["-mavx2", "-mfma", "-mf16c"] if src.stem.endswith("_avx2") else []
     avx2 = ["-DKVS_HAVE_AVX2_BUILD=1"] if X86 else []
-    return [cc, *SAN_FLAGS, *isa, *avx2, "-I", str(NATIVE / "include"), "-I", str(NATIVE / "src"),
+    return [cc, *flags, *isa, *avx2, "-I", str(NATIVE / "include"), "-I", str(NATIVE / "src"),
             "-c", str(src), "-o", str(obj)]
 
 
-def build_harness(out: Path) -> Path:
-    """native/src/*.c and the driver with ASan+UBSan, object files in parallel."""
-    cc = _compiler()
+def core_sources(cuda_glue: bool = False) -> list[Path]:
+    """native/src/*.c as CMake builds them without CUDA: backend_cuda.c is the
+    CUDA build's, cuda_absent.c answers without it (cuda_glue swaps them)."""
+    left_out = "cuda_absent.c" if cuda_glue else "backend_cuda.c"
+    return [s for s in (NATIVE / "src").glob("*.c") if (X86 or not s.stem.endswith("_avx2")) and s.name != left_out]
+
+
+def compile_objects(cc: str, sources: Sequence[Path], out: Path, flags: Sequence[str]) -> list[Path]:
+    """Object files of sources in out, compiled in parallel (the longest first)."""
     out.mkdir(parents=True, exist_ok=True)
-    _check_sanitizers(cc, out)
-    # as CMake's CPU-only build: backend_cuda.c is the CUDA build's (cuda_absent.c answers without it)
-    sources = [s for s in (NATIVE / "src").glob("*.c")
-               if (X86 or not s.stem.endswith("_avx2")) and s.name != "backend_cuda.c"]
-    sources.append(NATIVE / "fuzz" / "fuzz_main.c")
-    sources.sort(key=lambda s: -s.stat().st_size)  # the longest compiles start first
-    commands = [_object_command(cc, s, out / (s.stem + ".o")) for s in sources]
+    sources = sorted(sources, key=lambda s: -s.stat().st_size)
+    commands = [_object_command(cc, s, out / (s.stem + ".o"), flags) for s in sources]
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         results = list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), commands))
     for cmd, r in zip(commands, results):
         if r.returncode != 0:
             raise RuntimeError(f"compiling {cmd[-3]} failed:\n{r.stderr}")
+    return [Path(c[-1]) for c in commands]
+
+
+def build_harness(out: Path) -> Path:
+    """native/src/*.c and the driver with ASan+UBSan, object files in parallel."""
+    cc = c_compiler()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_sanitizers(cc, out)
+    objects = compile_objects(cc, [*core_sources(), NATIVE / "fuzz" / "fuzz_main.c"], out, SAN_FLAGS)
     exe = out / "kvs_fuzz"
-    link = [cc, *SAN_FLAGS, *[c[-1] for c in commands], *WRAP_FLAGS, "-lm", "-lpthread", "-o", str(exe)]
+    link = [cc, *SAN_FLAGS, *map(str, objects), *WRAP_FLAGS, "-lm", "-lpthread", "-o", str(exe)]
     r = subprocess.run(link, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"linking the fuzz harness failed:\n{r.stderr}")
