@@ -72,6 +72,9 @@ def _cmd_info(args) -> int:
         fallback = f"no (built-in {chat_format.arch_template_name(arch)} is used)"
         print(f"{'chat template:':<26}{'yes' if 'tokenizer.chat_template' in meta else fallback}")
         print(f"{'sink profile:':<26}{_describe_profile(f, meta)}")
+    from .llama import cuda_status
+    status = cuda_status()
+    print(f"{'GPU (CUDA):':<26}{'available (-ngl -1 / device=cuda)' if status == 'ok' else 'no: ' + status}")
     return 0
 
 

@@ -61,6 +61,10 @@ def test_cli_info_describes_the_model(smollm2_path):
     from gguf import GGUFReader
     counts = Counter(t.tensor_type.name for t in GGUFReader(smollm2_path).tensors)
     assert counts["Q4_1"] == 210 and counts["Q8_0"] == 1
+    # and whether the GPU can be used, or why not
+    import kvsink_cpp
+    status = kvsink_cpp.cuda_status()
+    assert re.search(r"GPU \(CUDA\):\s+" + ("available" if status == "ok" else re.escape("no: " + status)), out)
 
 
 def test_cli_reports_a_missing_file(tmp_path):
