@@ -36,15 +36,15 @@ def test_cuda_status_names_the_reason():
 
 @pytest.mark.parametrize("kwargs", [{"device": "cuda"}, {"n_gpu_layers": -1}, {"n_gpu_layers": 99},
                                     {"device": "cuda", "n_gpu_layers": -1}])
-def test_asking_for_the_gpu_fails_at_load_with_the_reason(tiny_llama_path, kwargs):
+def test_asking_for_the_gpu_fails_at_load_with_the_reason(smollm2_path, kwargs):
     with pytest.raises(UnsupportedError) as info:
-        Llama(str(tiny_llama_path), n_ctx=32, verbose=False, **kwargs)
+        Llama(str(smollm2_path), n_ctx=32, verbose=False, **kwargs)
     assert expected_reason() in str(info.value)
 
 
-def test_cpu_is_the_default_and_n_gpu_layers_0_stays_there(tiny_llama_path):
+def test_cpu_is_the_default_and_n_gpu_layers_0_stays_there(smollm2_path):
     for kwargs in ({}, {"n_gpu_layers": 0}, {"device": "cpu"}, {"device": "cpu", "n_gpu_layers": 0}):
-        with Llama(str(tiny_llama_path), n_ctx=32, verbose=False, **kwargs) as llm:
+        with Llama(str(smollm2_path), n_ctx=32, verbose=False, **kwargs) as llm:
             assert llm.device == "cpu" and llm.settings()["device"] == "cpu"
             llm.eval([1, 2, 3])
 
@@ -55,9 +55,9 @@ def test_cpu_is_the_default_and_n_gpu_layers_0_stays_there(tiny_llama_path):
     ({"n_gpu_layers": 1.5}, "n_gpu_layers must be an int"),
     ({"n_gpu_layers": True}, "n_gpu_layers must be an int"),
 ])
-def test_bad_device_arguments_are_value_errors(tiny_llama_path, kwargs, match):
+def test_bad_device_arguments_are_value_errors(smollm2_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        Llama(str(tiny_llama_path), n_ctx=32, verbose=False, **kwargs)
+        Llama(str(smollm2_path), n_ctx=32, verbose=False, **kwargs)
 
 
 def test_partial_offload_is_refused_by_name(smollm2_path):
@@ -69,8 +69,8 @@ def test_partial_offload_is_refused_by_name(smollm2_path):
             Llama(str(smollm2_path), n_ctx=32, verbose=False, n_gpu_layers=n)
 
 
-def test_cli_ngl_fails_with_the_reason(tiny_llama_path):
-    run = subprocess.run([sys.executable, "-m", "kvsink_cpp", "generate", "-m", str(tiny_llama_path), "-p", "hi", "-n", "2",
+def test_cli_ngl_fails_with_the_reason(smollm2_path):
+    run = subprocess.run([sys.executable, "-m", "kvsink_cpp", "generate", "-m", str(smollm2_path), "-p", "hi", "-n", "2",
                           "-ngl", "-1"], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert expected_reason() in run.stderr, run.stderr
