@@ -10,6 +10,7 @@
  * "Device" allocations are registered, and every pointer a launcher or a
  * copy gets must lie on the side it claims: a host pointer handed to a
  * kernel (which a real GPU would fault on) fails the call here. */
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -194,5 +195,17 @@ kvs_status kvs_cuda_scale(float *x, float s, int64_t n, void *stream) {
 kvs_status kvs_cuda_softcap(float *x, float cap, int64_t n, void *stream) {
     DEVICE(x, n * sizeof(float));
     kvs_softcap(x, n, cap);
+    return KVS_OK;
+}
+
+kvs_status kvs_cuda_channel_max(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *channels,
+                                int32_t n_channels, float *top, void *stream) {
+    DEVICE(x, n_tokens * n_embd * sizeof(float));
+    DEVICE(channels, n_channels * sizeof(int32_t));
+    DEVICE(top, n_tokens * sizeof(float));
+    for (int64_t t = 0; t < n_tokens; t++) {
+        top[t] = 0.0f;
+        for (int32_t i = 0; i < n_channels; i++) top[t] = fmaxf(top[t], fabsf(x[t * n_embd + channels[i]]));
+    }
     return KVS_OK;
 }

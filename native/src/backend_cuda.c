@@ -5,6 +5,8 @@
  * lives in host memory and its attention runs on the CPU, so each layer
  * copies q, k and v of the batch down and the attention output back up.
  * The cache in GPU memory, read by a CUDA attention, is the next stage.
+ * The sink predictor's channel maxima are taken on the device; n_tokens
+ * floats come back.
  * Compiled only with KVSINK_CUDA=ON; unverified on a GPU so far (README). */
 #include <pthread.h>
 #include <stdlib.h>
@@ -113,6 +115,8 @@ typedef struct cuda_context {
     float *dev[8];
     int32_t *ids;       /* n_batch token ids */
     float *logits;      /* LOGIT_ROWS x n_vocab */
+    int32_t *channels;  /* the sink profile's channels, or NULL without a profile */
+    float *top;         /* n_batch channel maxima */
 } cuda_context;
 
 static float **scratch_slot(kvs_context *ctx, int i) {
@@ -136,8 +140,22 @@ void kvs_cuda_backend_free(kvs_context *ctx) {
     }
     kvs_cuda_release(cc->ids);
     kvs_cuda_release(cc->logits);
+    kvs_cuda_release(cc->channels);
+    kvs_cuda_release(cc->top);
     free(cc);
     ctx->backend_state = NULL;
+}
+
+/* The profile is set before contexts are created (kvsink.h), so its
+ * channels are copied once per context. */
+static kvs_status upload_profile(kvs_context *ctx, cuda_context *cc) {
+    const kvs_sink_profile *p = &ctx->model->profile;
+    if (!p->present || p->n_channels <= 0) return KVS_OK;
+    const size_t bytes = (size_t)p->n_channels * sizeof(int32_t);
+    kvs_status st = kvs_cuda_alloc((void **)&cc->channels, bytes, "the sink profile's channels");
+    if (st == KVS_OK) st = kvs_cuda_to_device(cc->channels, p->channels, bytes);
+    if (st == KVS_OK) st = kvs_cuda_alloc((void **)&cc->top, (size_t)ctx->params.n_batch * sizeof(float), "sink scores");
+    return st;
 }
 
 kvs_status kvs_cuda_backend_init(kvs_context *ctx) {
@@ -159,6 +177,7 @@ kvs_status kvs_cuda_backend_init(kvs_context *ctx) {
         st = kvs_cuda_alloc((void **)&cc->logits, (size_t)LOGIT_ROWS * (size_t)ctx->model->hp.n_vocab * sizeof(float),
                             "the logits");
     }
+    if (st == KVS_OK) st = upload_profile(ctx, cc);
     if (st != KVS_OK) kvs_cuda_backend_free(ctx);
     return st;
 }
@@ -243,16 +262,16 @@ static void cuda_logits(kvs_context *ctx, const float *x, int64_t n_tokens, floa
     }
 }
 
-/* The predictor reads a few channels per token: bring the rows to the host
- * (n_embd floats each, once per forward pass) and take their maxima there. */
+/* The predictor's maxima, taken on the device; n_tokens floats come to the
+ * host. `channels` is the model's profile (llama.c passes nothing else),
+ * whose device copy was made at creation. */
 static void cuda_channel_max(kvs_context *ctx, const float *x, int32_t n_tokens, const int32_t *channels,
                              int32_t n_channels, float *top) {
     const cuda_context *cc = ctx->backend_state;
     if (ctx->op_status != KVS_OK) return;
-    float *rows = cc->host[0]; /* the host x: free while the stream lives on the device */
-    const size_t bytes = (size_t)n_tokens * (size_t)ctx->model->hp.n_embd * sizeof(float);
-    if (failed(ctx, kvs_cuda_to_host(rows, x, bytes))) return;
-    kvs_backend_cpu.channel_max(ctx, rows, n_tokens, channels, n_channels, top);
+    if (failed(ctx, kvs_cuda_channel_max(x, n_tokens, ctx->model->hp.n_embd, cc->channels, n_channels, cc->top, NULL)))
+        return;
+    failed(ctx, kvs_cuda_to_host(top, cc->top, (size_t)n_tokens * sizeof(float)));
 }
 
 static void cuda_read(kvs_context *ctx, const float *x, int64_t n, float *dst) {

@@ -636,3 +636,29 @@ kvs_status kvs_cuda_softcap(float *x, float cap, int64_t n, void *stream) {
     softcap_kernel<<<grid_for(n, THREADS), THREADS, 0, (cudaStream_t)stream>>>(x, cap, 1.0f / cap, n);
     return kvs_cuda_launched("softcap");
 }
+
+/* ---- the sink predictor's input ---------------------------------------------------- */
+
+/* top[t] = max over the profile's channels of |x[t][c]| (backend_cpu.c's
+ * cpu_channel_max): a thread per token, a handful of channels each. */
+__global__ void channel_max_kernel(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *channels,
+                                   int32_t n_channels, float *top) {
+    FOR_EACH(t, n_tokens) {
+        float m = 0.0f;
+        for (int32_t i = 0; i < n_channels; i++) m = fmaxf(m, fabsf(x[t * n_embd + channels[i]]));
+        top[t] = m;
+    }
+}
+
+kvs_status kvs_cuda_channel_max(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *channels,
+                                int32_t n_channels, float *top, void *stream) {
+    kvs_status st = check_elems("channel_max", x, top, n_tokens);
+    if (st != KVS_OK) return st;
+    if (!channels || n_channels <= 0 || n_embd <= 0) {
+        return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "channel_max: %d channels of %lld", (int)n_channels,
+                        (long long)n_embd);
+    }
+    channel_max_kernel<<<grid_for(n_tokens, THREADS), THREADS, 0, (cudaStream_t)stream>>>(x, n_tokens, n_embd, channels,
+                                                                                          n_channels, top);
+    return kvs_cuda_launched("channel_max");
+}

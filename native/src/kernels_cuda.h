@@ -55,6 +55,11 @@ kvs_status kvs_cuda_add_bias_rows(float *y, const float *b, int64_t n_rows, int6
 kvs_status kvs_cuda_scale(float *x, float s, int64_t n, void *stream);
 /* x = cap * tanh(x / cap) as kvs_softcap (n floats), cap > 0. */
 kvs_status kvs_cuda_softcap(float *x, float cap, int64_t n, void *stream);
+/* top[t] = max over channels[0..n_channels) of |x[t * n_embd + c]| for
+ * n_tokens rows: the sink predictor's input (channels on the device, checked
+ * against n_embd by the caller: the model's profile). */
+kvs_status kvs_cuda_channel_max(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *channels,
+                                int32_t n_channels, float *top, void *stream);
 
 #ifdef __cplusplus
 }
