@@ -22,8 +22,10 @@ out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export KVSINK_CACHE_DIR="$models" PYTHONPATH="$PWD/.deps:$PWD" PYTHONDONTWRITEBYTECODE=1
 
-python3 -m pip install --quiet --no-index --find-links "$wheels" --target .deps cffi gguf pytest \
-    > "$out/pip.log" 2>&1 || { echo "pip failed: $out/pip.log"; exit 1; }
+# --no-deps: the machine's own numpy (the one its torch was built with) must stay first
+python3 -m pip install --quiet --no-index --find-links "$wheels" --target .deps --no-deps \
+    cffi pycparser gguf pyyaml pytest pluggy iniconfig packaging > "$out/pip.log" 2>&1 ||
+    { echo "pip failed: $out/pip.log"; exit 1; }
 
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DKVSINK_CUDA=ON > "$out/build.log" 2>&1 &&
