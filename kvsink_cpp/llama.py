@@ -143,7 +143,7 @@ def _check_llama_cpp_options(options: dict) -> None:
     """Accept llama-cpp-python's options that change nothing here; refuse any
     that would change results unless it has the one value we honour, by
     name, rather than silently ignoring a setting the caller relies on.
-    (n_gpu_layers is a device choice: see _device_from.)"""
+    (n_gpu_layers is a device choice: see resolve_device.)"""
     for name, value in options.items():
         if name == "n_gpu_layers":
             continue
@@ -158,7 +158,7 @@ def _check_llama_cpp_options(options: dict) -> None:
 _DEVICES = {"cpu": "KVS_DEVICE_CPU", "cuda": "KVS_DEVICE_CUDA"}
 
 
-def _device_from(device: Optional[str], n_gpu_layers) -> str:
+def resolve_device(device: Optional[str], n_gpu_layers) -> str:
     """The device a context runs on: `device`, else llama-cpp-python's
     n_gpu_layers (0: the CPU; -1, or at least the model's layers as scripts
     write 99: every layer on the GPU). Offload is all or nothing: a part of
@@ -304,7 +304,7 @@ class Llama:
         chat_format_name = chat_format
         _check_llama_cpp_options(llama_cpp_options)
         n_gpu_layers = llama_cpp_options.get("n_gpu_layers")
-        self.device = _device_from(device, n_gpu_layers)
+        self.device = resolve_device(device, n_gpu_layers)
         # llama-cpp-python's seed is the default for sampling calls that give none
         self.seed = None if seed is None or seed == _LLAMA_DEFAULT_SEED else seed
         self.model_path = os.fspath(model_path)

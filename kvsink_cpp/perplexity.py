@@ -34,11 +34,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import KvsinkError
-from .llama import Llama
+from .llama import Llama, resolve_device
 
 # The cache every setting is compared with (llama.cpp's default KV cache).
 REFERENCE_KV = {"type_k": "f16", "type_v": "f16", "sinks": "none"}
-KV_OPTIONS = ("type_k", "type_v", "sinks", "kv_block", "kv_recent", "kv_rotate", "matmul")
+KV_OPTIONS = ("type_k", "type_v", "sinks", "kv_block", "kv_recent", "kv_rotate", "matmul", "device")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -235,7 +235,8 @@ def perplexity(model_path, text, n_ctx: int = 512, n_chunks: Optional[int] = Non
         reference = None
         if kl_divergence:
             reference = stack.enter_context(open_llama(model_path, n_ctx, n_threads, n_batch, **REFERENCE_KV,
-                                                       matmul=kv_options.get("matmul")))
+                                                       matmul=kv_options.get("matmul"),
+                                                       device=kv_options.get("device")))
         result = perplexity_of_tokens(llm, tokens, n_ctx, n_chunks, vocab_bos(llm), reference, progress)
         stats = llm.kv_cache_stats()
         result.update({"model": os.fspath(model_path), **{k: kv_options.get(k) for k in KV_OPTIONS},
@@ -269,6 +270,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: the physical cores)")
     p.add_argument("--kl-divergence", action="store_true",
                    help="also evaluate with the f16 cache and report KL-divergence and top-1 agreement")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
+                   help="-1 (or at least the model's layers): run on the GPU (a CUDA build), 0: the CPU")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure")
 
 
@@ -304,7 +308,8 @@ def run_perplexity_command(args) -> int:
                         n_threads=args.threads, kl_divergence=args.kl_divergence, progress=True,
                         type_k=args.cache_type_k, type_v=args.cache_type_v, sinks=args.sinks,
                         kv_block=args.kv_block, kv_recent=args.kv_recent, kv_rotate=args.kv_rotate,
-                        matmul=args.matmul)
+                        matmul=args.matmul, device=None if args.device is None and not args.n_gpu_layers
+                        else resolve_device(args.device, args.n_gpu_layers))
     result["file"] = args.file
     if args.json:
         print(json.dumps(result, indent=2))

@@ -74,3 +74,12 @@ def test_cli_ngl_fails_with_the_reason(smollm2_path):
                           "-ngl", "-1"], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert expected_reason() in run.stderr, run.stderr
+
+
+def test_perplexity_cli_asks_for_the_gpu_with_ngl(smollm2_path, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    run = subprocess.run([sys.executable, "-m", "kvsink_cpp", "perplexity", "-m", str(smollm2_path), "-f", str(text),
+                          "-c", "64", "--chunks", "1", "-ngl", "-1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert expected_reason() in run.stderr, run.stderr
