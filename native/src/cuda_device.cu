@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "cuda_memory.h"
 #include "kernels_cuda.h"
 
 extern "C" {
@@ -110,14 +111,9 @@ typedef struct dev_scope {
 } dev_scope;
 
 static kvs_status dev_alloc(dev_scope *s, size_t bytes, void **out) {
-    *out = NULL;
-    const cudaError_t e = cudaMalloc(out, bytes);
-    if (e != cudaSuccess) {
-        *out = NULL;
-        return kvs_cuda_fail(e, "cudaMalloc");
-    }
-    s->buf[s->n++] = *out;
-    return KVS_OK;
+    kvs_status st = kvs_cuda_alloc(out, bytes, "a test entry's buffer");
+    if (st == KVS_OK) s->buf[s->n++] = *out;
+    return st;
 }
 
 /* A device copy of bytes at host (NULL host: nothing, *out = NULL). */
@@ -125,9 +121,7 @@ static kvs_status dev_upload(dev_scope *s, const void *host, size_t bytes, void 
     *out = NULL;
     if (!host) return KVS_OK;
     kvs_status st = dev_alloc(s, bytes, out);
-    if (st != KVS_OK) return st;
-    const cudaError_t e = cudaMemcpy(*out, host, bytes, cudaMemcpyHostToDevice);
-    return e == cudaSuccess ? KVS_OK : kvs_cuda_fail(e, "cudaMemcpy to the device");
+    return st == KVS_OK ? kvs_cuda_to_device(*out, host, bytes) : st;
 }
 
 /* After a launch with status st: wait for it, copy bytes of dev to host,
@@ -141,7 +135,7 @@ static kvs_status dev_finish(dev_scope *s, kvs_status st, void *host, const void
         const cudaError_t e = cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost);
         if (e != cudaSuccess) st = kvs_cuda_fail(e, "cudaMemcpy to the host");
     }
-    for (int i = 0; i < s->n; i++) cudaFree(s->buf[i]);
+    for (int i = 0; i < s->n; i++) kvs_cuda_release(s->buf[i]);
     s->n = 0;
     return st;
 }
