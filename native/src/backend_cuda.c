@@ -9,6 +9,7 @@
  * floats come back.
  * Compiled only with KVSINK_CUDA=ON; unverified on a GPU so far (README). */
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,15 +31,28 @@ typedef struct device_copy {
 
 struct kvs_cuda_weights {
     int32_t n, cap;
+    int32_t sorted;       /* copies ordered by host address: every op looks its weights up */
     device_copy *copies;
 };
 
 static pthread_mutex_t upload_lock = PTHREAD_MUTEX_INITIALIZER;
 
+static int by_host(const void *a, const void *b) {
+    const uintptr_t x = (uintptr_t)((const device_copy *)a)->host, y = (uintptr_t)((const device_copy *)b)->host;
+    return (x > y) - (x < y);
+}
+
 /* The device copy of the host weight at `host` (NULL for NULL). Weights are
- * found by address: the ops receive the model's own pointers. */
+ * found by address: the ops receive the model's own pointers. Once the
+ * upload is done the list is sorted and searched by halves. */
 static const void *device_of(const kvs_cuda_weights *w, const void *host) {
-    for (int32_t i = 0; host && i < w->n; i++) {
+    if (!host) return NULL;
+    if (w->sorted) {
+        const device_copy key = {host, NULL};
+        const device_copy *hit = bsearch(&key, w->copies, (size_t)w->n, sizeof key, by_host);
+        return hit ? hit->dev : NULL;
+    }
+    for (int32_t i = 0; i < w->n; i++) {
         if (w->copies[i].host == host) return w->copies[i].dev;
     }
     return NULL;
@@ -98,7 +112,11 @@ static kvs_status upload_model(kvs_model *m) {
         if (st == KVS_OK) st = upload(w, m->tok_embd.data, tensor_bytes(&m->tok_embd));
         if (st == KVS_OK) st = upload(w, m->output.data, tensor_bytes(&m->output));
         if (st == KVS_OK) st = upload(w, m->output_norm, (size_t)m->hp.n_embd * sizeof(float));
-        if (st == KVS_OK) m->cuda = w;
+        if (st == KVS_OK) {
+            qsort(w->copies, (size_t)w->n, sizeof *w->copies, by_host);
+            w->sorted = 1;
+            m->cuda = w;
+        }
         else kvs_cuda_weights_free(w);
     }
     pthread_mutex_unlock(&upload_lock);
