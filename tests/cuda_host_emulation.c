@@ -1,12 +1,15 @@
 /* cuda_host_emulation.c - a test-only stand-in for the CUDA side of a
- * KVSINK_CUDA build (kernels_cuda.cu, cuda_memory.cu, cuda_device.cu) that
- * runs on the host: "device" memory is malloc'd, copies are memcpy, and each
- * launcher calls the CPU kernel it is the twin of. Linked with the C core
- * and backend_cuda.c (tests/test_cuda_glue.py builds it), it lets the CUDA
- * backend's glue - the weight upload and lookup, the buffers moved to the
- * device and back for the CPU attention, the logits in chunks, the sink
- * predictor's copy - run and be compared with the CPU on a machine without
- * a GPU. It says nothing about the CUDA kernels themselves (test_cuda.py).
+ * KVSINK_CUDA build (kernels_cuda.cu, kv_cuda.cu, cuda_memory.cu,
+ * cuda_device.cu) that runs on the host: "device" memory is malloc'd,
+ * copies are memcpy, and each weight-kernel launcher calls the CPU kernel
+ * it is the twin of. Linked with the C core and the *_cuda.c glue
+ * (tests/test_cuda_glue.py builds it), it lets the CUDA backend's glue -
+ * the weight upload and lookup, the KV cache moved to the device, its
+ * segment tables and commits, the logits in chunks, the sink predictor's
+ * copy - run and be compared with the CPU on a machine without a GPU. The
+ * KV cache's launchers run kv_cuda_math.h, the very per-thread code of
+ * kv_cuda.cu's kernels, over the same index spaces; the weight kernels
+ * themselves are test_cuda.py's (on a GPU).
  * "Device" allocations are registered, and every pointer a launcher or a
  * copy gets must lie on the side it claims: a host pointer handed to a
  * kernel (which a real GPU would fault on) fails the call here. */
@@ -18,6 +21,8 @@
 #include "cuda_memory.h"
 #include "formats.h"
 #include "kernels_cuda.h"
+#include "kv_cuda.h"
+#include "kv_cuda_math.h"
 #include "ops.h"
 #include "status.h"
 
@@ -108,6 +113,13 @@ kvs_status kvs_cuda_to_device(void *dst, const void *src, size_t bytes) {
 kvs_status kvs_cuda_to_host(void *dst, const void *src, size_t bytes) {
     DEVICE(src, bytes);
     if (on_device(dst, 1)) return kvs_fail(KVS_ERR_INTERNAL, "kvs_cuda_to_host: the destination is device memory");
+    memcpy(dst, src, bytes);
+    return KVS_OK;
+}
+
+kvs_status kvs_cuda_copy(void *dst, const void *src, size_t bytes) {
+    DEVICE(dst, bytes);
+    DEVICE(src, bytes);
     memcpy(dst, src, bytes);
     return KVS_OK;
 }
@@ -206,6 +218,105 @@ kvs_status kvs_cuda_channel_max(const float *x, int64_t n_tokens, int64_t n_embd
     for (int64_t t = 0; t < n_tokens; t++) {
         top[t] = 0.0f;
         for (int32_t i = 0; i < n_channels; i++) top[t] = fmaxf(top[t], fabsf(x[t * n_embd + channels[i]]));
+    }
+    return KVS_OK;
+}
+
+/* ---- kv_cuda.cu's launchers: kv_cuda_math.h over the kernels' index spaces -- */
+
+static kvs_status check_cache(const kvs_kv_dev *g) {
+    DEVICE(g->win_k, 1);
+    DEVICE(g->win_v, 1);
+    DEVICE(g->sink_k, 1);
+    DEVICE(g->sink_v, 1);
+    DEVICE(g->blocks, 1);
+    DEVICE(g->lblocks, 1);
+    DEVICE(g->window, g->n_layer * sizeof(int32_t));
+    DEVICE(g->layer_index, g->n_layer * sizeof(int32_t));
+    DEVICE(g->pair_a, 4);
+    DEVICE(g->pair_b, 4);
+    DEVICE(g->rel_cos[0], 4);
+    DEVICE(g->blk_sin[0], 4);
+    return KVS_OK;
+}
+
+kvs_status kvs_cuda_kv_store(const kvs_kv_dev *g, int32_t il, int32_t n_past, int32_t n_tokens, const float *k,
+                             const float *v, void *stream) {
+    kvs_status st = check_cache(g);
+    if (st != KVS_OK) return st;
+    const int64_t kv_dim = (int64_t)g->n_kv * g->hd;
+    DEVICE(k, n_tokens * kv_dim * sizeof(float));
+    DEVICE(v, n_tokens * kv_dim * sizeof(float));
+    for (int64_t i = 0; i < n_tokens * kv_dim; i++) kvd_store(g, il, n_past, (int32_t)(i / kv_dim), i % kv_dim, k, v);
+    return KVS_OK;
+}
+
+kvs_status kvs_cuda_kv_encode_block(const kvs_kv_dev *g, int32_t o0, int32_t slot, int32_t lslot, uint64_t skip,
+                                    float *tile, void *stream) {
+    kvs_status st = check_cache(g);
+    if (st != KVS_OK) return st;
+    const int64_t per_kind = (int64_t)g->n_layer * g->n_kv * g->B;
+    DEVICE(tile, 2 * per_kind * g->hd * sizeof(float));
+    for (int64_t i = 0; i < 2 * per_kind; i++) {
+        const int is_key = i < per_kind;
+        const int64_t j = i % per_kind;
+        const int32_t t = (int32_t)(j % g->B), h = (int32_t)(j / g->B % g->n_kv), il = (int32_t)(j / g->B / g->n_kv);
+        kvd_load_tile_row(g, o0, il, h, t, is_key, kvd_tile_row(g, tile, is_key, il, h, t));
+    }
+    const int32_t ku = kvd_encode_units(g, 1), vu = kvd_encode_units(g, 0);
+    for (int64_t i = 0; i < (int64_t)g->n_layer * g->n_kv * (ku + vu); i++) {
+        const int32_t u = (int32_t)(i % (ku + vu)), h = (int32_t)(i / (ku + vu) % g->n_kv);
+        const int32_t il = (int32_t)(i / (ku + vu) / g->n_kv), is_key = u < ku;
+        uint8_t *data = kvd_block(g, slot, lslot, il, h) + (is_key ? 0 : g->k_bytes);
+        DEVICE(data, is_key ? g->k_bytes : g->v_bytes);
+        kvd_encode_unit(g, kvd_tile_row(g, tile, is_key, il, h, 0), skip, is_key, is_key ? u : u - ku, data);
+    }
+    return KVS_OK;
+}
+
+kvs_status kvs_cuda_kv_requantize_keys(const kvs_kv_dev *g, int32_t r, int32_t slot, int32_t lslot, int32_t t,
+                                       uint64_t skip, float *tile, void *stream) {
+    kvs_status st = check_cache(g);
+    if (st != KVS_OK) return st;
+    const int64_t rows = (int64_t)g->n_layer * g->n_kv;
+    DEVICE(tile, rows * g->hd * sizeof(float));
+    for (int64_t i = 0; i < rows; i++) {
+        const int32_t il = (int32_t)(i / g->n_kv), h = (int32_t)(i % g->n_kv);
+        float *row = tile + i * g->hd;
+        const int64_t index = kvd_row_index(g, r, il, h);
+        for (int32_t d = 0; d < g->hd; d++) row[d] = kvd_row_elem(g, g->sink_k, index + d);
+        if (g->rot_k) kvd_rotate_key_row(g, kvd_kind(g, il), row, t);
+    }
+    for (int64_t i = 0; i < rows * g->hd; i++) {
+        const int32_t d = (int32_t)(i % g->hd), h = (int32_t)(i / g->hd % g->n_kv), il = (int32_t)(i / g->hd / g->n_kv);
+        if (kvd_trimmed(g, il) && lslot < 0) continue;
+        uint8_t *data = kvd_block(g, slot, lslot, il, h);
+        DEVICE(data, g->k_bytes);
+        kvd_requantize_channel(g, data, tile + (i / g->hd) * g->hd, t, d, skip);
+    }
+    return KVS_OK;
+}
+
+kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, const kvs_kv_attend_args *a, void *stream) {
+    kvs_status st = check_cache(g);
+    if (st != KVS_OK) return st;
+    const int64_t rec = g->hd + 2, n = (int64_t)a->n_tokens * a->n_head * a->n_parts;
+    DEVICE(a->segs, a->n_segs * sizeof(kvs_kv_seg));
+    DEVICE(a->q, ((a->n_tokens - 1) * a->q_stride + (int64_t)a->n_head * g->hd) * sizeof(float));
+    DEVICE(a->out, ((a->n_tokens - 1) * a->q_stride + (int64_t)a->n_head * g->hd) * sizeof(float));
+    DEVICE(a->partial, n * rec * sizeof(float));
+    kvd_scratch *s = malloc(sizeof *s);
+    if (!s) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "emulated attention scratch");
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t part = (int32_t)(i % a->n_parts), hq = (int32_t)(i / a->n_parts % a->n_head);
+        const int32_t t = (int32_t)(i / a->n_parts / a->n_head);
+        kvd_attend_part(g, a, t, hq, part, s, a->partial + i * rec);
+    }
+    free(s);
+    for (int64_t i = 0; i < (int64_t)a->n_tokens * a->n_head * g->hd; i++) {
+        const int32_t d = (int32_t)(i % g->hd), hq = (int32_t)(i / g->hd % a->n_head), t = (int32_t)(i / g->hd / a->n_head);
+        const int64_t head = (int64_t)t * a->n_head + hq;
+        a->out[t * a->q_stride + (int64_t)hq * g->hd + d] = kvd_combine_elem(g->hd, a->n_parts, a->partial + head * a->n_parts * rec, d);
     }
     return KVS_OK;
 }

@@ -76,10 +76,15 @@ def _object_command(cc: str, src: Path, obj: Path, flags: Sequence[str]) -> list
 
 
 def core_sources(cuda_glue: bool = False) -> list[Path]:
-    """native/src/*.c as CMake builds them without CUDA: backend_cuda.c is the
-    CUDA build's, cuda_absent.c answers without it (cuda_glue swaps them)."""
-    left_out = "cuda_absent.c" if cuda_glue else "backend_cuda.c"
-    return [s for s in (NATIVE / "src").glob("*.c") if (X86 or not s.stem.endswith("_avx2")) and s.name != left_out]
+    """native/src/*.c as CMake builds them without CUDA: the *_cuda.c glue is
+    the CUDA build's, cuda_absent.c answers without it (cuda_glue swaps them)."""
+    def kept(s: Path) -> bool:
+        if s.stem.endswith("_avx2"):
+            return X86
+        if s.stem.endswith("_cuda"):
+            return cuda_glue
+        return s.name != "cuda_absent.c" or not cuda_glue
+    return [s for s in (NATIVE / "src").glob("*.c") if kept(s)]
 
 
 def compile_objects(cc: str, sources: Sequence[Path], out: Path, flags: Sequence[str]) -> list[Path]:

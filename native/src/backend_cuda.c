@@ -1,12 +1,11 @@
-/* backend_cuda.c - the CUDA backend (backend.h), first stage. The model's
- * weights are uploaded to the GPU once (shared by its contexts) and every op
- * of the forward pass runs there with f32 activations (kernels_cuda.cu: the
- * CPU exact path's arithmetic), except attention: the KVSink cache still
- * lives in host memory and its attention runs on the CPU, so each layer
- * copies q, k and v of the batch down and the attention output back up.
- * The cache in GPU memory, read by a CUDA attention, is the next stage.
- * The sink predictor's channel maxima are taken on the device; n_tokens
- * floats come back.
+/* backend_cuda.c - the CUDA backend (backend.h). The model's weights are
+ * uploaded to the GPU once (shared by its contexts) and every op of the
+ * forward pass runs there with f32 activations (kernels_cuda.cu: the CPU
+ * exact path's arithmetic). The context's KVSink cache lives in GPU memory
+ * (kv_cache_cuda.c: window and sink rows, quantized blocks; the
+ * bookkeeping on the host), so attention appends and reads there too. What
+ * comes back to the host: the logits rows asked for and, with a sink
+ * profile, one channel maximum per token for the predictor.
  * Compiled only with KVSINK_CUDA=ON; unverified on a GPU so far (README). */
 #include <pthread.h>
 #include <stdint.h>
@@ -17,6 +16,7 @@
 #include "context.h"
 #include "cuda_memory.h"
 #include "kernels_cuda.h"
+#include "kv_cache.h"
 #include "status.h"
 
 /* Logit rows computed at a time (a row of Gemma 3 is 1 MiB of floats). */
@@ -126,8 +126,8 @@ static kvs_status upload_model(kvs_model *m) {
 /* ---- a context's device buffers ------------------------------------------ */
 
 /* The forward pass's buffers (ctx->x, ...) point into device memory while
- * the context lives; the host buffers alloc_scratch made are kept here for
- * the CPU attention and given back at the end. */
+ * the context lives; the host buffers alloc_scratch made are kept here and
+ * given back at the end (context.c frees them). */
 typedef struct cuda_context {
     float *host[8];     /* x, xb, q, k, v, att, hb, hb2 as allocated on the host */
     float *dev[8];
@@ -196,6 +196,7 @@ kvs_status kvs_cuda_backend_init(kvs_context *ctx) {
                             "the logits");
     }
     if (st == KVS_OK) st = upload_profile(ctx, cc);
+    if (st == KVS_OK) st = kvs_kv_cache_to_cuda(ctx->kv, ctx->ubatch, ctx->model->hp.n_head);
     if (st != KVS_OK) kvs_cuda_backend_free(ctx);
     return st;
 }
@@ -238,21 +239,13 @@ static void cuda_add_bias(kvs_context *ctx, float *y, const float *b, int64_t n_
     failed(ctx, kvs_cuda_add_bias_rows(y, weight(ctx, b), n_rows, n, NULL));
 }
 
-/* The CPU's attention over the host cache: q, k, v down, the output up. */
+/* The batch's K/V rows into the device cache's window, then attention over
+ * everything the layer sees (keys rotated as they are read). */
 static void cuda_attention(kvs_context *ctx, int32_t il, int32_t n_tokens) {
-    cuda_context *cc = ctx->backend_state;
+    const kvs_hparams *hp = &ctx->model->hp;
     if (ctx->op_status != KVS_OK) return;
-    const int32_t moved[4] = {2, 3, 4, 5}; /* q, k, v, att */
-    for (int i = 0; i < 3; i++) {
-        const int j = moved[i];
-        const size_t bytes = (size_t)(scratch_floats(ctx, j) / ctx->params.n_batch * n_tokens) * sizeof(float);
-        if (failed(ctx, kvs_cuda_to_host(cc->host[j], cc->dev[j], bytes))) return;
-    }
-    for (int i = 0; i < 4; i++) *scratch_slot(ctx, moved[i]) = cc->host[moved[i]];
-    kvs_backend_cpu.attention(ctx, il, n_tokens);
-    for (int i = 0; i < 4; i++) *scratch_slot(ctx, moved[i]) = cc->dev[moved[i]];
-    const size_t att_bytes = (size_t)(scratch_floats(ctx, 5) / ctx->params.n_batch * n_tokens) * sizeof(float);
-    failed(ctx, kvs_cuda_to_device(cc->dev[5], cc->host[5], att_bytes));
+    if (failed(ctx, kvs_kv_cache_cuda_store(ctx->kv, il, n_tokens, ctx->k, ctx->v))) return;
+    failed(ctx, kvs_kv_cache_cuda_attend(ctx->kv, il, n_tokens, ctx->q, hp->n_head, hp->attn_scale, ctx->att));
 }
 
 static void cuda_glu(kvs_context *ctx, float *gate, const float *up, int64_t n, int32_t gelu) {

@@ -325,6 +325,10 @@ kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32
     if (trace && (ctx->params.kv_ring || kvs_kv_cache_n_evicted(ctx->kv) > 0)) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "tracing needs a cache without eviction (kv_ring 0)");
     }
+    if (trace && trace->attn_mass && ctx->backend != &kvs_backend_cpu) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "attention traces (sink calibration) run on the CPU; this context runs on %s",
+                        ctx->backend->name);
+    }
     if (trace && trace->attn_mass) {
         /* calibration only: decoding never takes this path, so it may allocate */
         ctx->trace_mass = malloc((size_t)ctx->params.n_threads * (size_t)ctx->scratch_len * sizeof(float));
@@ -350,7 +354,8 @@ kvs_status kvs_context_eval_trace(kvs_context *ctx, const int32_t *tokens, int32
         if (st != KVS_OK) break;
         ctx->trace_start = start;
         st = kvs_llama_forward(ctx, tokens + start, n, logits_all, out);
-        kvs_kv_cache_commit(ctx->kv);
+        const kvs_status committed = kvs_kv_cache_commit(ctx->kv);
+        if (st == KVS_OK) st = committed;
     }
     ctx->t_eval += now_seconds() - t0;
     ctx->trace = NULL;

@@ -29,3 +29,8 @@ kvs_status kvs_cuda_to_host(void *dst, const void *src, size_t bytes) {
     const cudaError_t e = cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost);
     return e == cudaSuccess ? KVS_OK : kvs_cuda_fail(e, "copy to the host");
 }
+
+kvs_status kvs_cuda_copy(void *dst, const void *src, size_t bytes) {
+    const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0);
+    return e == cudaSuccess ? KVS_OK : kvs_cuda_fail(e, "copy on the device");
+}

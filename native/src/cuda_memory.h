@@ -17,6 +17,8 @@ kvs_status kvs_cuda_alloc(void **ptr, size_t bytes, const char *what);
 /* Free device memory from kvs_cuda_alloc (NULL: nothing). */
 void kvs_cuda_release(void *ptr);
 kvs_status kvs_cuda_to_device(void *dst, const void *src, size_t bytes);
+/* Device-to-device, queued after the kernels before it (the ranges do not overlap). */
+kvs_status kvs_cuda_copy(void *dst, const void *src, size_t bytes);
 /* Waits for the work queued before it, so dst is ready on return. */
 kvs_status kvs_cuda_to_host(void *dst, const void *src, size_t bytes);
 

@@ -249,6 +249,7 @@ kvs_status kvs_kv_cache_create(const kvs_hparams *hp, const float *rope_freqs, i
 
 void kvs_kv_cache_free(kvs_kv_cache *c) {
     if (!c) return;
+    if (c->dev) c->dev->release(c); /* device arrays; their pointers come back NULL */
     void *bufs[] = {c->win_k, c->win_v, c->win_score, c->sink_k, c->sink_v, c->sink_pos, c->sink_score,
                     c->commit_tile, c->blocks, c->block_start, c->block_mask, c->window, c->pair_a, c->pair_b,
                     c->layer_index, c->lblocks, c->lslot, c->lowner};
@@ -312,11 +313,40 @@ static void get_row(const kvs_kv_cache *c, const uint8_t *base, size_t index, fl
     else kvs_f16_to_f32_kernel(impl)(c->hd, (const kvs_half *)base + index, dst);
 }
 
+/* ---- data on the host or a device -------------------------------------- */
+
+/* A device op's failure is kept until the cache is cleared. */
+static void device_did(kvs_kv_cache *c, kvs_status st) {
+    if (st != KVS_OK && c->dev_status == KVS_OK) c->dev_status = st;
+}
+
+/* dst = src (n bytes) inside the cache's memory; the ranges do not overlap. */
+static void move_data(kvs_kv_cache *c, void *dst, const void *src, size_t n) {
+    if (c->dev) device_did(c, c->dev->move(dst, src, n));
+    else memcpy(dst, src, n);
+}
+
+kvs_status kv_data_read(const kvs_kv_cache *c, void *host_dst, const void *src, size_t n) {
+    if (c->dev) return c->dev->read(host_dst, src, n);
+    memcpy(host_dst, src, n);
+    return KVS_OK;
+}
+
+kvs_status kv_data_write(kvs_kv_cache *c, void *dst, const void *host_src, size_t n) {
+    if (c->dev) return c->dev->write(dst, host_src, n);
+    memcpy(dst, host_src, n);
+    return KVS_OK;
+}
+
 /* ---- appending ---------------------------------------------------------- */
 
 kvs_status kvs_kv_cache_begin(kvs_kv_cache *c, int32_t n) {
     if (n < 1 || n > c->p.ubatch) {
         return kvs_fail(KVS_ERR_INTERNAL, "append of %d tokens exceeds the cache's ubatch %d", n, c->p.ubatch);
+    }
+    if (c->dev_status != KVS_OK) {
+        return kvs_fail(c->dev_status, "the KV cache's device failed earlier (the error then said why); "
+                        "reset the context to use it again");
     }
     if (!c->p.ring && (int64_t)c->n_past + n > c->n_ctx) {
         return kvs_fail(KVS_ERR_CONTEXT_FULL, "%d tokens do not fit: %d of n_ctx %d are in use",
@@ -327,6 +357,7 @@ kvs_status kvs_kv_cache_begin(kvs_kv_cache *c, int32_t n) {
     return KVS_OK;
 }
 
+/* Host caches only: a device's backend writes its window itself (kv_cache_cuda.c). */
 void kvs_kv_cache_store(kvs_kv_cache *c, int32_t il, int32_t t, const float *k, const float *v) {
     const int32_t slot = (c->n_past + t) % c->Wcap;
     for (int32_t h = 0; h < c->n_kv; h++) {
@@ -435,8 +466,10 @@ static int32_t weakest_sink(const kvs_kv_cache *c) {
 
 static void remove_sink_row(kvs_kv_cache *c, int32_t r) {
     const size_t row = kv_token_row_bytes(c), after = (size_t)(c->n_sinks - r - 1);
-    memmove(c->sink_k + r * row, c->sink_k + (r + 1) * row, after * row);
-    memmove(c->sink_v + r * row, c->sink_v + (r + 1) * row, after * row);
+    for (int32_t i = r; i < c->n_sinks - 1; i++) { /* row by row: the moves do not overlap */
+        move_data(c, c->sink_k + i * row, c->sink_k + (i + 1) * row, row);
+        move_data(c, c->sink_v + i * row, c->sink_v + (i + 1) * row, row);
+    }
     memmove(c->sink_pos + r, c->sink_pos + r + 1, after * sizeof *c->sink_pos);
     memmove(c->sink_score + r, c->sink_score + r + 1, after * sizeof *c->sink_score);
     c->n_sinks--;
@@ -458,6 +491,10 @@ static void requantize_with_sink(kvs_kv_cache *c, int32_t r, int32_t slot) {
     const int32_t t = c->sink_pos[r] - c->block_start[slot], B = c->B, hd = c->hd;
     c->block_mask[slot] &= ~(1ull << t);
     if (c->kbits == 0 || c->p.key_per_token) return;
+    if (c->dev) {
+        device_did(c, c->dev->requantize_keys(c, r, slot, t, c->block_mask[slot]));
+        return;
+    }
     uint8_t skip[64];
     for (int32_t i = 0; i < B; i++) skip[i] = c->block_mask[slot] >> i & 1;
     const int64_t gb = kvs_kv_group_bytes(c->kbits, B);
@@ -499,8 +536,8 @@ static void demote_sink(kvs_kv_cache *c, int32_t r, int32_t o0, uint8_t *skip, u
 static void append_sink(kvs_kv_cache *c, int32_t o0, int32_t t, float score) {
     const size_t row = kv_token_row_bytes(c);
     const int32_t ws = (o0 + t) % c->Wcap;
-    memcpy(c->sink_k + c->n_sinks * row, c->win_k + (size_t)ws * row, row);
-    memcpy(c->sink_v + c->n_sinks * row, c->win_v + (size_t)ws * row, row);
+    move_data(c, c->sink_k + c->n_sinks * row, c->win_k + (size_t)ws * row, row);
+    move_data(c, c->sink_v + c->n_sinks * row, c->win_v + (size_t)ws * row, row);
     c->sink_pos[c->n_sinks] = o0 + t;
     c->sink_score[c->n_sinks++] = score;
 }
@@ -530,7 +567,8 @@ static void commit_block(kvs_kv_cache *c) {
     }
     take_local_slot(c, slot);
     float *tile = c->commit_tile;
-    for (int32_t il = 0; il < c->n_layer; il++) {
+    if (c->dev) device_did(c, c->dev->encode_block(c, slot, o0, mask)); /* skip[t] == mask bit t */
+    for (int32_t il = 0; il < c->n_layer && !c->dev; il++) {
         for (int32_t h = 0; h < c->n_kv; h++) {
             uint8_t *dst = block_data(c, slot, il, h);
             window_tile(c, c->win_k, o0, il, h, tile);
@@ -547,10 +585,11 @@ static void commit_block(kvs_kv_cache *c) {
     c->win_start += c->B;
 }
 
-void kvs_kv_cache_commit(kvs_kv_cache *c) {
+kvs_status kvs_kv_cache_commit(kvs_kv_cache *c) {
     c->n_past += c->n_new;
     c->n_new = 0;
     while (c->n_past - c->win_start >= c->p.recent + c->B) commit_block(c);
+    return c->dev_status;
 }
 
 /* Whether the local layers still hold every kept block that a query at
@@ -568,6 +607,7 @@ static void clear(kvs_kv_cache *c) {
     c->n_blocks = c->first_block = c->n_evicted = c->frontier = c->win_start = c->n_sinks = 0;
     for (int32_t i = 0; i < c->L; i++) c->lowner[i] = -1;
     c->lnext = 0;
+    c->dev_status = KVS_OK; /* nothing left that a failed device op wrote */
 }
 
 kvs_status kvs_kv_cache_truncate(kvs_kv_cache *c, int32_t n_past, int32_t *kept) {
@@ -601,13 +641,7 @@ kvs_status kvs_kv_cache_truncate(kvs_kv_cache *c, int32_t n_past, int32_t *kept)
  * All queries of a KV head (its query heads, a range of the appended tokens)
  * go together, so each block is dequantized once per pass, not per query. */
 
-typedef struct segment {
-    int kind;          /* 0 sink row, 1 block, 2 window run */
-    int32_t index;     /* sink row, block slot, or first window position */
-    int32_t c0;        /* cache position of the first token */
-    int32_t n;         /* tokens */
-    uint64_t mask;     /* tokens read from the sink table instead */
-} segment;
+typedef kv_segment segment;
 
 /* Cache position of sink row k: rows before the frontier come first, the
  * others sit at their position less the evicted tokens before them. */
@@ -615,8 +649,7 @@ static int32_t sink_c0(const kvs_kv_cache *c, int32_t k) {
     return c->sink_pos[k] < c->frontier ? k : c->sink_pos[k] - c->n_evicted;
 }
 
-/* Segment k of [sink rows | blocks | window up to position last]; 0 past the end. */
-static int get_segment(const kvs_kv_cache *c, int32_t k, int32_t last, segment *sg) {
+int kv_get_segment(const kvs_kv_cache *c, int32_t k, int32_t last, segment *sg) {
     if (k < c->n_sinks) {
         *sg = (segment){0, k, sink_c0(c, k), 1, 0};
         return 1;
@@ -806,7 +839,7 @@ static void score_segments(const kvs_kv_cache *c, const kvs_attend_job *job, att
     const kvs_attention_kernels *kk = kvs_attention_kernels_find(impl);
     const kv_rope *r = kv_layer_rope(c, job->il);
     segment sg;
-    for (int32_t k = k0; k < k1 && get_segment(c, k, last, &sg); k++) {
+    for (int32_t k = k0; k < k1 && kv_get_segment(c, k, last, &sg); k++) {
         if (before_windows(c, job, &sg)) continue;
         load_rotated_keys(c, job->il, job->kv_head, &sg, s, kk, impl);
         for (int32_t t = job->t0; t < job->t1; t++) {
@@ -856,7 +889,7 @@ static decode_segments decode_segments_of(const kvs_kv_cache *c, int32_t il) {
 /* Segment k of the segments decode_segments_of counts. */
 static int get_decode_segment(const kvs_kv_cache *c, const decode_segments *d, int32_t k, segment *sg) {
     const int32_t n_sink = c->n_sinks - d->sink0;
-    return get_segment(c, k < n_sink ? d->sink0 + k : d->seg1 + k - n_sink, c->n_past, sg);
+    return kv_get_segment(c, k < n_sink ? d->sink0 + k : d->seg1 + k - n_sink, c->n_past, sg);
 }
 
 int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *c, int32_t il) {
@@ -970,7 +1003,7 @@ void kvs_kv_cache_attend(const kvs_kv_cache *c, const kvs_attend_job *job, float
             memset(job->out + t * job->q_stride + (int64_t)(job->h0 + j) * hd, 0, (size_t)hd * sizeof(float));
         }
     }
-    for (int32_t k = 0; get_segment(c, k, last, &sg); k++) {
+    for (int32_t k = 0; kv_get_segment(c, k, last, &sg); k++) {
         if (before_windows(c, job, &sg)) continue;
         load_values(c, job->il, job->kv_head, &sg, &s, impl);
         for (int32_t t = job->t0; t < job->t1; t++) {

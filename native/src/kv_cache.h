@@ -90,8 +90,10 @@ int32_t kvs_kv_cache_n_segments(const kvs_kv_cache *cache, int32_t il);
 void kvs_kv_cache_attend_part(const kvs_kv_cache *cache, const kvs_attend_job *job, int32_t k0, int32_t k1,
                               float *scratch, float *partial, int32_t impl);
 void kvs_kv_cache_attend_combine(int32_t hd, int32_t n_parts, int64_t part_stride, const float *partial, float *out);
-/* Finish the append: quantize blocks that left the recent window, evict if needed. */
-void kvs_kv_cache_commit(kvs_kv_cache *cache);
+/* Finish the append: quantize blocks that left the recent window, evict if
+ * needed. Fails only for a cache on a device whose ops failed (the cache
+ * then refuses appends until it is cleared by truncating to 0). */
+kvs_status kvs_kv_cache_commit(kvs_kv_cache *cache);
 /* Forget tokens from position n_past on; positions inside committed blocks
  * round down to the block start, and when local layers no longer hold the
  * blocks their window would reach from there, nothing is kept. *kept
@@ -104,5 +106,17 @@ kvs_status kvs_kv_cache_truncate(kvs_kv_cache *cache, int32_t n_past, int32_t *k
 size_t kvs_kv_cache_state_size(const kvs_kv_cache *cache);
 kvs_status kvs_kv_cache_save_state(const kvs_kv_cache *cache, void *buf, size_t size, size_t *written);
 kvs_status kvs_kv_cache_load_state(kvs_kv_cache *cache, const void *buf, size_t size);
+
+#if defined(KVS_HAVE_CUDA)
+/* The cache in GPU memory (kv_cache_cuda.c): move a new cache's data to the
+ * device (at most max_tokens appended at once, n_head query heads); then
+ * the CUDA backend stores each layer's K/V rows (device pointers, the
+ * append begun) and attends there, q and out laid out as the context's. */
+kvs_status kvs_kv_cache_to_cuda(kvs_kv_cache *cache, int32_t max_tokens, int32_t n_head);
+kvs_status kvs_kv_cache_cuda_store(kvs_kv_cache *cache, int32_t il, int32_t n_tokens, const float *k, const float *v);
+/* Layer 0 first: it builds the table of segments every layer of the pass reads. */
+kvs_status kvs_kv_cache_cuda_attend(kvs_kv_cache *cache, int32_t il, int32_t n_tokens, const float *q, int32_t n_head,
+                                    float scale, float *out);
+#endif
 
 #endif

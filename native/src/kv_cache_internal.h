@@ -16,6 +16,26 @@
 
 /* RoPE tables of one kind of layer: global layers, or the local
  * (sliding-window) layers of models that rotate those with another base. */
+/* A cache whose rows and blocks live in device memory (kv_cache_cuda.c):
+ * there the data pointers of the struct (win_k .. lblocks, the RoPE tables)
+ * are device pointers, which host code never touches; the bookkeeping is
+ * the same host code, and every move of data goes through these ops. A
+ * failing op is kept in dev_status: the cache refuses appends until it is
+ * cleared. */
+typedef struct kv_device_ops {
+    /* device-to-device copy of n bytes (the ranges do not overlap) */
+    kvs_status (*move)(void *dst, const void *src, size_t n);
+    kvs_status (*read)(void *host_dst, const void *src, size_t n);
+    kvs_status (*write)(void *dst, const void *host_src, size_t n);
+    /* encode_block of window positions o0.. into block slot for every
+     * (layer, head); bit t of skip: token t is a sink row */
+    kvs_status (*encode_block)(kvs_kv_cache *c, int32_t slot, int32_t o0, uint64_t skip);
+    /* requantize_with_sink's per-channel keys: sink row r into token t of block slot */
+    kvs_status (*requantize_keys)(kvs_kv_cache *c, int32_t r, int32_t slot, int32_t t, uint64_t skip);
+    /* free the device arrays (kvs_kv_cache_free) */
+    void (*release)(kvs_kv_cache *c);
+} kv_device_ops;
+
 typedef struct kv_rope {
     float *rel_cos, *rel_sin;      /* [n_rel][n_rot/2]: rotation by a distance */
     float *blk_cos, *blk_sin;      /* [hd][B]: rotation by an offset inside a segment, per dim */
@@ -61,7 +81,28 @@ struct kvs_kv_cache {
     int32_t *lslot;                /* [NB] local slot each block's local data took (-1: none) */
     int32_t *lowner;               /* [L] block slot whose data each local slot holds (-1: none) */
     int32_t lnext;                 /* local slot the next committed block takes */
+    const kv_device_ops *dev;      /* NULL: the data lives in host memory */
+    void *dev_state;               /* the device's own (kv_cache_cuda.c) */
+    kvs_status dev_status;         /* the first failure of a device op since the cache was cleared */
 };
+
+/* Segments of what the appended tokens attend over, in order: sink rows,
+ * kept blocks, window runs of at most B tokens up to position `last`. */
+typedef struct kv_segment {
+    int kind;          /* 0 sink row, 1 block, 2 window run */
+    int32_t index;     /* sink row, block slot, or first window position */
+    int32_t c0;        /* cache position of the first token */
+    int32_t n;         /* tokens */
+    uint64_t mask;     /* tokens read from the sink table instead */
+} kv_segment;
+
+/* Segment k of [sink rows | blocks | window up to position last]; 0 past the end. */
+int kv_get_segment(const kvs_kv_cache *c, int32_t k, int32_t last, kv_segment *sg);
+
+/* Copy n bytes of cache data between places of the cache's own memory, or
+ * between it and the host (kv_state.c); 0 on success. */
+kvs_status kv_data_read(const kvs_kv_cache *c, void *host_dst, const void *src, size_t n);
+kvs_status kv_data_write(kvs_kv_cache *c, void *dst, const void *host_src, size_t n);
 
 /* Whether layer il keeps its blocks in the local ring. */
 static inline int kv_layer_trimmed(const kvs_kv_cache *c, int32_t il) {

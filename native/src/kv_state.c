@@ -19,6 +19,7 @@
  * a state that is refused leaves the cache as it was.
  */
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "kv_cache.h"
@@ -109,15 +110,23 @@ static uint8_t *put(uint8_t *dst, const void *src, size_t n) {
     return dst + n;
 }
 
-static uint8_t *put_window(const kvs_kv_cache *c, uint8_t *p) {
+/* put() of the cache's data, which may live on a device: the first failure
+ * of a copy is kept in *st. */
+static uint8_t *put_data(const kvs_kv_cache *c, uint8_t *dst, const void *src, size_t n, kvs_status *st) {
+    const kvs_status copied = n > 0 ? kv_data_read(c, dst, src, n) : KVS_OK;
+    if (*st == KVS_OK) *st = copied;
+    return dst + n;
+}
+
+static uint8_t *put_window(const kvs_kv_cache *c, uint8_t *p, kvs_status *st) {
     const size_t row = kv_token_row_bytes(c);
     for (int32_t pos = c->win_start; pos < c->n_past; pos++) p = put(p, &c->win_score[pos % c->Wcap], 4);
-    for (int32_t pos = c->win_start; pos < c->n_past; pos++) p = put(p, c->win_k + (size_t)(pos % c->Wcap) * row, row);
-    for (int32_t pos = c->win_start; pos < c->n_past; pos++) p = put(p, c->win_v + (size_t)(pos % c->Wcap) * row, row);
+    for (int32_t pos = c->win_start; pos < c->n_past; pos++) p = put_data(c, p, c->win_k + (size_t)(pos % c->Wcap) * row, row, st);
+    for (int32_t pos = c->win_start; pos < c->n_past; pos++) p = put_data(c, p, c->win_v + (size_t)(pos % c->Wcap) * row, row, st);
     return p;
 }
 
-static uint8_t *put_blocks(const kvs_kv_cache *c, uint8_t *p) {
+static uint8_t *put_blocks(const kvs_kv_cache *c, uint8_t *p, kvs_status *st) {
     for (int32_t k = 0; k < c->n_blocks; k++) {
         const int32_t slot = (c->first_block + k) % c->NB;
         p = put(p, &c->block_start[slot], 4);
@@ -125,11 +134,11 @@ static uint8_t *put_blocks(const kvs_kv_cache *c, uint8_t *p) {
     }
     const size_t bytes = kv_block_bytes(c, c->n_glob), local = kv_block_bytes(c, c->n_loc);
     for (int32_t k = 0; k < c->n_blocks; k++) {
-        p = put(p, c->blocks + (size_t)((c->first_block + k) % c->NB) * bytes, bytes);
+        p = put_data(c, p, c->blocks + (size_t)((c->first_block + k) % c->NB) * bytes, bytes, st);
     }
     const int32_t n_local = blocks_with_local_data(c);
     for (int32_t k = c->n_blocks - n_local; k < c->n_blocks; k++) {
-        p = put(p, c->lblocks + (size_t)c->lslot[(c->first_block + k) % c->NB] * local, local);
+        p = put_data(c, p, c->lblocks + (size_t)c->lslot[(c->first_block + k) % c->NB] * local, local, st);
     }
     return p;
 }
@@ -149,10 +158,12 @@ kvs_status kvs_kv_cache_save_state(const kvs_kv_cache *c, void *buf, size_t size
         p = put(p, &c->sink_pos[i], 4);
         p = put(p, &c->sink_score[i], 4);
     }
-    p = put(p, c->sink_k, (size_t)c->n_sinks * row);
-    p = put(p, c->sink_v, (size_t)c->n_sinks * row);
-    p = put_blocks(c, p);
-    p = put_window(c, p);
+    kvs_status st = KVS_OK;
+    p = put_data(c, p, c->sink_k, (size_t)c->n_sinks * row, &st);
+    p = put_data(c, p, c->sink_v, (size_t)c->n_sinks * row, &st);
+    p = put_blocks(c, p, &st);
+    p = put_window(c, p, &st);
+    if (st != KVS_OK) return st;
 
     const uint64_t n_payload = (uint64_t)(p - payload);
     const uint32_t crc = crc32_of(payload, (size_t)n_payload), version = STATE_VERSION, zero = 0;
@@ -304,32 +315,39 @@ static kvs_status check_window_scores(const counters *n, const uint8_t *scores) 
     return KVS_OK;
 }
 
-static void restore(kvs_kv_cache *c, const counters *n, const uint8_t *p) {
+/* memcpy into the cache's data, which may live on a device (first failure kept). */
+static void get_data(kvs_kv_cache *c, void *dst, const uint8_t *src, size_t n, kvs_status *st) {
+    const kvs_status copied = n > 0 ? kv_data_write(c, dst, src, n) : KVS_OK;
+    if (*st == KVS_OK) *st = copied;
+}
+
+static kvs_status restore(kvs_kv_cache *c, const counters *n, const uint8_t *p) {
+    kvs_status st = KVS_OK;
     const size_t row = kv_token_row_bytes(c), bytes = kv_block_bytes(c, c->n_glob), local = kv_block_bytes(c, c->n_loc);
     for (int32_t i = 0; i < n->n_sinks; i++, p += 8) {
         c->sink_pos[i] = get_i32(p);
         c->sink_score[i] = get_f32(p + 4);
     }
-    memcpy(c->sink_k, p, (size_t)n->n_sinks * row), p += (size_t)n->n_sinks * row;
-    memcpy(c->sink_v, p, (size_t)n->n_sinks * row), p += (size_t)n->n_sinks * row;
+    get_data(c, c->sink_k, p, (size_t)n->n_sinks * row, &st), p += (size_t)n->n_sinks * row;
+    get_data(c, c->sink_v, p, (size_t)n->n_sinks * row, &st), p += (size_t)n->n_sinks * row;
     for (int32_t k = 0; k < n->n_blocks; k++, p += BLOCK_HEADER_BYTES) {
         c->block_start[k] = get_i32(p);
         memcpy(&c->block_mask[k], p + 4, 8);
     }
-    memcpy(c->blocks, p, (size_t)n->n_blocks * bytes), p += (size_t)n->n_blocks * bytes;
+    get_data(c, c->blocks, p, (size_t)n->n_blocks * bytes, &st), p += (size_t)n->n_blocks * bytes;
     for (int32_t k = 0; k < c->NB; k++) c->lslot[k] = -1;
     for (int32_t i = 0; i < c->L; i++) c->lowner[i] = -1;
     for (int32_t i = 0; i < n->n_local; i++, p += local) { /* the newest blocks, in local slots 0.. */
         const int32_t slot = n->n_blocks - n->n_local + i;
-        memcpy(c->lblocks + (size_t)i * local, p, local);
+        get_data(c, c->lblocks + (size_t)i * local, p, local, &st);
         c->lslot[slot] = i;
         c->lowner[i] = slot;
     }
     c->lnext = c->L > 0 ? n->n_local % c->L : 0;
     const int32_t n_win = n->n_past - n->win_start;
     for (int32_t t = 0; t < n_win; t++, p += 4) c->win_score[(n->win_start + t) % c->Wcap] = get_f32(p);
-    for (int32_t t = 0; t < n_win; t++, p += row) memcpy(c->win_k + (size_t)((n->win_start + t) % c->Wcap) * row, p, row);
-    for (int32_t t = 0; t < n_win; t++, p += row) memcpy(c->win_v + (size_t)((n->win_start + t) % c->Wcap) * row, p, row);
+    for (int32_t t = 0; t < n_win; t++, p += row) get_data(c, c->win_k + (size_t)((n->win_start + t) % c->Wcap) * row, p, row, &st);
+    for (int32_t t = 0; t < n_win; t++, p += row) get_data(c, c->win_v + (size_t)((n->win_start + t) % c->Wcap) * row, p, row, &st);
     c->n_past = n->n_past;
     c->n_new = 0;
     c->win_start = n->win_start;
@@ -339,6 +357,14 @@ static void restore(kvs_kv_cache *c, const counters *n, const uint8_t *p) {
     c->n_dropped = n->n_dropped;
     c->first_block = 0;
     c->n_blocks = n->n_blocks;
+    if (st != KVS_OK) { /* a device copy failed half way: what the cache holds is no state at all */
+        char reason[512];
+        snprintf(reason, sizeof reason, "%s", kvs_last_error());
+        int32_t kept;
+        kvs_kv_cache_truncate(c, 0, &kept);
+        return kvs_fail(st, "restoring the KV state into device memory failed, the cache is empty now: %s", reason);
+    }
+    return KVS_OK;
 }
 
 kvs_status kvs_kv_cache_load_state(kvs_kv_cache *c, const void *buf, size_t size) {
@@ -363,6 +389,5 @@ kvs_status kvs_kv_cache_load_state(kvs_kv_cache *c, const void *buf, size_t size
                             (size_t)n.n_local * kv_block_bytes(c, c->n_loc);
     if ((st = check_sinks_and_masks(c, &n, sinks, block_headers)) != KVS_OK) return st;
     if ((st = check_window_scores(&n, window)) != KVS_OK) return st;
-    restore(c, &n, sinks);
-    return KVS_OK;
+    return restore(c, &n, sinks);
 }
