@@ -1,7 +1,9 @@
 """The forward pass on the GPU (Llama(device="cuda")) against the CPU's exact
 path on the same ids: logits within 2e-3 of the largest |logit| (f32
 products on both), top-1 agreement >= 99.5%, batched and token by token, with
-f32, f16 and quantized caches, sinks on. Skips, saying why, where CUDA cannot
+f32, f16 and quantized caches, sinks on; then the KV cache in GPU memory
+against the CPU's cache with the same settings: every block layout, sink
+displacement, ring eviction, local windows, saved states and rewinds. Skips, saying why, where CUDA cannot
 run (tests/test_device.py checks that asking for it then fails at load)."""
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 import kvsink_cpp
+import synthetic
 from kvsink_cpp import Llama
 from test_gemma3 import gemma3_path  # noqa: F401  (the fixture)
 
@@ -63,3 +66,127 @@ def test_gpu_context_reports_its_device(smollm2_path):
         assert llm.settings()["device"] == "cuda" and llm.settings()["matmul"] == "f32"
         out = llm.create_completion("Hello", max_tokens=4, temperature=0)
         assert out["choices"][0]["text"]
+
+
+# ---- the KV cache in GPU memory: every layout and rule against the CPU's cache ----
+# Small synthetic models with tiny blocks and windows, so that a short run
+# commits many blocks, displaces sinks, evicts and slides local windows.
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from numpy_llama import NumpyLlama
+    path = synthetic.write_qwen2_legacy(tmp_path_factory.mktemp("cuda-kv") / "qwen2.gguf")
+    return path, NumpyLlama(path)
+
+
+def random_ids(n, seed, vocab=320) -> list:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, vocab, size=n)]
+
+
+def stepwise(path, tokens, step, **kw) -> np.ndarray:
+    """The last logits after each step of `step` tokens (rings have no
+    logits_all), with the cache's counters at the end."""
+    with Llama(str(path), verbose=False, **kw) as llm:
+        rows = []
+        for i in range(0, len(tokens), step):
+            llm.eval(tokens[i:i + step])
+            rows.append(llm.last_logits().copy())
+        stats = llm.kv_cache_stats()
+        return np.array(rows), {k: v for k, v in stats.items() if not k.endswith("seconds")}
+
+
+def assert_near(gpu: np.ndarray, cpu: np.ndarray, tol=2e-3) -> None:
+    """Random synthetic models have near ties, so no top-1 check here."""
+    scale = np.abs(cpu).max()
+    assert np.abs(gpu - cpu).max() <= tol * scale, np.abs(gpu - cpu).max() / scale
+
+
+LAYOUTS = [  # type_k, type_v, sinks, kv_rotate, per-token keys, step
+    ("q4", "q4", "pfn:2", "kv", False, 8), ("q3", "q2", "pfn:1", "k", False, 1),
+    ("f16", "q4", "none", "v", False, 8), ("q8", "q8", "pfn:3", "none", False, 1),
+    ("f32", "f32", "pfn:1", "none", False, 8), ("q4", "q3", "pfn:2", "none", True, 8),
+    ("q2", "q4", "pfn:1", "kv", True, 1),
+]
+
+
+@pytest.mark.parametrize("type_k,type_v,sinks,rotate,per_token,step", LAYOUTS)
+def test_gpu_cache_layouts_match_the_cpu(qwen, type_k, type_v, sinks, rotate, per_token, step):
+    """Blocks of 8 behind a window of 8: 100 tokens commit 11 blocks, each
+    quantized on the device and read in place by the CUDA attention."""
+    path, _ = qwen
+    tokens = random_ids(100, 3)
+    kw = dict(n_ctx=128, n_batch=8, type_k=type_k, type_v=type_v, sinks=sinks, kv_rotate=rotate,
+              kv_key_per_token=per_token, kv_block=8, kv_recent=8)
+    cpu, cpu_stats = stepwise(path, tokens, step, matmul="f32", **kw)
+    gpu, gpu_stats = stepwise(path, tokens, step, device="cuda", **kw)
+    assert gpu_stats == cpu_stats
+    assert_near(gpu, cpu)
+
+
+def test_gpu_ring_evicts_and_displaces_sinks_as_the_cpu(qwen, tmp_path):
+    """kvsink:3 over a profile that predicts a third of the tokens, in a ring
+    of n_ctx 32: displaced sinks go back into their blocks (per-channel keys
+    quantized again on the device) or are forgotten with evicted ones."""
+    from test_kv_cache import _with_profile
+    path, ref = qwen
+    tokens = random_ids(160, 21)
+    profiled, _ = _with_profile(path, tmp_path, ref, tokens[:80], 0, [3, 17], share=0.35)
+    kw = dict(n_ctx=32, n_batch=8, type_k="q4", type_v="q4", sinks="kvsink:3", kv_block=8, kv_recent=8,
+              kv_ring=True, kv_rotate="none")
+    for step in (1, 8):
+        cpu, cpu_stats = stepwise(profiled, tokens, step, matmul="f32", **kw)
+        gpu, gpu_stats = stepwise(profiled, tokens, step, device="cuda", **kw)
+        assert gpu_stats == cpu_stats and cpu_stats["n_sinks_dropped"] > 0 and cpu_stats["n_evicted"] > 100
+        assert_near(gpu, cpu)
+
+
+@pytest.mark.parametrize("type_kv,step", [("q4", 8), ("f16", 1)])
+def test_gpu_local_layers_keep_only_their_window(tmp_path, type_kv, step):
+    """Gemma 3 with a 16-token window: its local layers keep their blocks in a
+    ring of their own and mask what left the window."""
+    path = synthetic.write_gemma3(tmp_path / "gemma3.gguf", n_swa=16)
+    tokens = random_ids(90, 5)
+    kw = dict(n_ctx=128, n_batch=8, type_k=type_kv, type_v=type_kv, sinks="pfn:1", kv_block=8, kv_recent=8)
+    cpu, _ = stepwise(path, tokens, step, matmul="f32", **kw)
+    gpu, _ = stepwise(path, tokens, step, device="cuda", **kw)
+    assert_near(gpu, cpu)
+
+
+def test_gpu_state_saves_loads_and_moves_between_devices(qwen):
+    """A state saved on the GPU continues there as if never interrupted; one
+    saved on the CPU (the same bytes: the layouts are the same) continues on
+    the GPU as the CPU would."""
+    path, _ = qwen
+    tokens = random_ids(90, 8)
+    kw = dict(n_ctx=128, n_batch=8, type_k="q4", type_v="q4", sinks="pfn:2", kv_block=8, kv_recent=8,
+              verbose=False)
+    with Llama(str(path), device="cuda", **kw) as gpu, Llama(str(path), matmul="f32", **kw) as cpu:
+        gpu.eval(tokens[:60])
+        cpu.eval(tokens[:60])
+        saved_gpu, saved_cpu = gpu.save_state(), cpu.save_state()
+        gpu.eval(tokens[60:])
+        cpu.eval(tokens[60:])
+        want_gpu, want_cpu = gpu.last_logits().copy(), cpu.last_logits().copy()
+        gpu.load_state(saved_gpu)
+        gpu.eval(tokens[60:])
+        np.testing.assert_array_equal(gpu.last_logits(), want_gpu)
+        gpu.load_state(saved_cpu)
+        gpu.eval(tokens[60:])
+        assert_near(gpu.last_logits(), want_cpu)
+
+
+def test_gpu_rewind_inside_committed_blocks(qwen):
+    """Going back into committed blocks keeps the blocks before (the cache
+    rounds down) and evaluates the rest again, on the GPU as on the CPU."""
+    path, _ = qwen
+    tokens = random_ids(70, 9)
+    kw = dict(n_ctx=128, n_batch=8, type_k="q4", type_v="q8", sinks="pfn:1", kv_block=8, kv_recent=8,
+              verbose=False, logits_all=True)
+    rows = {}
+    for name, extra in (("cpu", dict(matmul="f32")), ("gpu", dict(device="cuda"))):
+        with Llama(str(path), **kw, **extra) as llm:
+            llm.eval(tokens)
+            llm.n_tokens = 29
+            llm.eval([5, 6, 7])
+            rows[name] = llm.scores[29:32].copy()
+    assert_near(rows["gpu"], rows["cpu"])
