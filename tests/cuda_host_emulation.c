@@ -22,6 +22,18 @@
 #include "formats.h"
 #include "kernels_cuda.h"
 #include "kv_cuda.h"
+
+/* kv_cuda.cu's block attention: a phase runs for each of the block's
+ * threads in turn, which is what the barrier after it guarantees on a GPU */
+#define EMULATED_THREADS 128
+#define KVD_PHASE(fn, ...)                                                             \
+    do {                                                                               \
+        for (int32_t tid_ = 0; tid_ < EMULATED_THREADS; tid_++) fn(__VA_ARGS__, tid_, EMULATED_THREADS); \
+    } while (0)
+#define EMULATED_SHARED_MEMORY (227 * 1024) /* an H200's block, opted in */
+/* Few blocks, so that a block goes through many segments (its running
+ * softmax rescales) and a decode still merges several parts. */
+#define EMULATED_TARGET_BLOCKS 5
 #include "kv_cuda_math.h"
 #include "ops.h"
 #include "status.h"
@@ -297,22 +309,27 @@ kvs_status kvs_cuda_kv_requantize_keys(const kvs_kv_dev *g, int32_t r, int32_t s
     return KVS_OK;
 }
 
-kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, const kvs_kv_attend_args *a, void *stream) {
+kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, kvs_kv_attend_args *a, void *stream) {
     kvs_status st = check_cache(g);
     if (st != KVS_OK) return st;
+    const int32_t group = a->n_head / g->n_kv;
+    const int32_t tq = kvd_tokens_per_block(group, a->n_tokens, g->hd, g->B, EMULATED_SHARED_MEMORY);
+    if (tq == 0) return kvs_fail(KVS_ERR_UNSUPPORTED, "kv_attend: the tile does not fit shared memory");
+    a->n_parts = kvd_parts(a, g->n_kv, tq, EMULATED_TARGET_BLOCKS);
     const int64_t rec = g->hd + 2, n = (int64_t)a->n_tokens * a->n_head * a->n_parts;
     DEVICE(a->segs, a->n_segs * sizeof(kvs_kv_seg));
     DEVICE(a->q, ((a->n_tokens - 1) * a->q_stride + (int64_t)a->n_head * g->hd) * sizeof(float));
     DEVICE(a->out, ((a->n_tokens - 1) * a->q_stride + (int64_t)a->n_head * g->hd) * sizeof(float));
     DEVICE(a->partial, n * rec * sizeof(float));
-    kvd_scratch *s = malloc(sizeof *s);
-    if (!s) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "emulated attention scratch");
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t part = (int32_t)(i % a->n_parts), hq = (int32_t)(i / a->n_parts % a->n_head);
-        const int32_t t = (int32_t)(i / a->n_parts / a->n_head);
-        kvd_attend_part(g, a, t, hq, part, s, a->partial + i * rec);
+    float *smem = malloc((size_t)kvd_tile_floats(g->hd, g->B, tq * group) * sizeof(float));
+    if (!smem) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "emulated shared memory");
+    const int64_t blocks = (int64_t)g->n_kv * a->n_parts * kvd_token_tiles(a->n_tokens, tq);
+    for (int64_t b = 0; b < blocks; b++) {
+        const kvd_job j = kvd_job_of(g, a, b, tq);
+        kvd_tile t = kvd_tile_carve(smem, g->hd, g->B, j.n_queries);
+        kvd_attend_block(g, a, &j, &t);
     }
-    free(s);
+    free(smem);
     for (int64_t i = 0; i < (int64_t)a->n_tokens * a->n_head * g->hd; i++) {
         const int32_t d = (int32_t)(i % g->hd), hq = (int32_t)(i / g->hd % a->n_head), t = (int32_t)(i / g->hd / a->n_head);
         const int64_t head = (int64_t)t * a->n_head + hq;

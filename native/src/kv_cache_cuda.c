@@ -24,8 +24,8 @@
 
 _Static_assert(KVD_MAX_HD == KVS_KV_MAX_HEAD_DIM, "kv_cuda_math.h's scratch holds the largest head");
 
-/* Threads an attention launch aims for: a one-token decode splits its
- * segments into parts until the GPU has this many to run. */
+/* Records of partial attention kept: a decode splits its segments into at
+ * most this many parts per query head (kv_cuda_math.h's kvd_parts). */
 #define ATTEND_WORK 16384
 
 typedef struct cuda_kv {
@@ -222,14 +222,7 @@ kvs_status kvs_kv_cache_cuda_attend(kvs_kv_cache *c, int32_t il, int32_t n_token
         kvs_status st = upload_segments(c, ck, n_tokens);
         if (st != KVS_OK) return st;
     }
-    const int64_t queries = (int64_t)n_tokens * n_head;
-    int64_t n_parts = ATTEND_WORK / queries;
-    n_parts = n_parts < 1 ? 1 : n_parts > ck->n_segs ? ck->n_segs : n_parts;
-    const int64_t q_dim = (int64_t)n_head * c->hd;
-    const kvs_kv_attend_args a = {il, c->n_past, c->n_evicted, n_tokens, n_head, (int32_t)n_parts, ck->n_segs,
-                                  q_dim, scale, ck->segs, q, ck->partial, out};
-    if (queries * n_parts > ck->partial_records) {
-        return kvs_fail(KVS_ERR_INTERNAL, "attention of %d tokens needs more partial records than allocated", n_tokens);
-    }
+    kvs_kv_attend_args a = {il, c->n_past, c->n_evicted, n_tokens, n_head, 0, ck->n_segs, (int64_t)n_head * c->hd,
+                            ck->partial_records, scale, ck->segs, q, ck->partial, out};
     return kvs_cuda_kv_attend(&ck->g, &a, NULL);
 }

@@ -6,15 +6,23 @@
  * expanded - split over the keys and merged. The arithmetic of every
  * thread is kv_cuda_math.h's; kv_cache.c is the oracle.
  *
- * Attention: a thread per (token, query head, part of the segments), each
- * with its rotated query and value sums in local memory, then a thread per
- * output element merges the parts. The launcher picks the parts so that a
- * one-token decode still spreads over thousands of threads. */
+ * Attention: a block of threads per (KV head, part of the segments, tile
+ * of tokens) decodes each segment once into shared memory for all the
+ * queries of the tile (kv_cuda_math.h's kvd_attend_block), then a thread
+ * per output element merges the parts. The launcher picks the parts so
+ * that a one-token decode still spreads over the whole GPU. */
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "kernels_cuda.h"
 #include "kv_cuda.h"
+
+/* a phase of the block attention: every thread's items, then a barrier */
+#define KVD_PHASE(fn, ...)                                                   \
+    do {                                                                     \
+        fn(__VA_ARGS__, (int32_t)threadIdx.x, (int32_t)blockDim.x);          \
+        __syncthreads();                                                     \
+    } while (0)
 #include "kv_cuda_math.h"
 
 extern "C" {
@@ -22,7 +30,7 @@ extern "C" {
 }
 
 #define THREADS 256
-#define ATTEND_THREADS 64 /* each thread holds ~6 KiB of local scratch */
+#define ATTEND_THREADS 128
 #define MAX_BLOCKS (1 << 20)
 
 #define FOR_EACH(i, n) \
@@ -137,14 +145,12 @@ kvs_status kvs_cuda_kv_requantize_keys(const kvs_kv_dev *g, int32_t r, int32_t s
 
 /* ---- attention ---------------------------------------------------------------- */
 
-__global__ void attend_kernel(kvs_kv_dev g, kvs_kv_attend_args a) {
-    kvd_scratch s;
-    const int64_t rec = g.hd + 2;
-    FOR_EACH(i, (int64_t)a.n_tokens * a.n_head * a.n_parts) {
-        const int32_t part = (int32_t)(i % a.n_parts), hq = (int32_t)(i / a.n_parts % a.n_head);
-        const int32_t t = (int32_t)(i / a.n_parts / a.n_head);
-        kvd_attend_part(&g, &a, t, hq, part, &s, a.partial + i * rec);
-    }
+/* kvd_attend_block's phases, a barrier after each */
+__global__ void attend_kernel(kvs_kv_dev g, kvs_kv_attend_args a, int32_t tq) {
+    extern __shared__ float smem[];
+    const kvd_job j = kvd_job_of(&g, &a, blockIdx.x, tq);
+    kvd_tile t = kvd_tile_carve(smem, g.hd, g.B, j.n_queries);
+    kvd_attend_block(&g, &a, &j, &t);
 }
 
 __global__ void combine_kernel(kvs_kv_dev g, kvs_kv_attend_args a) {
@@ -157,15 +163,46 @@ __global__ void combine_kernel(kvs_kv_dev g, kvs_kv_attend_args a) {
     }
 }
 
-kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, const kvs_kv_attend_args *a, void *stream) {
+/* Shared memory a block may use once opted in (H100/H200: 227 KiB), and
+ * the blocks a launch aims for: 4 per multiprocessor. */
+static kvs_status device_limits(int64_t *smem_bytes, int64_t *target_blocks) {
+    static int64_t smem = 0, sms = 0;
+    if (smem == 0) {
+        int device = 0, value = 0, count = 0;
+        cudaError_t e = cudaGetDevice(&device);
+        if (e == cudaSuccess) e = cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        if (e == cudaSuccess) e = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+        if (e != cudaSuccess) return kvs_cuda_fail(e, "the GPU's limits");
+        smem = value, sms = count;
+    }
+    *smem_bytes = smem;
+    *target_blocks = 4 * sms;
+    return KVS_OK;
+}
+
+kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, kvs_kv_attend_args *a, void *stream) {
     kvs_status st = check_geometry("kv_attend", g);
     if (st != KVS_OK) return st;
     if (!a || a->il < 0 || a->il >= g->n_layer || a->n_tokens < 1 || a->n_head < g->n_kv || a->n_head % g->n_kv ||
-        a->n_parts < 1 || a->n_segs < 1 || !a->segs || !a->q || !a->partial || !a->out) {
+        a->n_segs < 1 || a->partial_records < (int64_t)a->n_tokens * a->n_head || !a->segs || !a->q ||
+        !a->partial || !a->out) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv_attend: arguments out of range");
     }
-    const int64_t n = (int64_t)a->n_tokens * a->n_head * a->n_parts;
-    attend_kernel<<<grid_for(n, ATTEND_THREADS), ATTEND_THREADS, 0, (cudaStream_t)stream>>>(*g, *a);
+    int64_t smem_limit, target_blocks;
+    if ((st = device_limits(&smem_limit, &target_blocks)) != KVS_OK) return st;
+    const int32_t group = a->n_head / g->n_kv, tq = kvd_tokens_per_block(group, a->n_tokens, g->hd, g->B, smem_limit);
+    if (tq == 0) {
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kv_attend: %d query heads per KV head of %d dims over blocks of %d "
+                        "need more shared memory than this GPU's %lld bytes", group, g->hd, g->B, (long long)smem_limit);
+    }
+    const size_t bytes = (size_t)kvd_tile_floats(g->hd, g->B, tq * group) * sizeof(float);
+    if (bytes > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(attend_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+        if (e != cudaSuccess) return kvs_cuda_fail(e, "kv_attend's shared memory");
+    }
+    a->n_parts = kvd_parts(a, g->n_kv, tq, target_blocks);
+    const int64_t blocks = (int64_t)g->n_kv * a->n_parts * kvd_token_tiles(a->n_tokens, tq);
+    attend_kernel<<<(unsigned)blocks, ATTEND_THREADS, bytes, (cudaStream_t)stream>>>(*g, *a, tq);
     if ((st = kvs_cuda_launched("kv_attend")) != KVS_OK) return st;
     const int64_t outs = (int64_t)a->n_tokens * a->n_head * g->hd;
     combine_kernel<<<grid_for(outs, THREADS), THREADS, 0, (cudaStream_t)stream>>>(*g, *a);

@@ -75,20 +75,21 @@ kvs_status kvs_cuda_kv_requantize_keys(const kvs_kv_dev *g, int32_t r, int32_t s
                                        uint64_t skip, float *tile, void *stream);
 
 /* Attention of layer il for the n_tokens appended tokens (positions
- * n_past..) over the n_segs segments: every query head of every token
- * splits the segments into n_parts parts (records of hd + 2 floats in
- * `partial`: n_tokens x n_head x n_parts of them), merged into out (same
- * layout as q: token t, head h at t * q_stride + h * hd). q is pre-RoPE;
- * scale the softmax scale. */
+ * n_past..) over the n_segs segments: blocks of threads take (KV head, part
+ * of the segments, tile of tokens); each writes a record of hd + 2 floats
+ * per query at `partial` (n_tokens x n_head x n_parts of them, at most
+ * partial_records; the launcher chooses n_parts and writes it back), and
+ * the records are merged into out (same layout as q: token t, head h at
+ * t * q_stride + h * hd). q is pre-RoPE; scale the softmax scale. */
 typedef struct kvs_kv_attend_args {
     int32_t il, n_past, n_evicted, n_tokens, n_head, n_parts, n_segs;
-    int64_t q_stride;
+    int64_t q_stride, partial_records;
     float scale;
     const kvs_kv_seg *segs;
     const float *q;
     float *partial, *out;
 } kvs_kv_attend_args;
-kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, const kvs_kv_attend_args *a, void *stream);
+kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, kvs_kv_attend_args *a, void *stream);
 
 #ifdef __cplusplus
 }

@@ -260,97 +260,304 @@ KVD int32_t kvd_visible(const kvs_kv_seg *sg, int32_t m_orig) {
     return n < 0 ? 0 : n < sg->n ? n : sg->n;
 }
 
-/* rotate_query (+ the rotation for rotated key blocks): q brought to a
- * segment dist positions before it, times the softmax scale. */
-KVD void kvd_rotate_query(const kvs_kv_dev *g, int kind, int32_t dist, const float *q, float scale, int rotated,
-                          float *qb) {
-    const int32_t half = g->n_rot / 2, step = g->neox ? 1 : 2, stride = g->neox ? half : 1;
-    const float *cs = g->rel_cos[kind] + (int64_t)dist * half, *sn = g->rel_sin[kind] + (int64_t)dist * half;
-    for (int32_t d = g->n_rot; d < g->hd; d++) qb[d] = scale * q[d];
-    for (int32_t i = 0; i < half; i++) {
-        const int32_t a = i * step, b = a + stride;
-        qb[a] = scale * (q[a] * cs[i] - q[b] * sn[i]);
-        qb[b] = scale * (q[a] * sn[i] + q[b] * cs[i]);
-    }
-    if (rotated) kvd_fwht(g->hd, qb);
+/* window_start: the first cache position query position m_orig sees in layer il. */
+KVD int32_t kvd_hidden(const kvs_kv_dev *g, const kvs_kv_attend_args *a, int32_t m_orig) {
+    const int32_t w = g->window[a->il], m = m_orig - a->n_evicted;
+    return w > 0 && m >= w ? m - w + 1 : 0;
 }
 
-/* Score of key i of a segment: rotated blocks hold keys in the query's
- * space already; everything else is rotated by the key's offset i. */
-KVD float kvd_score(const kvs_kv_dev *g, const kvs_kv_seg *sg, const uint8_t *block, int32_t il, int32_t h, int kind,
-                    int rotated, const float *qb, int32_t i) {
-    float s = 0.0f;
-    if (rotated) {
-        for (int32_t d = 0; d < g->hd; d++) s += qb[d] * kvd_seg_elem(g, sg, block, il, h, 1, i, d);
-        return s;
+/* The attention runs a block of threads per (KV head, part of the segments,
+ * tile of tokens): the queries of the tile (tokens x the query heads of the
+ * KV head) go through the part's segments together, so each segment's keys
+ * and values are decoded once into shared memory for all of them, as the
+ * CPU decodes a block once per KV head. Work is split into phases: within
+ * a phase every item is independent, and a barrier separates phases
+ * (KVD_PHASE, defined by the includer: __syncthreads on the GPU, a loop
+ * over the block's threads in the host emulation). */
+#define KVD_MAX_QUERIES 16 /* queries per block */
+
+KVD_HD int64_t kvd_tile_floats(int32_t hd, int32_t B, int32_t n_queries) {
+    return (int64_t)B * hd + 3 * (int64_t)n_queries * hd + (int64_t)n_queries * B + 3 * (int64_t)n_queries;
+}
+
+/* Tokens per block: as many as KVD_MAX_QUERIES queries allow, fewer when
+ * their shared memory would pass smem_bytes; 0 when not even one token fits. */
+KVD_HD int32_t kvd_tokens_per_block(int32_t group, int32_t n_tokens, int32_t hd, int32_t B, int64_t smem_bytes) {
+    int32_t tq = group < KVD_MAX_QUERIES ? KVD_MAX_QUERIES / group : 1;
+    if (tq > n_tokens) tq = n_tokens;
+    while (tq > 0 && kvd_tile_floats(hd, B, tq * group) * 4 > smem_bytes) tq--;
+    return tq;
+}
+
+/* A block's shared memory. */
+typedef struct kvd_tile {
+    float *kv;            /* [hd][B] a segment's keys (channel-major), then [B][hd] its values */
+    float *qb;            /* [Q][hd] queries brought to the segment's start, scaled */
+    float *sc;            /* [Q][B] scores, then probabilities */
+    float *acc, *acc_rot; /* [Q][hd] value sums: plain, and in rotated blocks' space */
+    float *m, *l, *f;     /* [Q] running max, running sum, this segment's rescale factor */
+} kvd_tile;
+
+/* What a block works on; every thread of it computes the same. */
+typedef struct kvd_job {
+    int32_t h, part, t0, group, n_queries, k0, k1;
+} kvd_job;
+
+KVD kvd_tile kvd_tile_carve(float *smem, int32_t hd, int32_t B, int32_t n_queries) {
+    kvd_tile t;
+    const int64_t qh = (int64_t)n_queries * hd;
+    t.kv = smem;
+    t.qb = t.kv + (int64_t)B * hd;
+    t.acc = t.qb + qh;
+    t.acc_rot = t.acc + qh;
+    t.sc = t.acc_rot + qh;
+    t.m = t.sc + (int64_t)n_queries * B;
+    t.l = t.m + n_queries;
+    t.f = t.l + n_queries;
+    return t;
+}
+
+KVD_HD int32_t kvd_token_tiles(int32_t n_tokens, int32_t tq) { return (n_tokens + tq - 1) / tq; }
+
+/* Parts the segments are split into: enough for target_blocks blocks (a
+ * one-token decode has one per KV head and part), at most one per segment,
+ * and no more records than there is room for. */
+KVD_HD int32_t kvd_parts(const kvs_kv_attend_args *a, int32_t n_kv, int32_t tq, int64_t target_blocks) {
+    const int64_t blocks = (int64_t)n_kv * kvd_token_tiles(a->n_tokens, tq);
+    int64_t parts = (target_blocks + blocks - 1) / blocks;
+    const int64_t room = a->partial_records / ((int64_t)a->n_tokens * a->n_head);
+    if (parts > a->n_segs) parts = a->n_segs;
+    if (parts > room) parts = room;
+    return parts < 1 ? 1 : (int32_t)parts;
+}
+
+/* Block b of the grid: tiles vary fastest, then parts, then KV heads. */
+KVD kvd_job kvd_job_of(const kvs_kv_dev *g, const kvs_kv_attend_args *a, int64_t b, int32_t tq) {
+    const int32_t tiles = kvd_token_tiles(a->n_tokens, tq), group = a->n_head / g->n_kv;
+    kvd_job j;
+    j.t0 = (int32_t)(b % tiles) * tq;
+    j.part = (int32_t)(b / tiles % a->n_parts);
+    j.h = (int32_t)(b / tiles / a->n_parts);
+    j.group = group;
+    j.n_queries = tq * group;
+    j.k0 = (int32_t)((int64_t)a->n_segs * j.part / a->n_parts);
+    j.k1 = (int32_t)((int64_t)a->n_segs * (j.part + 1) / a->n_parts);
+    return j;
+}
+
+/* Query q of the block: its token (-1 past the batch) and query head. */
+KVD int32_t kvd_query_token(const kvs_kv_attend_args *a, const kvd_job *j, int32_t q) {
+    const int32_t t = j->t0 + q / j->group;
+    return t < a->n_tokens ? t : -1;
+}
+KVD int32_t kvd_query_head(const kvd_job *j, int32_t q) { return j->h * j->group + q % j->group; }
+
+/* A segment as a block reads it. */
+typedef struct kvd_view {
+    kvs_kv_seg sg;
+    int32_t n;            /* keys the tile's last token sees: the most any query sees */
+    const uint8_t *block; /* a block's (layer, head) bytes */
+    int rotated;          /* keys stored in the query's space (rotated blocks) */
+    int rot_values;       /* values stored Hadamard-rotated */
+} kvd_view;
+
+/* 0 when no query of the block sees a key of segment k (hidden grows with
+ * the position, so the tile's first token sees the most of the past). */
+KVD int kvd_view_of(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kvd_job *j, int32_t k, kvd_view *v) {
+    v->sg = a->segs[k];
+    int32_t last = j->t0 + j->n_queries / j->group - 1;
+    if (last >= a->n_tokens) last = a->n_tokens - 1;
+    v->n = kvd_visible(&v->sg, a->n_past + last);
+    if (v->n == 0 || v->sg.c0 + v->n <= kvd_hidden(g, a, a->n_past + j->t0)) return 0;
+    v->block = v->sg.kind == 1 ? kvd_block(g, v->sg.index, v->sg.lslot, a->il, j->h) : 0;
+    v->rotated = v->sg.kind == 1 && g->rot_k;
+    v->rot_values = v->sg.kind == 1 && g->vbits > 0 && g->rot_v;
+    return 1;
+}
+
+#define KVD_ITEMS(e, n, tid, nt) for (int64_t e = (tid); e < (int64_t)(n); e += (nt))
+
+KVD void kvd_p_init(const kvs_kv_dev *g, const kvd_job *j, kvd_tile *t, int32_t tid, int32_t nt) {
+    KVD_ITEMS(e, (int64_t)j->n_queries * g->hd, tid, nt) t->acc[e] = t->acc_rot[e] = 0.0f;
+    KVD_ITEMS(q, j->n_queries, tid, nt) {
+        t->m[q] = -KVD_INF;
+        t->l[q] = 0.0f;
+    }
+}
+
+/* The keys into kv[d * B + i]: dequantized where they lie, rotated by their
+ * offset i in the segment (load_rotated_keys) unless stored rotated. */
+KVD void kvd_p_keys(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kvd_job *j, const kvd_view *v,
+                    kvd_tile *t, int32_t tid, int32_t nt) {
+    const int32_t n = v->n, hd = g->hd, B = g->B, half = g->n_rot / 2, kind = kvd_kind(g, a->il);
+    if (v->rotated) {
+        KVD_ITEMS(e, (int64_t)hd * n, tid, nt) {
+            const int32_t d = (int32_t)(e / n), i = (int32_t)(e % n);
+            t->kv[d * B + i] = kvd_seg_elem(g, &v->sg, v->block, a->il, j->h, 1, i, d);
+        }
+        return;
     }
     const float *cs = g->blk_cos[kind], *sn = g->blk_sin[kind];
-    for (int32_t k = 0; k < g->n_rot / 2; k++) {
-        const int32_t a = g->pair_a[k], b = g->pair_b[k];
-        const float x = kvd_seg_elem(g, sg, block, il, h, 1, i, a), y = kvd_seg_elem(g, sg, block, il, h, 1, i, b);
-        const float c = cs[a * g->B + i], sa = sn[a * g->B + i];
-        s += qb[a] * (x * c - y * sa) + qb[b] * (x * sa + y * c);
+    KVD_ITEMS(e, (int64_t)(half + hd - g->n_rot) * n, tid, nt) {
+        const int32_t p = (int32_t)(e / n), i = (int32_t)(e % n);
+        if (p >= half) {
+            const int32_t d = g->n_rot + p - half;
+            t->kv[d * B + i] = kvd_seg_elem(g, &v->sg, v->block, a->il, j->h, 1, i, d);
+            continue;
+        }
+        const int32_t pa = g->pair_a[p], pb = g->pair_b[p];
+        const float x = kvd_seg_elem(g, &v->sg, v->block, a->il, j->h, 1, i, pa);
+        const float y = kvd_seg_elem(g, &v->sg, v->block, a->il, j->h, 1, i, pb);
+        const float c = cs[pa * B + i], s = sn[pa * B + i];
+        t->kv[pa * B + i] = x * c - y * s;
+        t->kv[pb * B + i] = x * s + y * c;
     }
-    for (int32_t d = g->n_rot; d < g->hd; d++) s += qb[d] * kvd_seg_elem(g, sg, block, il, h, 1, i, d);
-    return s;
 }
 
-/* Scratch of one query's part: the rotated query, the value sums (plain
- * and, for rotated value blocks, in their space), a segment's scores. */
-typedef struct kvd_scratch {
-    float qb[KVD_MAX_HD], acc[KVD_MAX_HD], acc_rot[KVD_MAX_HD], scores[KVD_MAX_B];
-} kvd_scratch;
-
-/* Part `part` of query head hq of appended token t: segments k0..k1-1 of
- * the args' table, as a record (max score, sum of exp(score - max), the
- * exp-weighted value sum) at rec (hd + 2 floats; sum 0 when no key). The
- * softmax runs online, a segment at a time. */
-KVD void kvd_attend_part(const kvs_kv_dev *g, const kvs_kv_attend_args *a, int32_t t, int32_t hq, int32_t part,
-                         kvd_scratch *s, float *rec) {
-    const int32_t hd = g->hd, il = a->il, h = hq / (a->n_head / g->n_kv), kind = kvd_kind(g, il);
-    const int32_t m_orig = a->n_past + t, m = m_orig - a->n_evicted, w = g->window[il];
-    const int32_t hidden = w > 0 && m >= w ? m - w + 1 : 0; /* window_start */
-    const int32_t k0 = (int32_t)((int64_t)a->n_segs * part / a->n_parts);
-    const int32_t k1 = (int32_t)((int64_t)a->n_segs * (part + 1) / a->n_parts);
-    const float *q = a->q + t * a->q_stride + (int64_t)hq * hd;
-    float max_score = -KVD_INF, sum = 0.0f;
-    for (int32_t d = 0; d < hd; d++) s->acc[d] = s->acc_rot[d] = 0.0f;
-    for (int32_t k = k0; k < k1; k++) {
-        const kvs_kv_seg sg = a->segs[k];
-        const int32_t n = kvd_visible(&sg, m_orig);
-        if (n == 0 || sg.c0 + n <= hidden) continue; /* a local layer's window has left it */
-        const uint8_t *block = sg.kind == 1 ? kvd_block(g, sg.index, sg.lslot, il, h) : 0;
-        const int rotated = sg.kind == 1 && g->rot_k, rot_values = sg.kind == 1 && g->vbits > 0 && g->rot_v;
-        kvd_rotate_query(g, kind, m - sg.c0, q, a->scale, rotated, s->qb);
-        float seg_max = -KVD_INF;
-        for (int32_t i = 0; i < n; i++) {
-            const int masked = (sg.mask >> i & 1) || sg.c0 + i < hidden;
-            s->scores[i] = masked ? -KVD_INF : kvd_score(g, &sg, block, il, h, kind, rotated, s->qb, i);
-            seg_max = s->scores[i] > seg_max ? s->scores[i] : seg_max;
+/* Each query rotated to the segment's start (rotate_query), times the scale. */
+KVD void kvd_p_queries(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kvd_job *j, const kvd_view *v,
+                       kvd_tile *t, int32_t tid, int32_t nt) {
+    const int32_t hd = g->hd, half = g->n_rot / 2, per = half + hd - g->n_rot, kind = kvd_kind(g, a->il);
+    const int32_t step = g->neox ? 1 : 2, stride = g->neox ? half : 1;
+    KVD_ITEMS(e, (int64_t)j->n_queries * per, tid, nt) {
+        const int32_t q = (int32_t)(e / per), p = (int32_t)(e % per), tok = kvd_query_token(a, j, q);
+        const int32_t vis = tok < 0 ? 0 : kvd_visible(&v->sg, a->n_past + tok);
+        float *qb = t->qb + (int64_t)q * hd;
+        if (vis == 0 || v->sg.c0 + vis <= kvd_hidden(g, a, a->n_past + tok)) {
+            /* past the batch, or sees none of these keys (kvd_p_scores masks them all): its
+             * distance may lie outside the RoPE table */
+            if (p < half) qb[p * step] = qb[p * step + stride] = 0.0f;
+            else qb[g->n_rot + p - half] = 0.0f;
+            continue;
         }
-        if (seg_max == -KVD_INF) continue;
-        if (seg_max > max_score) {
-            const float f = max_score == -KVD_INF ? 0.0f : expf(max_score - seg_max);
-            sum *= f;
-            for (int32_t d = 0; d < hd; d++) {
-                s->acc[d] *= f;
-                s->acc_rot[d] *= f;
-            }
-            max_score = seg_max;
+        const float *qr = a->q + tok * a->q_stride + (int64_t)kvd_query_head(j, q) * hd;
+        if (p >= half) {
+            qb[g->n_rot + p - half] = a->scale * qr[g->n_rot + p - half];
+            continue;
         }
-        float *acc = rot_values ? s->acc_rot : s->acc;
-        for (int32_t i = 0; i < n; i++) {
-            if (s->scores[i] == -KVD_INF) continue;
-            const float p = expf(s->scores[i] - max_score);
-            sum += p;
-            for (int32_t d = 0; d < hd; d++) acc[d] += p * kvd_seg_elem(g, &sg, block, il, h, 0, i, d);
-        }
+        const int64_t at = (int64_t)(a->n_past + tok - a->n_evicted - v->sg.c0) * half + p;
+        const float c = g->rel_cos[kind][at], s = g->rel_sin[kind][at];
+        const int32_t x = p * step, y = x + stride;
+        qb[x] = a->scale * (qr[x] * c - qr[y] * s);
+        qb[y] = a->scale * (qr[x] * s + qr[y] * c);
     }
-    if (g->rot_v && g->vbits > 0) kvd_fwht(hd, s->acc_rot); /* rotated value sums back, once */
-    rec[0] = max_score;
-    rec[1] = sum;
-    for (int32_t d = 0; d < hd; d++) rec[2 + d] = s->acc[d] + s->acc_rot[d];
 }
+
+/* One butterfly stage (distance h) of the Walsh-Hadamard transform of each
+ * of `rows` rows of hd floats; the stages in order, then kvd_p_scale by
+ * 1/sqrt(hd), give kvs_fwht. */
+KVD void kvd_p_fwht_stage(float *x, int32_t rows, int32_t hd, int32_t h, int32_t tid, int32_t nt) {
+    KVD_ITEMS(e, (int64_t)rows * (hd / 2), tid, nt) {
+        const int64_t r = e / (hd / 2), k = e % (hd / 2), lo = r * hd + (k / h) * 2 * h + k % h;
+        const float u = x[lo], w = x[lo + h];
+        x[lo] = KVD_ADD(u, w);
+        x[lo + h] = KVD_SUB(u, w);
+    }
+}
+
+KVD void kvd_p_scale(float *x, int64_t n, float s, int32_t tid, int32_t nt) {
+    KVD_ITEMS(e, n, tid, nt) x[e] = KVD_MUL(x[e], s);
+}
+
+/* Scores of every query against the segment's keys; keys a query may not
+ * see (later in the batch, before a local window, read from a sink row
+ * instead) score -inf. */
+KVD void kvd_p_scores(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kvd_job *j, const kvd_view *v,
+                      kvd_tile *t, int32_t tid, int32_t nt) {
+    const int32_t n = v->n, hd = g->hd, B = g->B;
+    KVD_ITEMS(e, (int64_t)j->n_queries * n, tid, nt) {
+        const int32_t q = (int32_t)(e / n), i = (int32_t)(e % n), tok = kvd_query_token(a, j, q);
+        const int32_t m_orig = a->n_past + tok;
+        const int masked = tok < 0 || i >= kvd_visible(&v->sg, m_orig) || (v->sg.mask >> i & 1) ||
+                           v->sg.c0 + i < kvd_hidden(g, a, m_orig);
+        float s = 0.0f;
+        for (int32_t d = 0; d < hd && !masked; d++) s += t->qb[(int64_t)q * hd + d] * t->kv[d * B + i];
+        t->sc[(int64_t)q * B + i] = masked ? -KVD_INF : s;
+    }
+}
+
+/* Per query: the segment's max joins the running one (the sums so far are
+ * rescaled by f), and the scores become exp(score - max). */
+KVD void kvd_p_softmax(const kvd_job *j, const kvd_view *v, int32_t B, kvd_tile *t, int32_t tid, int32_t nt) {
+    KVD_ITEMS(q, j->n_queries, tid, nt) {
+        float *sc = t->sc + q * B, seg_max = -KVD_INF, sum = 0.0f;
+        for (int32_t i = 0; i < v->n; i++) seg_max = sc[i] > seg_max ? sc[i] : seg_max;
+        const float m = seg_max > t->m[q] ? seg_max : t->m[q];
+        t->f[q] = t->m[q] == -KVD_INF ? 0.0f : expf(t->m[q] - m); /* no sums yet: nothing to rescale */
+        for (int32_t i = 0; i < v->n; i++) {
+            sc[i] = sc[i] == -KVD_INF ? 0.0f : expf(sc[i] - m);
+            sum += sc[i];
+        }
+        t->m[q] = m;
+        t->l[q] = t->l[q] * t->f[q] + sum;
+    }
+}
+
+/* The values into kv[i * hd + d] (the keys are no longer needed). */
+KVD void kvd_p_values(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kvd_job *j, const kvd_view *v,
+                      kvd_tile *t, int32_t tid, int32_t nt) {
+    KVD_ITEMS(e, (int64_t)v->n * g->hd, tid, nt) {
+        const int32_t i = (int32_t)(e / g->hd), d = (int32_t)(e % g->hd);
+        t->kv[e] = kvd_seg_elem(g, &v->sg, v->block, a->il, j->h, 0, i, d);
+    }
+}
+
+/* acc = acc * f + sum of p * v; rotated blocks' values sum apart (in their
+ * space, rotated back once at the end). */
+KVD void kvd_p_accumulate(const kvs_kv_dev *g, const kvd_job *j, const kvd_view *v, kvd_tile *t, int32_t tid,
+                          int32_t nt) {
+    const int32_t hd = g->hd;
+    KVD_ITEMS(e, (int64_t)j->n_queries * hd, tid, nt) {
+        const int64_t q = e / hd, d = e % hd;
+        const float *p = t->sc + q * g->B;
+        float s = 0.0f;
+        for (int32_t i = 0; i < v->n; i++) s += p[i] * t->kv[(int64_t)i * hd + d];
+        float *into = v->rot_values ? t->acc_rot : t->acc, *other = v->rot_values ? t->acc : t->acc_rot;
+        into[e] = into[e] * t->f[q] + s;
+        other[e] *= t->f[q];
+    }
+}
+
+/* The block's records: (max, sum, value sums) per query, at its part. */
+KVD void kvd_p_records(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kvd_job *j, kvd_tile *t, int32_t tid,
+                       int32_t nt) {
+    const int64_t rec = g->hd + 2;
+    KVD_ITEMS(e, (int64_t)j->n_queries * rec, tid, nt) {
+        const int32_t q = (int32_t)(e / rec), x = (int32_t)(e % rec), tok = kvd_query_token(a, j, q);
+        if (tok < 0) continue;
+        float *r = a->partial + (((int64_t)tok * a->n_head + kvd_query_head(j, q)) * a->n_parts + j->part) * rec;
+        r[x] = x == 0 ? t->m[q] : x == 1 ? t->l[q] : t->acc[(int64_t)q * g->hd + x - 2] + t->acc_rot[(int64_t)q * g->hd + x - 2];
+    }
+}
+
+#ifdef KVD_PHASE
+/* One block's attention: the part's segments one after another, then the
+ * records. Every thread runs this; KVD_PHASE(fn, args...) runs
+ * fn(args..., tid, n_threads) for all threads, then a barrier. */
+KVD void kvd_attend_block(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kvd_job *j, kvd_tile *t) {
+    const int32_t hd = g->hd;
+    KVD_PHASE(kvd_p_init, g, j, t);
+    for (int32_t k = j->k0; k < j->k1; k++) {
+        kvd_view v;
+        if (!kvd_view_of(g, a, j, k, &v)) continue; /* the same answer in every thread */
+        KVD_PHASE(kvd_p_keys, g, a, j, &v, t);
+        KVD_PHASE(kvd_p_queries, g, a, j, &v, t);
+        if (v.rotated) {
+            for (int32_t h = 1; h < hd; h *= 2) KVD_PHASE(kvd_p_fwht_stage, t->qb, j->n_queries, hd, h);
+            KVD_PHASE(kvd_p_scale, t->qb, (int64_t)j->n_queries * hd, 1.0f / sqrtf((float)hd));
+        }
+        KVD_PHASE(kvd_p_scores, g, a, j, &v, t);
+        KVD_PHASE(kvd_p_softmax, j, &v, g->B, t);
+        KVD_PHASE(kvd_p_values, g, a, j, &v, t);
+        KVD_PHASE(kvd_p_accumulate, g, j, &v, t);
+    }
+    if (g->rot_v && g->vbits > 0) {
+        for (int32_t h = 1; h < hd; h *= 2) KVD_PHASE(kvd_p_fwht_stage, t->acc_rot, j->n_queries, hd, h);
+        KVD_PHASE(kvd_p_scale, t->acc_rot, (int64_t)j->n_queries * hd, 1.0f / sqrtf((float)hd));
+    }
+    KVD_PHASE(kvd_p_records, g, a, j, t);
+}
+#endif
 
 /* kvs_kv_cache_attend_combine, element d of the output: n_parts records
  * (hd + 2 floats apart) merged. */
