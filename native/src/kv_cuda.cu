@@ -188,7 +188,7 @@ kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, kvs_kv_attend_args *a, void *
         !a->partial || !a->out) {
         return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "kv_attend: arguments out of range");
     }
-    int64_t smem_limit, target_blocks;
+    int64_t smem_limit = 0, target_blocks = 0;
     if ((st = device_limits(&smem_limit, &target_blocks)) != KVS_OK) return st;
     const int32_t group = a->n_head / g->n_kv, tq = kvd_tokens_per_block(group, a->n_tokens, g->hd, g->B, smem_limit);
     if (tq == 0) {
