@@ -1,12 +1,17 @@
-"""The CUDA backend's glue (native/src/backend_cuda.c) without a GPU: the C
-core and backend_cuda.c are built with the CUDA side replaced by a host
+"""The CUDA backend's glue (native/src/backend_cuda.c, kv_cache_cuda.c) without
+a GPU: the C core and the glue are built with the CUDA side replaced by a host
 emulation (tests/cuda_host_emulation.c: "device" memory is registered host
-memory, each kernel launcher calls its CPU twin, and a host pointer handed
-to a kernel fails the call), and tests/test_cuda_forward.py - the GPU forward
-pass against the CPU exact path - runs against that library. This checks the
-weight upload and lookup, the buffers moved for the CPU attention, the
-logits in chunks and the sink predictor's copy; the kernels themselves are
-test_cuda.py's (on a GPU)."""
+memory and a host pointer handed to a kernel fails the call; the weight
+kernels' launchers call their CPU twins; the KV cache's launchers run
+kv_cuda_math.h - the per-thread code kv_cuda.cu's kernels run - phase by
+phase over the same index spaces), and tests/test_cuda_forward.py - the GPU
+forward pass against the CPU exact path, the GPU's KV cache against the
+CPU's - runs against that library. This checks the weight upload and lookup,
+the KV cache moved to the device with its segment tables, commits, sink
+displacement and states, the attention's arithmetic and masks, the logits in
+chunks and the sink predictor's copy; what it cannot check is CUDA itself
+(launch configurations, shared memory, barriers), which test_cuda.py and
+test_cuda_forward.py do on a GPU."""
 from __future__ import annotations
 
 import os
