@@ -157,7 +157,8 @@ static kvs_status alloc_scratch(kvs_context *ctx) {
         {&ctx->x, nb * hp->n_embd}, {&ctx->xb, nb * hp->n_embd}, {&ctx->q, nb * q_dim},
         {&ctx->k, nb * kv_dim},     {&ctx->v, nb * kv_dim},      {&ctx->att, nb * q_dim},
         {&ctx->hb, nb * hp->n_ff},  {&ctx->hb2, nb * hp->n_ff},
-        {&ctx->scores, (int64_t)ctx->params.n_threads * ctx->scratch_len},
+        /* the CPU attention's scratch (it grows with n_ctx); a GPU context attends on the device */
+        {&ctx->scores, ctx->backend == &kvs_backend_cpu ? (int64_t)ctx->params.n_threads * ctx->scratch_len : 1},
         {&ctx->attn_partial, (int64_t)hp->n_head * ATTN_MAX_PARTS * (hp->head_dim + 2)},
         {&ctx->cpu.row_scratch, (int64_t)ctx->params.n_threads * MATMUL_ROWS * row},
         {&ctx->sink_top, nb},
