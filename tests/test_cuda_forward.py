@@ -190,3 +190,26 @@ def test_gpu_rewind_inside_committed_blocks(qwen):
             llm.eval([5, 6, 7])
             rows[name] = llm.scores[29:32].copy()
     assert_near(rows["gpu"], rows["cpu"])
+
+
+@pytest.mark.parametrize("type_k,type_v,rotate,per_token", [
+    ("q4", "q4", "kv", False), ("q3", "q8", "none", False), ("q2", "q4", "k", True), ("f16", "f16", "none", False)])
+def test_gpu_attention_reads_the_cpus_blocks_as_the_cpu_does(qwen, type_k, type_v, rotate, per_token):
+    """The same quantized blocks (a state the CPU saved, loaded on the GPU):
+    the next tokens' logits then differ only by the attention's and the
+    products' arithmetic, so they must agree far closer than after two
+    quantizations of slightly different K/V."""
+    path, _ = qwen
+    tokens = random_ids(84, 11)
+    kw = dict(n_ctx=128, n_batch=8, type_k=type_k, type_v=type_v, sinks="pfn:2", kv_rotate=rotate,
+              kv_key_per_token=per_token, kv_block=8, kv_recent=16, verbose=False)
+    with Llama(str(path), matmul="f32", **kw) as cpu, Llama(str(path), device="cuda", **kw) as gpu:
+        cpu.eval(tokens[:80])
+        gpu.load_state(cpu.save_state())
+        rows = []
+        for t in tokens[80:]:  # within the window: no block is committed on either side
+            cpu.eval([t])
+            gpu.eval([t])
+            rows.append((gpu.last_logits().copy(), cpu.last_logits().copy()))
+    for got, want in rows:
+        assert_near(got, want, tol=2e-4)
