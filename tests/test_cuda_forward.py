@@ -213,3 +213,15 @@ def test_gpu_attention_reads_the_cpus_blocks_as_the_cpu_does(qwen, type_k, type_
             rows.append((gpu.last_logits().copy(), cpu.last_logits().copy()))
     for got, want in rows:
         assert_near(got, want, tol=2e-4)
+
+
+def test_gpu_refuses_attention_traces_and_embeds(smollm2_path):
+    """Calibration's attention traces need the CPU's attention (the reason is
+    said); hidden states alone (embeddings) come from the GPU as from the CPU."""
+    tokens = random_ids(20, 12)
+    with Llama(str(smollm2_path), n_ctx=64, device="cuda", verbose=False, embedding=True) as gpu, \
+            Llama(str(smollm2_path), n_ctx=64, matmul="f32", verbose=False, embedding=True) as cpu:
+        with pytest.raises(kvsink_cpp.KvsinkError, match="run on the CPU"):
+            gpu.trace(tokens)
+        got, want = np.array(gpu.embed("a b c d")), np.array(cpu.embed("a b c d"))
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
