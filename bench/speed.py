@@ -54,6 +54,8 @@ CONFIGS = {
     # the layout before the measured defaults (blocks and groups of 32, no rotation), for comparison
     "kvsink_cpp/q4 32/32 unrotated": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "kv_block": 32,
                                                      "kv_group": 32, "kv_rotate": "none", **FAST}),
+    # the defaults with Hadamard-rotated q8 blocks: keys stored rotated need no RoPE by offset when read
+    "kvsink_cpp/default rotated": ("kvsink_cpp", {"kv_rotate": "kv"}),
     # the fast path before massive activations were split off, for comparison
     "kvsink_cpp/q4 plain": ("kvsink_cpp", {"type_k": "q4", "type_v": "q4", "sinks": "kvsink", "act_outlier_ratio": 0,
                                            **FAST}),
