@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (issue 18): build the CUDA library,
-# run every GPU test, then the GPU speed table, writing everything under
+# run every GPU test, compare the logits with PyTorch's on the GPU
+# (bench/gpu_check.py), chat one turn, then the GPU speed table, writing everything under
 # $OUT (default ./gpu-results). The machine has nvcc, CMake, PyTorch and numpy
 # but no package index and no cffi: carry a folder of wheels (cffi, gguf,
 # pytest and their dependencies) made here with
@@ -39,6 +40,12 @@ python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_absent.py tests/tes
 tail -n 3 "$out"/pytest-*.log
 
 smollm2="$(ls "$models"/SmolLM2-135M-Instruct*.gguf | head -n 1)"
+# our logits against an independent forward (PyTorch float32) on the GPU, and a chat turn
+for model in "$smollm2" $(ls "$models"/gemma-3-270m*.gguf 2>/dev/null | head -n 1); do
+    python3 bench/gpu_check.py -m "$model" --json > "$out/gpu-check-$(basename "$model" .gguf).json" 2>&1
+done
+printf 'What is the capital of France?\n' |
+    python3 -m kvsink_cpp chat "$smollm2" --device cuda -n 48 --temp 0 > "$out/chat-cuda.txt" 2>&1
 for depth in 4096 16384; do
     python3 bench/speed.py --device cuda -m "$smollm2" --reps 3 --depth "$depth" -c $((depth + 1024)) --json \
         > "$out/speed-cuda-smollm2-depth$depth.json" 2> "$out/speed-cuda-smollm2-depth$depth.log"
