@@ -14,7 +14,8 @@
 #   bash bench/gpu_session.sh gpu-wheels models/   # models/ holds the GGUF files
 #
 # Budget: the build takes ~1 minute, the tests seconds, the speed table a few
-# minutes per model; every step writes its log before the next one starts.
+# minutes per model; every step writes its log before the next one starts and
+# has a timeout, so a hang costs its step, not the session's GPU time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels="${1:?folder of carried wheels}"
@@ -34,7 +35,7 @@ cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DKVSINK_CUDA=ON > "$out/bui
 export KVSINK_LIBRARY="$PWD/build-cuda/libkvsink.so"
 
 python3 -c "import kvsink_cpp; print(kvsink_cpp.cuda_status())" | tee "$out/cuda_status.txt"
-python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests > "$out/pytest-cuda.log" 2>&1
+timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests > "$out/pytest-cuda.log" 2>&1
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_absent.py tests/test_device.py \
     > "$out/pytest-device.log" 2>&1
 tail -n 3 "$out"/pytest-*.log
@@ -42,13 +43,13 @@ tail -n 3 "$out"/pytest-*.log
 smollm2="$(ls "$models"/SmolLM2-135M-Instruct*.gguf | head -n 1)"
 # our logits against an independent forward (PyTorch float32) on the GPU, and a chat turn
 for model in "$smollm2" $(ls "$models"/gemma-3-270m*.gguf 2>/dev/null | head -n 1); do
-    python3 bench/gpu_check.py -m "$model" --json > "$out/gpu-check-$(basename "$model" .gguf).json" 2>&1
+    timeout 120 python3 bench/gpu_check.py -m "$model" --json > "$out/gpu-check-$(basename "$model" .gguf).json" 2>&1
 done
 printf 'What is the capital of France?\n' |
-    python3 -m kvsink_cpp chat "$smollm2" --device cuda -n 48 --temp 0 > "$out/chat-cuda.txt" 2>&1
+    timeout 60 python3 -m kvsink_cpp chat "$smollm2" --device cuda -n 48 --temp 0 > "$out/chat-cuda.txt" 2>&1
 for depth in 4096 16384; do
-    python3 bench/speed.py --device cuda -m "$smollm2" --reps 3 --depth "$depth" -c $((depth + 1024)) --json \
+    timeout 240 python3 bench/speed.py --device cuda -m "$smollm2" --reps 3 --depth "$depth" -c $((depth + 1024)) --json \
         > "$out/speed-cuda-smollm2-depth$depth.json" 2> "$out/speed-cuda-smollm2-depth$depth.log"
 done
-python3 bench/compare_logits.py -m "$smollm2" -n 256 --json > "$out/compare-logits-cpu.json" 2>&1
+timeout 120 python3 bench/compare_logits.py -m "$smollm2" -n 256 --json > "$out/compare-logits-cpu.json" 2>&1
 echo "results in $out"
