@@ -196,9 +196,11 @@ kvs_status kvs_cuda_kv_attend(const kvs_kv_dev *g, kvs_kv_attend_args *a, void *
                         "need more shared memory than this GPU's %lld bytes", group, g->hd, g->B, (long long)smem_limit);
     }
     const size_t bytes = (size_t)kvd_tile_floats(g->hd, g->B, tq * group) * sizeof(float);
-    if (bytes > 48 * 1024) {
+    static size_t opted_in = 48 * 1024; /* what a block may use without asking; raised once per size */
+    if (bytes > opted_in) {
         const cudaError_t e = cudaFuncSetAttribute(attend_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
         if (e != cudaSuccess) return kvs_cuda_fail(e, "kv_attend's shared memory");
+        opted_in = bytes;
     }
     a->n_parts = kvd_parts(a, g->n_kv, tq, target_blocks);
     const int64_t blocks = (int64_t)g->n_kv * a->n_parts * kvd_token_tiles(a->n_tokens, tq);
