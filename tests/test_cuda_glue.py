@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fuzz import NATIVE, REPO, c_compiler, compile_objects, core_sources
+from fuzz import NATIVE, REPO, SAN_FLAGS, BuildUnavailable, _check_sanitizers, c_compiler, compile_objects, \
+    core_sources
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,6 +62,37 @@ def test_gpu_forward_tests_pass_on_the_emulated_backend(emulated_cuda_library):
     tail = r.stdout[-3000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
     assert "skipped" not in r.stdout.splitlines()[-1] or _skips_name_absent_models(r.stdout), tail
+
+
+def test_gpu_cache_tests_pass_under_sanitizers(tmp_path):
+    """The KV kernels' per-thread code indexes tables by distances, slots and
+    groups: built with ASan+UBSan, the emulated GPU cache's tests on synthetic
+    models (every layout, sink displacement, rings, local windows, states)
+    must not read or write a byte outside what the device holds."""
+    cc = c_compiler()
+    try:
+        _check_sanitizers(cc, tmp_path)
+    except BuildUnavailable as exc:
+        pytest.skip(str(exc))
+    flags = [*SAN_FLAGS, "-fPIC", "-DKVS_HAVE_CUDA=1", "-fvisibility=hidden"]
+    objects = compile_objects(cc, [*core_sources(cuda_glue=True), HERE / "cuda_host_emulation.c"], tmp_path, flags)
+    lib = tmp_path / "libkvsink.so"
+    r = subprocess.run([cc, "-shared", "-fsanitize=address,undefined", *map(str, objects), "-lm", "-lpthread", "-o",
+                        str(lib)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    runtimes = " ".join(subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+                        for name in ("libasan.so", "libubsan.so"))
+    log = tmp_path / "sanitizer"  # reports go to files: pytest's capture would swallow them with the process
+    env = {**os.environ, "KVSINK_LIBRARY": str(lib), "LD_PRELOAD": runtimes,
+           "ASAN_OPTIONS": f"detect_leaks=0:abort_on_error=0:log_path={log}",
+           "UBSAN_OPTIONS": f"print_stacktrace=1:halt_on_error=1:log_path={log}"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_cuda_forward.py"),
+                        "-k", "layouts or ring or local or state or rewind or reads"], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=1200)
+    reports = "".join(f.read_text(errors="replace")[:3000] for f in sorted(tmp_path.glob("sanitizer*")))
+    tail = reports + r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and not reports and " passed" in r.stdout.splitlines()[-1], tail
+    assert "skipped" not in r.stdout.splitlines()[-1], tail
 
 
 def _skips_name_absent_models(stdout: str) -> bool:
