@@ -140,13 +140,16 @@ def test_gpu_ring_evicts_and_displaces_sinks_as_the_cpu(qwen, tmp_path):
         assert_near(gpu, cpu)
 
 
-@pytest.mark.parametrize("type_kv,step", [("q4", 8), ("f16", 1)])
-def test_gpu_local_layers_keep_only_their_window(tmp_path, type_kv, step):
+@pytest.mark.parametrize("type_kv,step,group,per_token", [("q4", 8, 32, False), ("f16", 1, 32, False),
+                                                         ("q3", 1, 128, True)])
+def test_gpu_local_layers_keep_only_their_window(tmp_path, type_kv, step, group, per_token):
     """Gemma 3 with a 16-token window: its local layers keep their blocks in a
-    ring of their own and mask what left the window."""
+    ring of their own and mask what left the window. Its 128-dim heads also
+    take groups wider than a block (per-token keys in groups of 128)."""
     path = synthetic.write_gemma3(tmp_path / "gemma3.gguf", n_swa=16)
     tokens = random_ids(90, 5)
-    kw = dict(n_ctx=128, n_batch=8, type_k=type_kv, type_v=type_kv, sinks="pfn:1", kv_block=8, kv_recent=8)
+    kw = dict(n_ctx=128, n_batch=8, type_k=type_kv, type_v=type_kv, sinks="pfn:1", kv_block=8, kv_recent=8,
+              kv_group=group, kv_key_per_token=per_token)
     cpu, _ = stepwise(path, tokens, step, matmul="f32", **kw)
     gpu, _ = stepwise(path, tokens, step, device="cuda", **kw)
     assert_near(gpu, cpu)

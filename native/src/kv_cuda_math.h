@@ -69,12 +69,17 @@ KVD float kvd_group_elem(const uint8_t *group, int64_t n, int bits, int64_t i) {
     return KVD_ADD(KVD_MUL(q, kvd_half_at(group)), kvd_half_at(group + 2));
 }
 
+/* Bit i of a 64-bit mask; 0 past bit 63 (a shift that far is undefined). */
+KVD_HD int kvd_bit(uint64_t mask, int64_t i) { return i < 64 && (mask >> i & 1); }
+
 /* kvs_kv_quantize_group: n values `stride` apart; bit i of skip leaves value
- * i out of the min/max (it decodes as the zero point). */
+ * i out of the min/max (it decodes as the zero point). Only per-channel key
+ * groups (n = B <= 64 tokens) skip; per-token groups of up to head_dim
+ * values pass 0. */
 KVD void kvd_quantize_group(const float *x, int64_t stride, uint64_t skip, int64_t n, int bits, uint8_t *out) {
     float lo = KVD_INF, hi = -KVD_INF;
     for (int64_t i = 0; i < n; i++) {
-        if (skip >> i & 1) continue;
+        if (kvd_bit(skip, i)) continue;
         const float v = x[i * stride];
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
@@ -91,7 +96,7 @@ KVD void kvd_quantize_group(const float *x, int64_t stride, uint64_t skip, int64
     const int64_t n_bytes = (n * bits + 7) / 8;
     for (int64_t b = 0; b < n_bytes; b++) out[4 + b] = 0;
     for (int64_t i = 0; i < n; i++) {
-        float q = (skip >> i & 1) ? 0.0f : roundf(KVD_MUL(KVD_SUB(x[i * stride], zero), inv));
+        float q = kvd_bit(skip, i) ? 0.0f : roundf(KVD_MUL(KVD_SUB(x[i * stride], zero), inv));
         q = q < 0.0f ? 0.0f : q > (float)levels ? (float)levels : q;
         const int64_t bit = i * bits;
         const unsigned w = (unsigned)q << (bit % 8);
@@ -468,7 +473,7 @@ KVD void kvd_p_scores(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kv
     KVD_ITEMS(e, (int64_t)j->n_queries * n, tid, nt) {
         const int32_t q = (int32_t)(e / n), i = (int32_t)(e % n), tok = kvd_query_token(a, j, q);
         const int32_t m_orig = a->n_past + tok;
-        const int masked = tok < 0 || i >= kvd_visible(&v->sg, m_orig) || (v->sg.mask >> i & 1) ||
+        const int masked = tok < 0 || i >= kvd_visible(&v->sg, m_orig) || kvd_bit(v->sg.mask, i) ||
                            v->sg.c0 + i < kvd_hidden(g, a, m_orig);
         float s = 0.0f;
         for (int32_t d = 0; d < hd && !masked; d++) s += t->qb[(int64_t)q * hd + d] * t->kv[d * B + i];
