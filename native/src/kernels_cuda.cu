@@ -27,15 +27,6 @@ extern "C" {
 #include "types.h"
 }
 
-#define THREADS 256       /* threads per block of the element-wise and row kernels */
-#define MAX_BLOCKS (1 << 20) /* grid cap: grid-stride loops do the rest; fills any GPU many times */
-
-/* Blocks of a 1-D grid over `items` work items of `per_block` each. */
-static unsigned grid_for(int64_t items, int64_t per_block) {
-    int64_t blocks = (items + per_block - 1) / per_block;
-    if (blocks < 1) blocks = 1;
-    return (unsigned)(blocks < MAX_BLOCKS ? blocks : MAX_BLOCKS);
-}
 
 /* ---- one chunk of a row: elements 8c .. 8c+7 -------------------------------
  * The unit of work of every weight kernel is a chunk of 8 elements: blocks
@@ -563,9 +554,6 @@ kvs_status kvs_cuda_rope_rows(float *x, int64_t n_tokens, int32_t n_heads, int32
 }
 
 /* ---- element-wise ------------------------------------------------------------------- */
-
-#define FOR_EACH(i, n) \
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
 
 /* The formulas of ops.c's scalar kvs_swiglu / kvs_geglu (gelu_pytorch_tanh). */
 __global__ void glu_kernel(int32_t gelu, float *gate, const float *up, int64_t n) {

@@ -74,6 +74,21 @@ kvs_status kvs_cuda_fail(cudaError_t e, const char *what);
 
 /* KVS_OK, or kvs_cuda_fail of the error the last launch left (cudaGetLastError). */
 kvs_status kvs_cuda_launched(const char *kernel);
+
+/* Launch shapes the kernel files share: 1-D grids with grid-stride loops. */
+#define THREADS 256          /* threads per block of the element-wise and row kernels */
+#define MAX_BLOCKS (1 << 20) /* grid cap: grid-stride loops do the rest; fills any GPU many times */
+
+/* Blocks of a 1-D grid over `items` work items of `per_block` each. */
+static inline unsigned grid_for(int64_t items, int64_t per_block) {
+    int64_t blocks = (items + per_block - 1) / per_block;
+    if (blocks < 1) blocks = 1;
+    return (unsigned)(blocks < MAX_BLOCKS ? blocks : MAX_BLOCKS);
+}
+
+/* Item i of n, stepping over the whole grid. */
+#define FOR_EACH(i, n) \
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
 #endif
 
 #endif

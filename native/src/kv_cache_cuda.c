@@ -58,25 +58,26 @@ static kvs_status device_requantize_keys(kvs_kv_cache *c, int32_t r, int32_t slo
 typedef struct device_array {
     void **ptr;
     size_t bytes;
+    int table;  /* a RoPE table: copied over; the data arrays start empty */
 } device_array;
 
 static int device_arrays(kvs_kv_cache *c, device_array out[14]) {
     const size_t row = kv_token_row_bytes(c);
     int n = 0;
-    out[n++] = (device_array){(void **)&c->win_k, (size_t)c->Wcap * row};
-    out[n++] = (device_array){(void **)&c->win_v, (size_t)c->Wcap * row};
-    out[n++] = (device_array){(void **)&c->sink_k, (size_t)c->S * row + 1};
-    out[n++] = (device_array){(void **)&c->sink_v, (size_t)c->S * row + 1};
-    out[n++] = (device_array){(void **)&c->blocks, (size_t)c->NB * kv_block_bytes(c, c->n_glob) + 1};
-    out[n++] = (device_array){(void **)&c->lblocks, (size_t)c->L * kv_block_bytes(c, c->n_loc) + 1};
+    out[n++] = (device_array){(void **)&c->win_k, (size_t)c->Wcap * row, 0};
+    out[n++] = (device_array){(void **)&c->win_v, (size_t)c->Wcap * row, 0};
+    out[n++] = (device_array){(void **)&c->sink_k, (size_t)c->S * row + 1, 0};
+    out[n++] = (device_array){(void **)&c->sink_v, (size_t)c->S * row + 1, 0};
+    out[n++] = (device_array){(void **)&c->blocks, (size_t)c->NB * kv_block_bytes(c, c->n_glob) + 1, 0};
+    out[n++] = (device_array){(void **)&c->lblocks, (size_t)c->L * kv_block_bytes(c, c->n_loc) + 1, 0};
     for (int kind = 0; kind < 2; kind++) {
         kv_rope *r = &c->rope[kind];
         if (!r->rel_cos) continue;
         const size_t rel = (size_t)r->n_rel * (size_t)(c->n_rot / 2) * 4 + 4, blk = (size_t)c->hd * c->B * 4;
-        out[n++] = (device_array){(void **)&r->rel_cos, rel};
-        out[n++] = (device_array){(void **)&r->rel_sin, rel};
-        out[n++] = (device_array){(void **)&r->blk_cos, blk};
-        out[n++] = (device_array){(void **)&r->blk_sin, blk};
+        out[n++] = (device_array){(void **)&r->rel_cos, rel, 1};
+        out[n++] = (device_array){(void **)&r->rel_sin, rel, 1};
+        out[n++] = (device_array){(void **)&r->blk_cos, blk, 1};
+        out[n++] = (device_array){(void **)&r->blk_sin, blk, 1};
     }
     return n;
 }
@@ -172,9 +173,9 @@ kvs_status kvs_kv_cache_to_cuda(kvs_kv_cache *c, int32_t max_tokens, int32_t n_h
     kvs_status st = alloc_own(c, ck, max_tokens, n_head);
     /* every copy is made before any host array goes: a failure leaves the cache on the host */
     for (int i = 0; st == KVS_OK && i < n; i++) {
-        const int table = i >= 6; /* the RoPE tables have contents; the data starts empty */
-        st = upload_copy(&dev[i], table ? *arrays[i].ptr : NULL, arrays[i].bytes, table ? "the KV cache's RoPE tables"
-                                                                                        : "the KV cache");
+        const int table = arrays[i].table;
+        st = upload_copy(&dev[i], table ? *arrays[i].ptr : NULL, arrays[i].bytes,
+                         table ? "the KV cache's RoPE tables" : "the KV cache");
     }
     if (st != KVS_OK) {
         for (int i = 0; i < n; i++) kvs_cuda_release(dev[i]);

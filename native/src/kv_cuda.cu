@@ -29,18 +29,7 @@ extern "C" {
 #include "status.h"
 }
 
-#define THREADS 256
 #define ATTEND_THREADS 128
-#define MAX_BLOCKS (1 << 20)
-
-#define FOR_EACH(i, n) \
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
-
-static unsigned grid_for(int64_t items, int64_t per_block) {
-    int64_t blocks = (items + per_block - 1) / per_block;
-    if (blocks < 1) blocks = 1;
-    return (unsigned)(blocks < MAX_BLOCKS ? blocks : MAX_BLOCKS);
-}
 
 static kvs_status check_geometry(const char *what, const kvs_kv_dev *g) {
     if (!g || !g->win_k || !g->win_v || g->hd < 2 || g->hd > KVD_MAX_HD || g->B < 8 || g->B > KVD_MAX_B ||

@@ -105,19 +105,29 @@ KVD void kvd_quantize_group(const float *x, int64_t stride, uint64_t skip, int64
     }
 }
 
-/* kvs_fwht: the normalized Walsh-Hadamard transform, in place. */
-KVD void kvd_fwht(int32_t n, float *x) {
-    for (int32_t h = 1; h < n; h *= 2) {
-        for (int32_t i = 0; i < n; i += 2 * h) {
-            for (int32_t j = i; j < i + h; j++) {
-                const float a = x[j], b = x[j + h];
-                x[j] = KVD_ADD(a, b);
-                x[j + h] = KVD_SUB(a, b);
-            }
-        }
+#define KVD_ITEMS(e, n, tid, nt) for (int64_t e = (tid); e < (int64_t)(n); e += (nt))
+
+/* One butterfly stage (distance h) of the Walsh-Hadamard transform of each
+ * of `rows` rows of hd floats; the stages in order, then kvd_p_scale by
+ * 1/sqrt(hd), give kvs_fwht. */
+KVD void kvd_p_fwht_stage(float *x, int32_t rows, int32_t hd, int32_t h, int32_t tid, int32_t nt) {
+    KVD_ITEMS(e, (int64_t)rows * (hd / 2), tid, nt) {
+        const int64_t r = e / (hd / 2), k = e % (hd / 2), lo = r * hd + (k / h) * 2 * h + k % h;
+        const float u = x[lo], w = x[lo + h];
+        x[lo] = KVD_ADD(u, w);
+        x[lo + h] = KVD_SUB(u, w);
     }
-    const float norm = 1.0f / sqrtf((float)n);
-    for (int32_t i = 0; i < n; i++) x[i] = KVD_MUL(x[i], norm);
+}
+
+KVD void kvd_p_scale(float *x, int64_t n, float s, int32_t tid, int32_t nt) {
+    KVD_ITEMS(e, n, tid, nt) x[e] = KVD_MUL(x[e], s);
+}
+
+/* kvs_fwht: the normalized Walsh-Hadamard transform of one row, in place
+ * (the stages above run by one thread). */
+KVD void kvd_fwht(int32_t n, float *x) {
+    for (int32_t h = 1; h < n; h *= 2) kvd_p_fwht_stage(x, 1, n, h, 0, 1);
+    kvd_p_scale(x, n, 1.0f / sqrtf((float)n), 0, 1);
 }
 
 /* ---- where things are (kv_cache.c) -------------------------------------- */
@@ -380,8 +390,6 @@ KVD int kvd_view_of(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const kvd_
     return 1;
 }
 
-#define KVD_ITEMS(e, n, tid, nt) for (int64_t e = (tid); e < (int64_t)(n); e += (nt))
-
 KVD void kvd_p_init(const kvs_kv_dev *g, const kvd_job *j, kvd_tile *t, int32_t tid, int32_t nt) {
     KVD_ITEMS(e, (int64_t)j->n_queries * g->hd, tid, nt) t->acc[e] = t->acc_rot[e] = 0.0f;
     KVD_ITEMS(q, j->n_queries, tid, nt) {
@@ -446,22 +454,6 @@ KVD void kvd_p_queries(const kvs_kv_dev *g, const kvs_kv_attend_args *a, const k
         qb[x] = a->scale * (qr[x] * c - qr[y] * s);
         qb[y] = a->scale * (qr[x] * s + qr[y] * c);
     }
-}
-
-/* One butterfly stage (distance h) of the Walsh-Hadamard transform of each
- * of `rows` rows of hd floats; the stages in order, then kvd_p_scale by
- * 1/sqrt(hd), give kvs_fwht. */
-KVD void kvd_p_fwht_stage(float *x, int32_t rows, int32_t hd, int32_t h, int32_t tid, int32_t nt) {
-    KVD_ITEMS(e, (int64_t)rows * (hd / 2), tid, nt) {
-        const int64_t r = e / (hd / 2), k = e % (hd / 2), lo = r * hd + (k / h) * 2 * h + k % h;
-        const float u = x[lo], w = x[lo + h];
-        x[lo] = KVD_ADD(u, w);
-        x[lo + h] = KVD_SUB(u, w);
-    }
-}
-
-KVD void kvd_p_scale(float *x, int64_t n, float s, int32_t tid, int32_t nt) {
-    KVD_ITEMS(e, n, tid, nt) x[e] = KVD_MUL(x[e], s);
 }
 
 /* Scores of every query against the segment's keys; keys a query may not
