@@ -1,0 +1,150 @@
+"""The CUDA kernels themselves, run on the CPU by the SIMT emulator (tests/simt/).
+
+native/src/*.cu is compiled for the CPU against tests/simt/cuda_runtime.h
+(tests/simt.py) and linked with the C core and the CUDA glue: every GPU
+thread of every launch runs the kernel's own code on a fiber, with real
+barriers, warp shuffles and shared memory, and the runtime refuses what a
+GPU refuses (host pointers as device memory, blocks over 1024 threads,
+dynamic shared memory beyond 48 KiB without the kernel's opt-in, a barrier
+some threads skip). Against that library the GPU test modules run as they
+would on a GPU: test_cuda.py (each kernel against its CPU twin) and
+test_cuda_forward.py (the whole forward pass and the KV cache in device
+memory against the CPU), with the threads of each block in a shuffled order
+so that a race on shared memory changes results. What no emulator shows:
+speed, and the hardware's own limits beyond those above. x86-64 only (the
+fibers' stack switch); skips elsewhere, saying so."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fuzz import REPO, BuildUnavailable
+from simt import build_simt_library, build_simt_program
+from test_cuda_glue import _skips_name_absent_models
+
+HERE = Path(__file__).resolve().parent
+ORDER = "shuffle:2026"  # threads and blocks in a seeded random order
+
+
+@pytest.fixture(scope="module")
+def simt_library(tmp_path_factory) -> Path:
+    try:
+        return build_simt_library(tmp_path_factory.mktemp("simt"))
+    except BuildUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory) -> Path:
+    try:
+        return build_simt_program(HERE / "simt" / "selftest.cu", tmp_path_factory.mktemp("simt-self"))
+    except BuildUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def run_case(exe: Path, case: str, order: str = "forward") -> tuple[str, str]:
+    r = subprocess.run([str(exe), case], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SIMT_ORDER": order})
+    assert r.returncode == 0, r.stderr
+    name, _, result = r.stdout.strip().partition(" ")
+    assert name == case
+    return result, r.stderr
+
+
+def values(result: str) -> list:
+    return [float(v) for v in result.rstrip(",").split(",")]
+
+
+NEIGHBOURS = [float(((t + 1) % 64 + 1) * (b + 1)) for b in range(4) for t in range(64)]
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle:7"])
+def test_a_kernel_with_its_barrier_gives_one_answer_in_every_order(selftest, order):
+    assert values(run_case(selftest, "barrier", order)[0]) == NEIGHBOURS
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_a_race_on_shared_memory_shows_as_a_wrong_answer(selftest, order):
+    """Without its barrier each thread reads a neighbour's slot before (or
+    after) the neighbour writes it, depending on the order."""
+    assert values(run_case(selftest, "race", order)[0]) != NEIGHBOURS
+
+
+def test_warp_shuffles_exchange_within_each_warp(selftest):
+    assert values(run_case(selftest, "shuffle")[0]) == [528.0] * 32 + [1552.0] * 32
+
+
+@pytest.mark.parametrize("case, error, reason", [
+    ("divergent", "unspecified launch failure", "__syncthreads that not every thread reaches"),
+    ("smem_without_opt_in", "invalid argument", "bytes of dynamic shared memory, the kernel may use 49152"),
+    ("host_pointer", "an illegal memory access", "a host pointer is handed to a kernel"),
+    ("huge_block", "invalid configuration argument", "a block of 2048x1x1 threads"),
+    ("copy_direction", "invalid argument", "cudaMemcpy kind 1"),
+])
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_the_emulator_refuses_what_a_gpu_refuses(selftest, case, error, reason, order):
+    result, stderr = run_case(selftest, case, order)
+    assert result.startswith(error) and reason in stderr, (result, stderr)
+
+
+def test_shared_memory_past_48k_runs_once_the_kernel_opts_in(selftest):
+    assert values(run_case(selftest, "smem_opted_in")[0]) == [float(63 - t) for t in range(64)]
+
+
+def start_tests(library: Path, module: str, *args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(HERE / module),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "KVSINK_LIBRARY": str(library), "SIMT_ORDER": ORDER, **env})
+
+
+def finish(run: subprocess.Popen) -> str:
+    """pytest's output, which must report success."""
+    out, _ = run.communicate(timeout=1800)
+    assert run.returncode == 0, out[-6000:]
+    return out
+
+
+def test_the_kernels_match_their_cpu_twins_on_the_emulator(simt_library):
+    """test_cuda.py in full: dequantization of every weight type bit for bit,
+    both matrix products, RMSNorm, RoPE, GLU, soft-cap, channel maxima."""
+    summary = finish(start_tests(simt_library, "test_cuda.py")).splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+REAL_MODELS = "logits_match or gemma3_on or reports_its"
+
+
+def test_the_gpu_forward_pass_matches_the_cpu_on_the_emulator(simt_library):
+    """test_cuda_forward.py in full, in two processes side by side (the
+    emulator is single-threaded): SmolLM2 batched and token by token with four
+    caches and Gemma 3 (on 24 ids instead of 96: the emulator runs every GPU
+    thread), and the KV cache in device memory against the CPU's in every
+    layout, ring, window, state and rewind."""
+    runs = [start_tests(simt_library, "test_cuda_forward.py", "-k", REAL_MODELS, KVSINK_CUDA_TEST_TOKENS="24"),
+            start_tests(simt_library, "test_cuda_forward.py", "-k", f"not ({REAL_MODELS})")]
+    for out in map(finish, runs):
+        summary = out.splitlines()[-1]
+        assert " passed" in summary, summary
+        assert "skipped" not in summary or _skips_name_absent_models(out), out[-3000:]
+
+
+def test_a_barrier_dropped_from_a_kernel_fails_the_kernel_tests(simt_library, tmp_path):
+    """The emulator is strict enough to matter: the matrix product without the
+    barrier that keeps a step's tiles until every thread has read them
+    (kernels_cuda.cu) fails test_cuda.py."""
+    native = tmp_path / "native"
+    shutil.copytree(REPO / "native", native)
+    source = native / "src" / "kernels_cuda.cu"
+    barrier = "__syncthreads(); /* the tiles are overwritten next step */"
+    assert barrier in source.read_text(), "the barrier this test drops has moved"
+    source.write_text(source.read_text().replace(barrier, ""))
+    lib = build_simt_library(tmp_path / "build", native)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_cuda.py"),
+                        "-k", "matmul"], capture_output=True, text=True, cwd=REPO, timeout=600,
+                       env={**os.environ, "KVSINK_LIBRARY": str(lib), "SIMT_ORDER": ORDER})
+    assert r.returncode != 0 and " failed" in r.stdout.splitlines()[-1], r.stdout[-2000:]
