@@ -69,6 +69,9 @@ CONFIGS = {
 CUDA_CONFIGS = {
     **{f"kvsink_cpp/cuda {t}": ("kvsink_cpp", {"device": "cuda", "type_k": t, "type_v": t, "sinks": "kvsink"})
        for t in ("f16", "q8", "q4", "q2")},
+    # decode launch by launch instead of as CUDA graphs: what the graphs gain
+    "kvsink_cpp/cuda q4 no graphs": ("kvsink_cpp", {"device": "cuda", "type_k": "q4", "type_v": "q4", "sinks": "kvsink",
+                                                    "env": {"KVSINK_CUDA_GRAPHS": "0"}}),
     "torch/cuda f16": ("torch", {"device": "cuda", "dtype": "float16"}),
 }
 CUDA_REFERENCE = "torch/cuda f16"
@@ -115,9 +118,10 @@ def bench_tokens(model: str, text: Path, n: int) -> np.ndarray:
 def run_config(name: str, model: str, tokens_file: str, spec: dict) -> dict:
     engine, kv = {**CONFIGS, **CUDA_CONFIGS}[name]
     python = str(llama_cpp_python()) if engine == "llama.cpp" else sys.executable
-    spec = dict(spec, kv=kv)
+    env = {**os.environ, **kv.get("env", {})}  # settings read from the environment (KVSINK_CUDA_GRAPHS)
+    spec = dict(spec, kv={k: v for k, v in kv.items() if k != "env"})
     proc = subprocess.run([python, str(WORKER), engine, model, tokens_file, json.dumps(spec)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])

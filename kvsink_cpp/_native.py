@@ -264,6 +264,7 @@ int32_t kvs_context_sink_capacity(const kvs_context *ctx);
 int32_t kvs_context_sink_positions(const kvs_context *ctx, int32_t *positions, int32_t capacity);
 
 void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *sink_predict_seconds);
+int64_t kvs_context_graph_steps(const kvs_context *ctx);
 
 kvs_status kvs_context_eval(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                                     int32_t logits_all, float *logits);

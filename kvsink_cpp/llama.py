@@ -491,7 +491,8 @@ class Llama:
     def kv_cache_stats(self) -> Dict[str, float]:
         """The sink table (rows in use, capacity, their positions, predicted sinks
         quantized for want of a row), evicted tokens, and the time spent
-        evaluating and predicting sinks."""
+        evaluating and predicting sinks, and the one-token steps a GPU context
+        ran as CUDA graphs."""
         ctx = self._require_context()
         eval_s, predict_s = ffi.new("double *"), ffi.new("double *")
         lib.kvs_context_timings(ctx, eval_s, predict_s)
@@ -502,7 +503,8 @@ class Llama:
                 "sink_positions": [int(p) for p in positions[0:n_sinks]],
                 "n_sinks_dropped": lib.kvs_context_n_sinks_dropped(ctx),
                 "n_evicted": lib.kvs_context_n_evicted(ctx),
-                "eval_seconds": eval_s[0], "sink_predict_seconds": predict_s[0]}
+                "eval_seconds": eval_s[0], "sink_predict_seconds": predict_s[0],
+                "cuda_graph_steps": int(lib.kvs_context_graph_steps(ctx))}
 
     # ---- sizes -----------------------------------------------------------
     def n_ctx(self) -> int:

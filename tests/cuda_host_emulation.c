@@ -136,6 +136,38 @@ kvs_status kvs_cuda_copy(void *dst, const void *src, size_t bytes) {
     return KVS_OK;
 }
 
+/* Pinned host memory is host memory; streams are one; copies run at once. */
+kvs_status kvs_cuda_alloc_host(void **ptr, size_t bytes, const char *what) {
+    *ptr = malloc(bytes ? bytes : 1);
+    return *ptr ? KVS_OK : kvs_fail(KVS_ERR_OUT_OF_MEMORY, "emulated cudaMallocHost of %zu bytes for %s", bytes, what);
+}
+void kvs_cuda_release_host(void *ptr) { free(ptr); }
+kvs_status kvs_cuda_to_device_async(void *dst, const void *src, size_t bytes, void *stream) {
+    return kvs_cuda_to_device(dst, src, bytes);
+}
+kvs_status kvs_cuda_to_host_async(void *dst, const void *src, size_t bytes, void *stream) {
+    return kvs_cuda_to_host(dst, src, bytes);
+}
+kvs_status kvs_cuda_sync(void *stream) { return KVS_OK; }
+kvs_status kvs_cuda_stream_create(void **stream) {
+    *stream = NULL;
+    return KVS_OK;
+}
+void kvs_cuda_stream_free(void *stream) {}
+
+/* Launches here run as they are called: nothing can be recorded, so the
+ * backend's fallback (a step run launch by launch) is what runs. */
+kvs_status kvs_cuda_capture_begin(void *stream) {
+    return kvs_fail(KVS_ERR_UNSUPPORTED, "the host emulation cannot record graphs");
+}
+kvs_status kvs_cuda_capture_end(void *stream, kvs_cuda_graph **exec) {
+    return kvs_fail(KVS_ERR_UNSUPPORTED, "the host emulation cannot record graphs");
+}
+kvs_status kvs_cuda_graph_launch(kvs_cuda_graph *exec, void *stream) {
+    return kvs_fail(KVS_ERR_UNSUPPORTED, "the host emulation cannot record graphs");
+}
+void kvs_cuda_graph_free(kvs_cuda_graph *exec) {}
+
 /* ---- kernels_cuda.cu's launchers: the CPU twins --------------------------- */
 
 int kvs_cuda_type_supported(int32_t type) { return kvs_type_kernels_find(type) != NULL; }

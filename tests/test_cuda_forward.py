@@ -87,16 +87,18 @@ def random_ids(n, seed, vocab=320) -> list:
     return [int(t) for t in np.random.default_rng(seed).integers(0, vocab, size=n)]
 
 
-def stepwise(path, tokens, step, **kw) -> np.ndarray:
+def stepwise(path, tokens, step, graph_steps=False, **kw) -> np.ndarray:
     """The last logits after each step of `step` tokens (rings have no
-    logits_all), with the cache's counters at the end."""
+    logits_all), with the cache's counters at the end (and the steps that
+    ran as CUDA graphs, when asked)."""
     with Llama(str(path), verbose=False, **kw) as llm:
         rows = []
         for i in range(0, len(tokens), step):
             llm.eval(tokens[i:i + step])
             rows.append(llm.last_logits().copy())
         stats = llm.kv_cache_stats()
-        return np.array(rows), {k: v for k, v in stats.items() if not k.endswith("seconds")}
+        dropped = () if graph_steps else ("cuda_graph_steps",)
+        return np.array(rows), {k: v for k, v in stats.items() if not k.endswith("seconds") and k not in dropped}
 
 
 def assert_near(gpu: np.ndarray, cpu: np.ndarray, tol=2e-3) -> None:
@@ -142,6 +144,29 @@ def test_gpu_ring_evicts_and_displaces_sinks_as_the_cpu(qwen, tmp_path):
         gpu, gpu_stats = stepwise(profiled, tokens, step, device="cuda", **kw)
         assert gpu_stats == cpu_stats and cpu_stats["n_sinks_dropped"] > 0 and cpu_stats["n_evicted"] > 100
         assert_near(gpu, cpu)
+
+
+def test_gpu_decode_steps_replay_as_graphs_exactly(qwen, tmp_path, monkeypatch):
+    """One-token steps run as CUDA graphs - captured each step, the
+    instantiated graph updated in place (positions, segment counts, grid
+    sizes change every step) - and give exactly what the same launches give
+    one by one (KVSINK_CUDA_GRAPHS=0), with blocks committed, sinks predicted
+    and displaced and tokens evicted between the replays; prompts of several
+    tokens run launch by launch either way."""
+    from test_kv_cache import _with_profile
+    path, ref = qwen
+    tokens = random_ids(100, 33)
+    profiled, _ = _with_profile(path, tmp_path, ref, tokens[:60], 0, [3, 17], share=0.35)
+    kw = dict(n_ctx=32, n_batch=8, type_k="q4", type_v="q4", sinks="kvsink:3", kv_block=8, kv_recent=8,
+              kv_ring=True, kv_rotate="kv")
+    _, prompt_stats = stepwise(profiled, tokens[:16], 8, graph_steps=True, device="cuda", **kw)
+    assert prompt_stats["cuda_graph_steps"] == 0
+    graphs, graph_stats = stepwise(profiled, tokens, 1, graph_steps=True, device="cuda", **kw)
+    monkeypatch.setenv("KVSINK_CUDA_GRAPHS", "0")
+    direct, direct_stats = stepwise(profiled, tokens, 1, graph_steps=True, device="cuda", **kw)
+    assert graph_stats.pop("cuda_graph_steps") == len(tokens) and direct_stats.pop("cuda_graph_steps") == 0
+    assert graph_stats == direct_stats and direct_stats["n_evicted"] > 50
+    np.testing.assert_array_equal(graphs, direct)
 
 
 @pytest.mark.parametrize("type_kv,step,group,per_token", [("q4", 8, 32, False), ("f16", 1, 32, False),

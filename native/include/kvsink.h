@@ -383,6 +383,10 @@ KVS_API int32_t kvs_context_sink_capacity(const kvs_context *ctx);
 KVS_API int32_t kvs_context_sink_positions(const kvs_context *ctx, int32_t *positions, int32_t capacity);
 /* Seconds spent in kvs_context_eval, and in the sink predictor within it. */
 KVS_API void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *sink_predict_seconds);
+/* One-token steps that ran as a replayed CUDA graph (0 on the CPU; a GPU
+ * context turns graphs off for good where a step cannot be captured, and
+ * KVSINK_CUDA_GRAPHS=0 in the environment turns them off from the start). */
+KVS_API int64_t kvs_context_graph_steps(const kvs_context *ctx);
 
 /* Run n_tokens (1 .. n_batch) at positions n_past .. n_past+n_tokens-1 and
  * append them to the cache. logits receives n_vocab floats per token when

@@ -5,7 +5,9 @@
  * device memory for a GPU one) and moves data to the host only where an op
  * says "host". Ops do not return a status: a backend that can fail (a GPU
  * launch) records its first failure with kvs_fail and sets ctx->op_status,
- * which the forward pass returns after the layer it happened in. */
+ * which the forward pass returns after the layer it happened in. Ops may
+ * only queue work: results meant for the host (logits, the predictor's
+ * maxima) are there once the step is over. */
 #ifndef KVS_BACKEND_H
 #define KVS_BACKEND_H
 
@@ -42,6 +44,9 @@ typedef struct kvs_backend_ops {
                         int32_t n_channels, float *top);
     /* host dst = the first n floats of x (traces for calibration) */
     void (*read)(kvs_context *ctx, const float *x, int64_t n, float *dst);
+    /* run kvs_llama_pass for one step and wait for its results: a GPU
+     * backend may capture and replay it; NULL: call it directly */
+    kvs_status (*step)(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens, int32_t logits_all, float *logits);
 } kvs_backend_ops;
 
 /* The CPU backend (backend_cpu.c): threaded AVX2 / scalar kernels, the

@@ -164,5 +164,5 @@ static void cpu_read(kvs_context *ctx, const float *x, int64_t n, float *dst) {
 
 const kvs_backend_ops kvs_backend_cpu = {
     "cpu",       cpu_embed, cpu_rmsnorm, cpu_matmul,      cpu_add_bias, cpu_attention,
-    cpu_glu,     cpu_add,   cpu_logits,  cpu_channel_max, cpu_read,
+    cpu_glu,     cpu_add,   cpu_logits,  cpu_channel_max, cpu_read,     NULL,
 };

@@ -6,6 +6,12 @@
  * bookkeeping on the host), so attention appends and reads there too. What
  * comes back to the host: the logits rows asked for and, with a sink
  * profile, one channel maximum per token for the predictor.
+ *
+ * Everything a context does goes on its own stream; a one-token step (decode)
+ * is captured into a CUDA graph and replayed (cuda_graph.cu), its per-step
+ * copies through pinned buffers. Where capture fails, the context turns
+ * graphs off and runs the step launch by launch; KVSINK_CUDA_GRAPHS=0 turns
+ * them off from the start.
  * Compiled only with KVSINK_CUDA=ON; unverified on a GPU so far (README). */
 #include <pthread.h>
 #include <stdint.h>
@@ -135,6 +141,16 @@ typedef struct cuda_context {
     float *logits;      /* LOGIT_ROWS x n_vocab */
     int32_t *channels;  /* the sink profile's channels, or NULL without a profile */
     float *top;         /* n_batch channel maxima */
+    void *stream;       /* every launch and copy of the context */
+    /* pinned: the per-step copies queue without waiting (and a graph can hold them) */
+    int32_t *ids_pinned;   /* n_batch */
+    float *top_pinned;     /* n_batch: ctx->sink_top while the context lives */
+    float *sink_top_host;  /* ctx->sink_top as context.c allocated it */
+    float *logits_pinned;  /* one row: a captured step's logits */
+    float *logits_dst;     /* where that row goes after the replay (NULL: nowhere) */
+    int capturing;         /* the ops are being recorded into a graph */
+    int graphs;            /* decode steps run as graphs */
+    kvs_cuda_graph *graph;
 } cuda_context;
 
 static float **scratch_slot(kvs_context *ctx, int i) {
@@ -160,6 +176,12 @@ void kvs_cuda_backend_free(kvs_context *ctx) {
     kvs_cuda_release(cc->logits);
     kvs_cuda_release(cc->channels);
     kvs_cuda_release(cc->top);
+    if (cc->sink_top_host) ctx->sink_top = cc->sink_top_host;
+    kvs_cuda_release_host(cc->ids_pinned);
+    kvs_cuda_release_host(cc->top_pinned);
+    kvs_cuda_release_host(cc->logits_pinned);
+    kvs_cuda_graph_free(cc->graph);
+    kvs_cuda_stream_free(cc->stream);
     free(cc);
     ctx->backend_state = NULL;
 }
@@ -174,6 +196,23 @@ static kvs_status upload_profile(kvs_context *ctx, cuda_context *cc) {
     if (st == KVS_OK) st = kvs_cuda_to_device(cc->channels, p->channels, bytes);
     if (st == KVS_OK) st = kvs_cuda_alloc((void **)&cc->top, (size_t)ctx->params.n_batch * sizeof(float), "sink scores");
     return st;
+}
+
+/* The stream and the pinned buffers of the per-step copies. */
+static kvs_status alloc_step_buffers(kvs_context *ctx, cuda_context *cc) {
+    const size_t nb = (size_t)ctx->params.n_batch;
+    kvs_status st = kvs_cuda_stream_create(&cc->stream);
+    if (st == KVS_OK) st = kvs_cuda_alloc_host((void **)&cc->ids_pinned, nb * sizeof(int32_t), "token ids");
+    if (st == KVS_OK) st = kvs_cuda_alloc_host((void **)&cc->top_pinned, nb * sizeof(float), "sink scores");
+    if (st == KVS_OK) {
+        st = kvs_cuda_alloc_host((void **)&cc->logits_pinned, (size_t)ctx->model->hp.n_vocab * sizeof(float), "logits");
+    }
+    if (st != KVS_OK) return st;
+    cc->sink_top_host = ctx->sink_top;
+    ctx->sink_top = cc->top_pinned;
+    const char *env = getenv("KVSINK_CUDA_GRAPHS");
+    cc->graphs = !(env && strcmp(env, "0") == 0);
+    return KVS_OK;
 }
 
 kvs_status kvs_cuda_backend_init(kvs_context *ctx) {
@@ -196,7 +235,8 @@ kvs_status kvs_cuda_backend_init(kvs_context *ctx) {
                             "the logits");
     }
     if (st == KVS_OK) st = upload_profile(ctx, cc);
-    if (st == KVS_OK) st = kvs_kv_cache_to_cuda(ctx->kv, ctx->ubatch, ctx->model->hp.n_head);
+    if (st == KVS_OK) st = alloc_step_buffers(ctx, cc);
+    if (st == KVS_OK) st = kvs_kv_cache_to_cuda(ctx->kv, ctx->ubatch, ctx->model->hp.n_head, cc->stream);
     if (st != KVS_OK) kvs_cuda_backend_free(ctx);
     return st;
 }
@@ -215,28 +255,34 @@ static void cuda_embed(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens
     const cuda_context *cc = ctx->backend_state;
     const kvs_model *m = ctx->model;
     /* the ids were checked against the vocabulary (context.c) before the forward pass */
-    if (failed(ctx, kvs_cuda_to_device(cc->ids, tokens, (size_t)n_tokens * sizeof(int32_t)))) return;
+    const size_t bytes = (size_t)n_tokens * sizeof(int32_t);
+    memcpy(cc->ids_pinned, tokens, bytes);
+    if (failed(ctx, kvs_cuda_to_device_async(cc->ids, cc->ids_pinned, bytes, cc->stream))) return;
     if (failed(ctx, kvs_cuda_get_rows(m->tok_embd.type, weight(ctx, m->tok_embd.data), m->tok_embd.row_bytes,
-                                      m->hp.n_embd, cc->ids, n_tokens, x, NULL))) return;
-    if (m->hp.embd_scale != 1.0f) failed(ctx, kvs_cuda_scale(x, m->hp.embd_scale, (int64_t)n_tokens * m->hp.n_embd, NULL));
+                                      m->hp.n_embd, cc->ids, n_tokens, x, cc->stream))) return;
+    if (m->hp.embd_scale != 1.0f) {
+        failed(ctx, kvs_cuda_scale(x, m->hp.embd_scale, (int64_t)n_tokens * m->hp.n_embd, cc->stream));
+    }
 }
+
+static void *stream_of(kvs_context *ctx) { return ((cuda_context *)ctx->backend_state)->stream; }
 
 static void cuda_rmsnorm(kvs_context *ctx, const float *x, const float *w, int64_t n_rows, int64_t n, float *out) {
     if (ctx->op_status != KVS_OK) return;
-    failed(ctx, kvs_cuda_rmsnorm_rows(x, weight(ctx, w), n_rows, n, ctx->model->hp.rms_eps, out, NULL));
+    failed(ctx, kvs_cuda_rmsnorm_rows(x, weight(ctx, w), n_rows, n, ctx->model->hp.rms_eps, out, stream_of(ctx)));
 }
 
 static void cuda_matmul(kvs_context *ctx, int n_w, const kvs_tensor *const *w, const float *x, int64_t n_tokens,
                         float *const *y) {
     for (int i = 0; i < n_w && ctx->op_status == KVS_OK; i++) {
         failed(ctx, kvs_cuda_matmul_f32(w[i]->type, weight(ctx, w[i]->data), w[i]->row_bytes, w[i]->ne[1],
-                                        w[i]->ne[0], x, n_tokens, y[i], NULL));
+                                        w[i]->ne[0], x, n_tokens, y[i], stream_of(ctx)));
     }
 }
 
 static void cuda_add_bias(kvs_context *ctx, float *y, const float *b, int64_t n_rows, int64_t n) {
     if (!b || ctx->op_status != KVS_OK) return;
-    failed(ctx, kvs_cuda_add_bias_rows(y, weight(ctx, b), n_rows, n, NULL));
+    failed(ctx, kvs_cuda_add_bias_rows(y, weight(ctx, b), n_rows, n, stream_of(ctx)));
 }
 
 /* The batch's K/V rows into the device cache's window, then attention over
@@ -250,39 +296,48 @@ static void cuda_attention(kvs_context *ctx, int32_t il, int32_t n_tokens) {
 
 static void cuda_glu(kvs_context *ctx, float *gate, const float *up, int64_t n, int32_t gelu) {
     if (ctx->op_status != KVS_OK) return;
-    failed(ctx, kvs_cuda_glu_rows(gelu, gate, up, n, NULL));
+    failed(ctx, kvs_cuda_glu_rows(gelu, gate, up, n, stream_of(ctx)));
 }
 
 static void cuda_add(kvs_context *ctx, float *x, const float *y, int64_t n) {
     if (ctx->op_status != KVS_OK) return;
-    failed(ctx, kvs_cuda_add(x, y, n, NULL));
+    failed(ctx, kvs_cuda_add(x, y, n, stream_of(ctx)));
 }
 
-/* LOGIT_ROWS rows at a time through the device buffer, then to the host. */
+/* LOGIT_ROWS rows at a time through the device buffer, then to the host;
+ * a captured step's one row goes to the pinned row, copied out after the
+ * replay (cuda_step). */
 static void cuda_logits(kvs_context *ctx, const float *x, int64_t n_tokens, float *logits) {
-    const cuda_context *cc = ctx->backend_state;
+    cuda_context *cc = ctx->backend_state;
     const kvs_model *m = ctx->model;
     const int64_t n_vocab = m->hp.n_vocab, n_embd = m->hp.n_embd;
     for (int64_t t = 0; t < n_tokens && ctx->op_status == KVS_OK; t += LOGIT_ROWS) {
         const int64_t rows = n_tokens - t < LOGIT_ROWS ? n_tokens - t : LOGIT_ROWS;
         if (failed(ctx, kvs_cuda_matmul_f32(m->output.type, weight(ctx, m->output.data), m->output.row_bytes, n_vocab,
-                                            n_embd, x + t * n_embd, rows, cc->logits, NULL))) return;
+                                            n_embd, x + t * n_embd, rows, cc->logits, cc->stream))) return;
         if (m->hp.final_softcap > 0.0f &&
-            failed(ctx, kvs_cuda_softcap(cc->logits, m->hp.final_softcap, rows * n_vocab, NULL))) return;
-        failed(ctx, kvs_cuda_to_host(logits + t * n_vocab, cc->logits, (size_t)(rows * n_vocab) * sizeof(float)));
+            failed(ctx, kvs_cuda_softcap(cc->logits, m->hp.final_softcap, rows * n_vocab, cc->stream))) return;
+        const size_t bytes = (size_t)(rows * n_vocab) * sizeof(float);
+        if (cc->capturing && n_tokens == 1) {
+            cc->logits_dst = logits;
+            failed(ctx, kvs_cuda_to_host_async(cc->logits_pinned, cc->logits, bytes, cc->stream));
+        } else {
+            failed(ctx, kvs_cuda_to_host(logits + t * n_vocab, cc->logits, bytes));
+        }
     }
 }
 
-/* The predictor's maxima, taken on the device; n_tokens floats come to the
- * host. `channels` is the model's profile (llama.c passes nothing else),
- * whose device copy was made at creation. */
+/* The predictor's maxima, taken on the device and queued for the pinned
+ * ctx->sink_top, read after the step (llama.c). `channels` is the model's
+ * profile (llama.c passes nothing else), whose device copy was made at
+ * creation. */
 static void cuda_channel_max(kvs_context *ctx, const float *x, int32_t n_tokens, const int32_t *channels,
                              int32_t n_channels, float *top) {
     const cuda_context *cc = ctx->backend_state;
     if (ctx->op_status != KVS_OK) return;
-    if (failed(ctx, kvs_cuda_channel_max(x, n_tokens, ctx->model->hp.n_embd, cc->channels, n_channels, cc->top, NULL)))
-        return;
-    failed(ctx, kvs_cuda_to_host(top, cc->top, (size_t)n_tokens * sizeof(float)));
+    if (failed(ctx, kvs_cuda_channel_max(x, n_tokens, ctx->model->hp.n_embd, cc->channels, n_channels, cc->top,
+                                         cc->stream))) return;
+    failed(ctx, kvs_cuda_to_host_async(top, cc->top, (size_t)n_tokens * sizeof(float), cc->stream));
 }
 
 static void cuda_read(kvs_context *ctx, const float *x, int64_t n, float *dst) {
@@ -290,7 +345,43 @@ static void cuda_read(kvs_context *ctx, const float *x, int64_t n, float *dst) {
     failed(ctx, kvs_cuda_to_host(dst, x, (size_t)n * sizeof(float)));
 }
 
+/* ---- a step: one token as a graph, anything else launch by launch -------- */
+
+/* The step captured and replayed; KVS_ERR_UNSUPPORTED when it could not be
+ * captured (nothing ran: the caller runs it directly). */
+static kvs_status graph_step(kvs_context *ctx, cuda_context *cc, const int32_t *tokens, int32_t logits_all,
+                             float *logits) {
+    if (kvs_cuda_capture_begin(cc->stream) != KVS_OK) return KVS_ERR_UNSUPPORTED;
+    cc->capturing = 1;
+    cc->logits_dst = NULL;
+    const kvs_status recorded = kvs_llama_pass(ctx, tokens, 1, logits_all, logits);
+    cc->capturing = 0;
+    const kvs_status captured = kvs_cuda_capture_end(cc->stream, &cc->graph);
+    /* a failed op here may be the capture's doing: the direct run tells */
+    if (recorded != KVS_OK || captured != KVS_OK) return KVS_ERR_UNSUPPORTED;
+    if (kvs_cuda_graph_launch(cc->graph, cc->stream) != KVS_OK) return KVS_ERR_UNSUPPORTED;
+    kvs_status st = kvs_cuda_sync(cc->stream);
+    if (st == KVS_OK && cc->logits_dst) {
+        memcpy(cc->logits_dst, cc->logits_pinned, (size_t)ctx->model->hp.n_vocab * sizeof(float));
+    }
+    if (st == KVS_OK) ctx->graph_steps++;
+    return st;
+}
+
+static kvs_status cuda_step(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens, int32_t logits_all,
+                            float *logits) {
+    cuda_context *cc = ctx->backend_state;
+    if (n_tokens == 1 && cc->graphs && !ctx->trace) {
+        const kvs_status st = graph_step(ctx, cc, tokens, logits_all, logits);
+        if (st != KVS_ERR_UNSUPPORTED) return st;
+        cc->graphs = 0; /* for good: kv_cache_stats() shows how many steps were graphs */
+    }
+    kvs_status st = kvs_llama_pass(ctx, tokens, n_tokens, logits_all, logits);
+    const kvs_status synced = kvs_cuda_sync(cc->stream); /* the pinned buffers are read and reused next */
+    return st != KVS_OK ? st : synced;
+}
+
 const kvs_backend_ops kvs_backend_cuda = {
     "cuda",   cuda_embed, cuda_rmsnorm, cuda_matmul,      cuda_add_bias, cuda_attention,
-    cuda_glu, cuda_add,   cuda_logits,  cuda_channel_max, cuda_read,
+    cuda_glu, cuda_add,   cuda_logits,  cuda_channel_max, cuda_read,     cuda_step,
 };

@@ -263,6 +263,8 @@ void kvs_context_timings(const kvs_context *ctx, double *eval_seconds, double *s
     if (sink_predict_seconds) *sink_predict_seconds = ctx ? ctx->t_predict : 0.0;
 }
 
+int64_t kvs_context_graph_steps(const kvs_context *ctx) { return ctx ? ctx->graph_steps : 0; }
+
 kvs_status kvs_context_set_n_past(kvs_context *ctx, int32_t n_past) {
     if (!ctx) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "ctx must not be NULL");
     int32_t kept;

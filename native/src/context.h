@@ -22,6 +22,7 @@ struct kvs_context {
     int32_t sink_policy;    /* resolved: kvsink without a profile becomes pfn */
     int32_t sink_pfn;
     double t_eval, t_predict; /* seconds in eval and in the sink predictor */
+    int64_t graph_steps;      /* steps replayed from a CUDA graph */
     _Atomic int32_t cancel;   /* kvs_context_set_cancel: set from any thread */
     /* scratch for up to n_batch tokens */
     float *x;       /* [n_batch][n_embd] residual stream  */
@@ -51,5 +52,10 @@ struct kvs_context {
  * Returns the first failure of the backend's ops (never fails on the CPU). */
 kvs_status kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
                              int32_t logits_all, float *logits);
+/* Its ops alone, queued on the backend (whose step may record them into a
+ * graph): results - logits, the predictor's maxima - are ready once the
+ * backend's step has waited for them. */
+kvs_status kvs_llama_pass(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                          int32_t logits_all, float *logits);
 
 #endif

@@ -112,7 +112,7 @@ kvs_status kvs_kv_cache_load_state(kvs_kv_cache *cache, const void *buf, size_t 
  * device (at most max_tokens appended at once, n_head query heads); then
  * the CUDA backend stores each layer's K/V rows (device pointers, the
  * append begun) and attends there, q and out laid out as the context's. */
-kvs_status kvs_kv_cache_to_cuda(kvs_kv_cache *cache, int32_t max_tokens, int32_t n_head);
+kvs_status kvs_kv_cache_to_cuda(kvs_kv_cache *cache, int32_t max_tokens, int32_t n_head, void *stream);
 kvs_status kvs_kv_cache_cuda_store(kvs_kv_cache *cache, int32_t il, int32_t n_tokens, const float *k, const float *v);
 /* Layer 0 first: it builds the table of segments every layer of the pass reads. */
 kvs_status kvs_kv_cache_cuda_attend(kvs_kv_cache *cache, int32_t il, int32_t n_tokens, const float *q, int32_t n_head,

@@ -8,9 +8,11 @@
  * kv_cache.c, so both caches follow the same rules by construction.
  *
  * Per forward pass the host builds the table of segments the appended
- * tokens attend over (a few bytes per block) and copies it down once; per
- * layer the backend stores the batch's K/V rows and launches the attention,
- * which reads the quantized blocks in place. Nothing comes back to the host. */
+ * tokens attend over (a few bytes per block, in pinned memory) and queues
+ * its copy; per layer the backend stores the batch's K/V rows and launches
+ * the attention, which reads the quantized blocks in place. All of it goes
+ * on the context's stream, so a step can be captured into a CUDA graph.
+ * Nothing comes back to the host. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,23 +35,24 @@ typedef struct cuda_kv {
     int32_t *window, *layer_index, *pair_a, *pair_b; /* device copies of the host tables */
     float *tile;               /* commit scratch: 2 x n_layer x n_kv x B x hd floats */
     kvs_kv_seg *segs;          /* device: the segments of the current forward pass */
-    kvs_kv_seg *host_segs;     /* host: where the table is built */
+    kvs_kv_seg *host_segs;     /* pinned host memory: where the table is built */
     int32_t seg_cap, n_segs;
     float *partial;            /* device: attention records */
     int64_t partial_records;
+    void *stream;              /* the context's */
 } cuda_kv;
 
 /* ---- the device ops -------------------------------------------------------- */
 
 static kvs_status device_encode_block(kvs_kv_cache *c, int32_t slot, int32_t o0, uint64_t skip) {
     cuda_kv *ck = c->dev_state;
-    return kvs_cuda_kv_encode_block(&ck->g, o0, slot, c->L > 0 ? c->lslot[slot] : 0, skip, ck->tile, NULL);
+    return kvs_cuda_kv_encode_block(&ck->g, o0, slot, c->L > 0 ? c->lslot[slot] : 0, skip, ck->tile, ck->stream);
 }
 
 static kvs_status device_requantize_keys(kvs_kv_cache *c, int32_t r, int32_t slot, int32_t t, uint64_t skip) {
     cuda_kv *ck = c->dev_state;
     const int32_t lslot = c->L > 0 && kv_block_has_local(c, slot) ? c->lslot[slot] : -1;
-    return kvs_cuda_kv_requantize_keys(&ck->g, r, slot, lslot, t, skip, ck->tile, NULL);
+    return kvs_cuda_kv_requantize_keys(&ck->g, r, slot, lslot, t, skip, ck->tile, ck->stream);
 }
 
 /* The data arrays a device cache keeps in device memory, by where the
@@ -86,7 +89,7 @@ static void free_own(cuda_kv *ck) {
     if (!ck) return;
     void *owned[] = {ck->window, ck->layer_index, ck->pair_a, ck->pair_b, ck->tile, ck->segs, ck->partial};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) kvs_cuda_release(owned[i]);
-    free(ck->host_segs);
+    kvs_cuda_release_host(ck->host_segs);
     free(ck);
 }
 
@@ -124,9 +127,9 @@ static kvs_status alloc_own(kvs_kv_cache *c, cuda_kv *ck, int32_t max_tokens, in
     ck->seg_cap = c->S + c->NB + (c->Wcap + c->B - 1) / c->B + 1;
     const int64_t per_call = (int64_t)max_tokens * n_head;
     ck->partial_records = per_call > ATTEND_WORK ? per_call : ATTEND_WORK;
-    ck->host_segs = malloc((size_t)ck->seg_cap * sizeof *ck->host_segs);
-    if (!ck->host_segs) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache's segment table");
-    kvs_status st = upload_copy((void **)&ck->window, c->window, layers, "the KV cache's layer table");
+    kvs_status st = kvs_cuda_alloc_host((void **)&ck->host_segs, (size_t)ck->seg_cap * sizeof *ck->host_segs,
+                                        "the KV cache's segment table");
+    if (st == KVS_OK) st = upload_copy((void **)&ck->window, c->window, layers, "the KV cache's layer table");
     if (st == KVS_OK) st = upload_copy((void **)&ck->layer_index, c->layer_index, layers, "the KV cache's layer table");
     if (st == KVS_OK) st = upload_copy((void **)&ck->pair_a, c->pair_a, pairs, "the KV cache's RoPE pairs");
     if (st == KVS_OK) st = upload_copy((void **)&ck->pair_b, c->pair_b, pairs, "the KV cache's RoPE pairs");
@@ -163,10 +166,11 @@ static void describe(const kvs_kv_cache *c, cuda_kv *ck) {
     }
 }
 
-kvs_status kvs_kv_cache_to_cuda(kvs_kv_cache *c, int32_t max_tokens, int32_t n_head) {
+kvs_status kvs_kv_cache_to_cuda(kvs_kv_cache *c, int32_t max_tokens, int32_t n_head, void *stream) {
     if (c->dev) return KVS_OK;
     cuda_kv *ck = calloc(1, sizeof *ck);
     if (!ck) return kvs_fail(KVS_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache's device state");
+    ck->stream = stream;
     device_array arrays[14];
     const int n = device_arrays(c, arrays);
     void *dev[14] = {0};
@@ -196,11 +200,12 @@ kvs_status kvs_kv_cache_to_cuda(kvs_kv_cache *c, int32_t max_tokens, int32_t n_h
 
 kvs_status kvs_kv_cache_cuda_store(kvs_kv_cache *c, int32_t il, int32_t n_tokens, const float *k, const float *v) {
     cuda_kv *ck = c->dev_state;
-    return kvs_cuda_kv_store(&ck->g, il, c->n_past, n_tokens, k, v, NULL);
+    return kvs_cuda_kv_store(&ck->g, il, c->n_past, n_tokens, k, v, ck->stream);
 }
 
 /* The segments the appended tokens attend over (kv_get_segment's order),
- * copied to the device. */
+ * queued for the device (the pinned table is not touched again before the
+ * step's end: the backend waits for its stream then). */
 static kvs_status upload_segments(kvs_kv_cache *c, cuda_kv *ck, int32_t n_tokens) {
     const int32_t last = c->n_past + n_tokens - 1;
     kv_segment sg;
@@ -213,7 +218,7 @@ static kvs_status upload_segments(kvs_kv_cache *c, cuda_kv *ck, int32_t n_tokens
         return kvs_fail(KVS_ERR_INTERNAL, "the KV cache has more than %d segments", ck->seg_cap);
     }
     ck->n_segs = n;
-    return kvs_cuda_to_device(ck->segs, ck->host_segs, (size_t)n * sizeof *ck->host_segs);
+    return kvs_cuda_to_device_async(ck->segs, ck->host_segs, (size_t)n * sizeof *ck->host_segs, ck->stream);
 }
 
 kvs_status kvs_kv_cache_cuda_attend(kvs_kv_cache *c, int32_t il, int32_t n_tokens, const float *q, int32_t n_head,
@@ -225,5 +230,5 @@ kvs_status kvs_kv_cache_cuda_attend(kvs_kv_cache *c, int32_t il, int32_t n_token
     }
     kvs_kv_attend_args a = {il, c->n_past, c->n_evicted, n_tokens, n_head, 0, ck->n_segs, (int64_t)n_head * c->hd,
                             ck->partial_records, scale, ck->segs, q, ck->partial, out};
-    return kvs_cuda_kv_attend(&ck->g, &a, NULL);
+    return kvs_cuda_kv_attend(&ck->g, &a, ck->stream);
 }

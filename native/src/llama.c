@@ -76,17 +76,21 @@ static double now_seconds(void) {
 /* KVSink's predictor: after the profile's layer, a token whose residual stream
  * exceeds the threshold in an outlier channel is a sink (massive activation);
  * its score, max |x[c]| / threshold, ranks it when sink rows run short. The
- * per-token maxima come to the host (ctx->sink_top): the cache's bookkeeping
- * lives there whatever the backend. */
+ * per-token maxima come to the host (ctx->sink_top) - the cache's
+ * bookkeeping lives there whatever the backend - and are read once the step
+ * is over (a GPU's step may run as a graph after the pass was recorded). */
 static void predict_sinks(kvs_context *ctx, int32_t n_tokens) {
     const kvs_sink_profile *p = &ctx->model->profile;
     const double t0 = now_seconds();
-    const float inv = 1.0f / p->threshold;
     ctx->backend->channel_max(ctx, ctx->x, n_tokens, p->channels, p->n_channels, ctx->sink_top);
+    ctx->t_predict += now_seconds() - t0;
+}
+
+static void mark_predicted_sinks(kvs_context *ctx, int32_t n_tokens) {
+    const float inv = 1.0f / ctx->model->profile.threshold;
     for (int32_t t = 0; t < n_tokens; t++) {
         if (ctx->sink_top[t] * inv > 1.0f) kvs_kv_cache_mark_sink(ctx->kv, t, ctx->sink_top[t] * inv);
     }
-    ctx->t_predict += now_seconds() - t0;
 }
 
 /* The first n positions are sinks, pinned: PFN's rule, and position 0 under
@@ -102,8 +106,8 @@ static void trace_hidden(kvs_context *ctx, int32_t il, int32_t n_tokens) {
     ctx->backend->read(ctx, ctx->x, (int64_t)n_tokens * n_embd, dst);
 }
 
-kvs_status kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
-                             int32_t logits_all, float *logits) {
+kvs_status kvs_llama_pass(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                          int32_t logits_all, float *logits) {
     ctx->op_status = KVS_OK;
     ctx->backend->embed(ctx, tokens, n_tokens, ctx->x);
     if (ctx->sink_policy == KVS_SINKS_PFN) mark_first_tokens(ctx, n_tokens, ctx->sink_pfn);
@@ -116,4 +120,13 @@ kvs_status kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_
     }
     if (logits && ctx->op_status == KVS_OK) output_logits(ctx, n_tokens, logits_all, logits);
     return ctx->op_status;
+}
+
+kvs_status kvs_llama_forward(kvs_context *ctx, const int32_t *tokens, int32_t n_tokens,
+                             int32_t logits_all, float *logits) {
+    const kvs_backend_ops *be = ctx->backend;
+    const kvs_status st = be->step ? be->step(ctx, tokens, n_tokens, logits_all, logits)
+                                   : kvs_llama_pass(ctx, tokens, n_tokens, logits_all, logits);
+    if (st == KVS_OK && ctx->sink_policy == KVS_SINKS_KVSINK) mark_predicted_sinks(ctx, n_tokens);
+    return st;
 }

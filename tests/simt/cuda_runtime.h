@@ -50,9 +50,26 @@ typedef enum cudaError {
     cudaErrorIllegalAddress = 700,
     cudaErrorLaunchOutOfResources = 701,
     cudaErrorLaunchFailure = 719,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
+    cudaErrorStreamCaptureImplicit = 906,
+    cudaErrorGraphExecUpdateFailure = 910,
 } cudaError_t;
 
 typedef struct CUstream_st *cudaStream_t;
+typedef struct CUgraph_st *cudaGraph_t;
+typedef struct CUgraphExec_st *cudaGraphExec_t;
+
+enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2,
+};
+
+typedef struct cudaGraphExecUpdateResultInfo_st {
+    int result;
+    void *errorNode, *errorFromNode;
+} cudaGraphExecUpdateResultInfo;
 
 enum cudaMemcpyKind {
     cudaMemcpyHostToHost = 0,
@@ -80,6 +97,8 @@ struct cudaDeviceProp {
 
 cudaError_t cudaMalloc(void **ptr, size_t bytes);
 template <class T> cudaError_t cudaMalloc(T **ptr, size_t bytes) { return cudaMalloc((void **)ptr, bytes); }
+cudaError_t cudaMallocHost(void **ptr, size_t bytes);
+template <class T> cudaError_t cudaMallocHost(T **ptr, size_t bytes) { return cudaMallocHost((void **)ptr, bytes); }
 cudaError_t cudaFree(void *ptr);
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind);
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s = 0);
@@ -93,6 +112,16 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device);
 cudaError_t cudaDriverGetVersion(int *version);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
 cudaError_t cudaDeviceSynchronize(void);
+cudaError_t cudaFreeHost(void *ptr);
+cudaError_t cudaStreamCreate(cudaStream_t *s);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long flags = 0);
+cudaError_t cudaGraphExecUpdate(cudaGraphExec_t exec, cudaGraph_t graph, cudaGraphExecUpdateResultInfo *info);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
 
 /* ---- the emulator ------------------------------------------------------------ */
 
@@ -106,9 +135,19 @@ struct Self {
 extern Self self;
 
 cudaError_t set_max_dynamic_smem(const void *kernel, int bytes);
-/* A launch of `body` (every thread calls it) with checked limits. */
-void execute(const char *what, const void *kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void *),
-             void *closure);
+
+/* A launch with its own copy of the arguments: run at once, or recorded
+ * while its stream is captured and run when the graph is launched. */
+struct KernelNode {
+    const void *kernel;
+    dim3 grid, block;
+    size_t smem;
+    virtual ~KernelNode() {}
+    virtual void run_thread() = 0; /* one GPU thread's call of the kernel */
+};
+/* Runs the node now (every thread, checked limits) or records it (taking
+ * ownership either way). */
+void submit(cudaStream_t stream, KernelNode *node);
 /* Records a failed check of a launch's pointer argument. */
 void check_pointer(const void *kernel, int index, const void *p);
 void *dynamic_smem(void);
@@ -117,27 +156,30 @@ void shuffle_xor(unsigned mask, void *value, size_t bytes, int lane_mask);
 float f16_to_f32(unsigned short h);
 unsigned short f32_to_f16(float f);
 
+template <class... P> struct Kernel : KernelNode {
+    void (*k)(P...);
+    std::tuple<std::decay_t<P>...> params;
+    template <class T> Kernel(void (*k_)(P...), T &&p) : k(k_), params(std::forward<T>(p)) {}
+    void run_thread() override {
+        std::tuple<std::decay_t<P>...> mine = params; /* each thread its own copy, as on a GPU */
+        std::apply(k, mine);
+    }
+};
+
 /* kernel<<<grid, block, smem, stream>>>(args...) becomes
  * simt::Launch(grid, block, smem, stream).run(kernel, args...) (simt.py). */
 struct Launch {
     dim3 grid, block;
     size_t smem;
-    Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = 0) : grid(g), block(b), smem(s) {}
+    cudaStream_t stream;
+    Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = 0) : grid(g), block(b), smem(s), stream(st) {}
 
     template <class... P, class... A> void run(void (*kernel)(P...), A &&...args) {
         std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
         check_params(kernel, params, std::index_sequence_for<P...>{});
-        struct Closure {
-            void (*k)(P...);
-            std::tuple<std::decay_t<P>...> *p;
-        } c{kernel, &params};
-        execute("kernel", (const void *)kernel, grid, block, smem,
-                [](void *cl) {
-                    Closure *c = (Closure *)cl;
-                    std::tuple<std::decay_t<P>...> mine = *c->p; /* each thread its own copy, as on a GPU */
-                    std::apply(c->k, mine);
-                },
-                &c);
+        Kernel<P...> *node = new Kernel<P...>(kernel, std::move(params));
+        node->kernel = (const void *)kernel, node->grid = grid, node->block = block, node->smem = smem;
+        submit(stream, node);
     }
 
   private:

@@ -36,7 +36,47 @@ __global__ void dynamic_smem_kernel(float *out) {
 
 __global__ void fill_kernel(float *out) { out[threadIdx.x] = 2.0f; }
 
-static float host[4 * N];
+__global__ void add_kernel(float *x, float y) { x[threadIdx.x] += y; }
+
+static float host[4 * N]; /* pageable host memory */
+
+/* A step captured once, then replayed with new input (a pinned buffer the
+ * graph copies from) and new kernel arguments (an updated graph). */
+static const char *graph_case(float *dev, const char *name) {
+    cudaStream_t s;
+    float *pinned = NULL;
+    cudaGraphExec_t exec = NULL;
+    if (cudaStreamCreate(&s) != cudaSuccess || cudaMallocHost(&pinned, N * sizeof(float)) != cudaSuccess) {
+        return "setup failed";
+    }
+    for (int step = 0; step < 3; step++) {
+        for (int i = 0; i < N; i++) pinned[i] = (float)(i + 100 * step);
+        cudaError_t e = cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+        if (e != cudaSuccess) return cudaGetErrorString(e);
+        if (!strcmp(name, "sync_in_capture")) {
+            e = cudaMemcpy(dev, host, N * sizeof(float), cudaMemcpyHostToDevice);
+            if (e == cudaSuccess) return "a synchronous copy was allowed during a capture";
+        } else {
+            e = cudaMemcpyAsync(dev, !strcmp(name, "pageable_in_capture") ? host : pinned, N * sizeof(float),
+                                cudaMemcpyHostToDevice, s);
+        }
+        add_kernel<<<1, N, 0, s>>>(dev, (float)step);
+        cudaMemcpyAsync(pinned, dev, N * sizeof(float), cudaMemcpyDeviceToHost, s);
+        cudaGraph_t graph = NULL;
+        const cudaError_t ended = cudaStreamEndCapture(s, &graph);
+        if (e != cudaSuccess) return cudaGetErrorString(e);
+        if (ended != cudaSuccess) return cudaGetErrorString(ended);
+        cudaGraphExecUpdateResultInfo info;
+        if (!exec || cudaGraphExecUpdate(exec, graph, &info) != cudaSuccess) cudaGraphInstantiate(&exec, graph, 0);
+        cudaGraphDestroy(graph);
+        cudaGraphLaunch(exec, s);
+        cudaStreamSynchronize(s);
+    }
+    static char values[4096];
+    int at = 0;
+    for (int i = 0; i < N; i++) at += snprintf(values + at, sizeof values - at, "%g,", pinned[i]);
+    return values;
+}
 
 static const char *run(const char *name) {
     float *dev = NULL;
@@ -58,6 +98,8 @@ static const char *run(const char *name) {
         fill_kernel<<<1, N>>>(host);
     } else if (!strcmp(name, "huge_block")) {
         fill_kernel<<<1, 2048>>>(dev);
+    } else if (!strncmp(name, "graph", 5) || strstr(name, "_in_capture")) {
+        return graph_case(dev, name);
     } else if (!strcmp(name, "copy_direction")) {
         static float other[N];
         return cudaGetErrorString(cudaMemcpy(other, host, sizeof other, cudaMemcpyHostToDevice));

@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <vector>
@@ -71,22 +72,25 @@ static void fault(cudaError_t e, const char *fmt, const char *detail) {
 
 /* ---- device memory -------------------------------------------------------------- */
 
-static std::map<uintptr_t, size_t> allocations; /* start -> bytes */
+static std::map<uintptr_t, size_t> allocations; /* start -> bytes: cudaMalloc's */
+static std::map<uintptr_t, size_t> pinned;      /* cudaMallocHost's */
 
-/* The allocation holding [p, p + bytes), or false. */
-static bool is_device(const void *p, size_t bytes) {
+/* Whether [p, p + bytes) lies in one allocation of the registry. */
+static bool inside(const std::map<uintptr_t, size_t> &registry, const void *p, size_t bytes) {
     std::lock_guard<std::mutex> g(lock);
     const uintptr_t a = (uintptr_t)p;
-    auto it = allocations.upper_bound(a);
-    if (it == allocations.begin()) return false;
+    auto it = registry.upper_bound(a);
+    if (it == registry.begin()) return false;
     --it;
     return a >= it->first && a + bytes <= it->first + it->second;
 }
+static bool is_device(const void *p, size_t bytes) { return inside(allocations, p, bytes); }
+static bool is_pinned(const void *p, size_t bytes) { return inside(pinned, p, bytes); }
 
 static const char *where(const void *p) { return is_device(p, 1) ? "device" : "host"; }
 
 void check_pointer(const void *kernel, int index, const void *p) {
-    if (p && !is_device(p, 1)) {
+    if (p && !is_device(p, 1) && !is_pinned(p, 1)) { /* pinned memory is mapped for kernels too */
         char detail[128];
         snprintf(detail, sizeof detail, "argument %d (%p) of kernel %p", index, p, kernel);
         fault(cudaErrorIllegalAddress, "a host pointer is handed to a kernel: %s", detail);
@@ -361,49 +365,114 @@ void *dynamic_smem(void) { return smem_buffer.data(); }
 
 static std::mutex launch_lock; /* one launch at a time: shared memory and `self` are global */
 
-void execute(const char *what, const void *kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void *),
-             void *closure) {
-    std::lock_guard<std::mutex> one_at_a_time(launch_lock);
-    if (sticky_error != cudaSuccess) return;
+/* The launch's configuration against a GPU's limits; false (the error
+ * recorded) where a GPU would refuse it. */
+static bool launchable(const KernelNode *n) {
+    const dim3 grid = n->grid, block = n->block;
     const uint64_t threads = (uint64_t)block.x * block.y * block.z;
     if (threads == 0 || threads > 1024 || block.z > 64) {
-        fail(cudaErrorInvalidConfiguration, "%s %p: a block of %ux%ux%u threads", what, kernel, block.x, block.y,
+        fail(cudaErrorInvalidConfiguration, "kernel %p: a block of %ux%ux%u threads", n->kernel, block.x, block.y,
              block.z);
-        return;
+        return false;
     }
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
-        fail(cudaErrorInvalidConfiguration, "%s %p: a grid of %ux%ux%u blocks", what, kernel, grid.x, grid.y, grid.z);
-        return;
+        fail(cudaErrorInvalidConfiguration, "kernel %p: a grid of %ux%ux%u blocks", n->kernel, grid.x, grid.y, grid.z);
+        return false;
     }
     int limit = SMEM_DEFAULT;
     {
         std::lock_guard<std::mutex> g(lock);
-        auto it = max_dynamic_smem.find(kernel);
+        auto it = max_dynamic_smem.find(n->kernel);
         if (it != max_dynamic_smem.end()) limit = it->second;
     }
-    if (smem > (size_t)limit) {
-        fail(cudaErrorInvalidValue, "%s %p: %zu bytes of dynamic shared memory, the kernel may use %d", what, kernel,
-             smem, limit);
-        return;
+    if (n->smem > (size_t)limit) {
+        fail(cudaErrorInvalidValue, "kernel %p: %zu bytes of dynamic shared memory, the kernel may use %d", n->kernel,
+             n->smem, limit);
+        return false;
     }
+    return true;
+}
+
+/* Every block of the launch, one after another. */
+static void run_kernel(KernelNode *n) {
+    std::lock_guard<std::mutex> one_at_a_time(launch_lock);
+    if (sticky_error != cudaSuccess) return;
+    const dim3 grid = n->grid, block = n->block;
+    const uint64_t threads = (uint64_t)block.x * block.y * block.z;
     Block b;
     b.fibers.resize(threads);
     b.warps.resize((threads + 31) / 32);
-    b.body = body, b.closure = closure, b.what = what, b.n = (int)threads;
+    b.body = [](void *node) { ((KernelNode *)node)->run_thread(); };
+    b.closure = n, b.what = "kernel", b.n = (int)threads;
     std::mt19937 rng(seed());
     const uint64_t n_blocks = (uint64_t)grid.x * grid.y * grid.z;
     std::vector<int> order;
     if (n_blocks <= (1u << 22)) order = ordering((int)n_blocks, rng);
-    Block *outer = current_block;
     current_block = &b;
     self.block_dim = block, self.grid_dim = grid;
     for (uint64_t k = 0; k < n_blocks; k++) {
         const uint64_t id = order.empty() ? k : (uint64_t)order[k];
         self.block_idx = {(unsigned)(id % grid.x), (unsigned)(id / grid.x % grid.y), (unsigned)(id / grid.x / grid.y)};
-        smem_buffer.assign(smem + 16, 0xff); /* NaN floats: what the block has not written is garbage */
+        smem_buffer.assign(n->smem + 16, 0xff); /* NaN floats: what the block has not written is garbage */
         if (!run_block(&b, rng)) break;
     }
-    current_block = outer;
+    current_block = NULL;
+}
+
+/* ---- streams, capture and graphs ---------------------------------------------------
+ * Streams run what they are given at once (in order: one stream at a time
+ * is all the code needs). A captured stream records kernels and copies
+ * instead; what a GPU refuses during a capture - work on the default
+ * stream, synchronous copies, waiting, allocating - fails and invalidates
+ * the capture, as cudaStreamCaptureModeThreadLocal/Global do. */
+
+struct Node {
+    std::shared_ptr<KernelNode> kernel; /* or a copy: */
+    void *dst;
+    const void *src;
+    size_t bytes;
+    cudaMemcpyKind kind;
+};
+
+} // namespace simt
+
+struct CUstream_st {
+    int unused;
+};
+struct CUgraph_st {
+    std::vector<simt::Node> nodes;
+};
+struct CUgraphExec_st {
+    std::vector<simt::Node> nodes;
+};
+
+namespace simt {
+
+static cudaStream_t capturing;        /* the stream being captured, or NULL */
+static bool capture_broken;           /* something refused during it */
+static std::vector<Node> captured;
+
+/* A call a capture forbids: the capture is invalidated, the call fails. */
+static cudaError_t refuse_in_capture(cudaError_t e, const char *call) {
+    capture_broken = true;
+    return fail(e, "%s while a stream is being captured", call);
+}
+
+void submit(cudaStream_t stream, KernelNode *node) {
+    std::shared_ptr<KernelNode> n(node);
+    if (sticky_error != cudaSuccess || !launchable(node)) {
+        if (capturing) capture_broken = true;
+        return;
+    }
+    if (capturing && stream == capturing) {
+        captured.push_back(Node{n, NULL, NULL, 0, cudaMemcpyHostToHost});
+        return;
+    }
+    if (capturing && stream == NULL) {
+        refuse_in_capture(cudaErrorStreamCaptureImplicit, "a launch on the default stream");
+        return;
+    }
+    run_kernel(node);
 }
 
 } // namespace simt
@@ -417,6 +486,7 @@ static cudaError_t result(cudaError_t e) { return sticky_error != cudaSuccess ? 
 cudaError_t cudaMalloc(void **ptr, size_t bytes) {
     *ptr = NULL;
     if (sticky_error != cudaSuccess) return sticky_error;
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaMalloc");
     void *p = NULL;
     if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) return cudaErrorMemoryAllocation;
     memset(p, 0xff, bytes); /* fresh device memory is garbage: NaN floats */
@@ -427,6 +497,7 @@ cudaError_t cudaMalloc(void **ptr, size_t bytes) {
 }
 
 cudaError_t cudaFree(void *ptr) {
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaFree");
     if (!ptr) return result(cudaSuccess);
     std::lock_guard<std::mutex> g(lock);
     auto it = allocations.find((uintptr_t)ptr);
@@ -439,21 +510,148 @@ cudaError_t cudaFree(void *ptr) {
     return result(cudaSuccess);
 }
 
-cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
-    if (sticky_error != cudaSuccess) return sticky_error;
-    if (bytes == 0) return cudaSuccess;
+/* A copy's pointers are what its kind says; a captured copy's host side
+ * must be pinned (a graph cannot stage pageable memory). */
+static cudaError_t check_copy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, bool in_graph) {
     const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
     const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
     if (is_device(dst, bytes) != dst_dev || is_device(src, bytes) != src_dev) {
         return fail(cudaErrorInvalidValue, "cudaMemcpy kind %d of %zu bytes from %s %p to %s %p", (int)kind, bytes,
                     where(src), src, where(dst), dst);
     }
-    memmove(dst, src, bytes);
+    if (in_graph && ((!dst_dev && !is_pinned(dst, bytes)) || (!src_dev && !is_pinned(src, bytes)))) {
+        return fail(cudaErrorStreamCaptureUnsupported, "a captured copy of %zu bytes between the device and pageable "
+                    "host memory (%p -> %p): graphs copy from and to pinned memory", bytes, src, dst);
+    }
     return cudaSuccess;
 }
 
-cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
-    return cudaMemcpy(dst, src, bytes, kind);
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    if (sticky_error != cudaSuccess) return sticky_error;
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureImplicit, "cudaMemcpy");
+    if (bytes == 0) return cudaSuccess;
+    const cudaError_t e = check_copy(dst, src, bytes, kind, false);
+    if (e == cudaSuccess) memmove(dst, src, bytes);
+    return e;
+}
+
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+    if (sticky_error != cudaSuccess) return sticky_error;
+    if (capturing && stream == NULL) return refuse_in_capture(cudaErrorStreamCaptureImplicit, "a copy on the default stream");
+    if (capturing && stream == capturing) {
+        const cudaError_t e = check_copy(dst, src, bytes, kind, true);
+        if (e != cudaSuccess) capture_broken = true;
+        else captured.push_back(Node{nullptr, dst, src, bytes, kind});
+        return e;
+    }
+    if (bytes == 0) return cudaSuccess;
+    const cudaError_t e = check_copy(dst, src, bytes, kind, false);
+    if (e == cudaSuccess) memmove(dst, src, bytes);
+    return e;
+}
+
+cudaError_t cudaMallocHost(void **ptr, size_t bytes) {
+    *ptr = NULL;
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaMallocHost");
+    void *p = NULL;
+    if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) return cudaErrorMemoryAllocation;
+    memset(p, 0xff, bytes);
+    std::lock_guard<std::mutex> g(lock);
+    pinned[(uintptr_t)p] = bytes ? bytes : 1;
+    *ptr = p;
+    return cudaSuccess;
+}
+
+cudaError_t cudaFreeHost(void *ptr) {
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaFreeHost");
+    if (!ptr) return cudaSuccess;
+    std::lock_guard<std::mutex> g(lock);
+    if (!pinned.erase((uintptr_t)ptr)) {
+        fprintf(stderr, "simt: cudaFreeHost of %p, which cudaMallocHost did not return\n", ptr);
+        return cudaErrorInvalidValue;
+    }
+    free(ptr);
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t *s) {
+    *s = new CUstream_st{0};
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    if (s == capturing) return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaStreamDestroy of it");
+    delete s;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+    if (s == NULL) return fail(cudaErrorStreamCaptureUnsupported, "the default stream cannot be captured");
+    if (capturing) return fail(cudaErrorStreamCaptureUnsupported, "a capture is already under way");
+    capturing = s, capture_broken = false;
+    captured.clear();
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph) {
+    *graph = NULL;
+    if (s != capturing) return fail(cudaErrorInvalidValue, "cudaStreamEndCapture of a stream not being captured");
+    capturing = NULL;
+    if (capture_broken) {
+        captured.clear();
+        return fail(cudaErrorStreamCaptureInvalidated, "the capture was invalidated");
+    }
+    *graph = new CUgraph_st{std::move(captured)};
+    captured.clear();
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long) {
+    *exec = NULL;
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaGraphInstantiate");
+    if (!graph) return fail(cudaErrorInvalidValue, "cudaGraphInstantiate of no graph");
+    *exec = new CUgraphExec_st{graph->nodes};
+    return cudaSuccess;
+}
+
+/* Same nodes in the same order (kernels of the same function, copies of
+ * the same kind): the parameters are taken over; else it fails. */
+cudaError_t cudaGraphExecUpdate(cudaGraphExec_t exec, cudaGraph_t graph, cudaGraphExecUpdateResultInfo *info) {
+    if (info) memset(info, 0, sizeof *info);
+    bool same = exec && graph && exec->nodes.size() == graph->nodes.size();
+    for (size_t i = 0; same && i < graph->nodes.size(); i++) {
+        const Node &a = exec->nodes[i], &b = graph->nodes[i];
+        same = !a.kernel == !b.kernel && (a.kernel ? a.kernel->kernel == b.kernel->kernel : a.kind == b.kind);
+    }
+    if (!same) {
+        if (info) info->result = 1;
+        if (last_error == cudaSuccess) last_error = cudaErrorGraphExecUpdateFailure;
+        return cudaErrorGraphExecUpdateFailure;
+    }
+    exec->nodes = graph->nodes;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
+    if (sticky_error != cudaSuccess) return sticky_error;
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaGraphLaunch");
+    if (!exec) return fail(cudaErrorInvalidValue, "cudaGraphLaunch of no graph");
+    (void)s;
+    for (const Node &n : exec->nodes) {
+        if (n.kernel) run_kernel(n.kernel.get());
+        else memmove(n.dst, n.src, n.bytes);
+    }
+    return result(cudaSuccess);
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+    delete graph;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+    delete exec;
+    return cudaSuccess;
 }
 
 cudaError_t cudaGetLastError(void) {
@@ -470,6 +668,10 @@ const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
+    case cudaErrorStreamCaptureImplicit: return "operation would make the legacy stream depend on a capturing blocking stream";
+    case cudaErrorGraphExecUpdateFailure: return "the graph update was not performed because it included changes which violated constraints specific to instantiated graph update";
     default: return "unknown error";
     }
 }
@@ -505,8 +707,17 @@ cudaError_t cudaDriverGetVersion(int *version) {
     return cudaSuccess;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return result(cudaSuccess); }
-cudaError_t cudaDeviceSynchronize(void) { return result(cudaSuccess); }
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    if (capturing && (s == capturing || s == NULL)) {
+        return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaStreamSynchronize");
+    }
+    return result(cudaSuccess);
+}
+
+cudaError_t cudaDeviceSynchronize(void) {
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureUnsupported, "cudaDeviceSynchronize");
+    return result(cudaSuccess);
+}
 
 /* ---- fp16 ------------------------------------------------------------------------- */
 
