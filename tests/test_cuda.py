@@ -101,7 +101,7 @@ def assert_product_close(got: np.ndarray, w: np.ndarray, x: np.ndarray, what: st
     assert np.all(err <= 1e-5 * scale + 1e-30), (what, worst, got[worst], ref[worst], scale[worst])
 
 
-@pytest.mark.parametrize("n_tokens", [1, 3, 17, 64])
+@pytest.mark.parametrize("n_tokens", [1, 3, 8, 9, 17, 64])  # 1..8 share the few-token kernel, 9.. are tiled
 @pytest.mark.parametrize("name", list(TYPES))
 def test_matmul_matches_float64_dot(name, n_tokens):
     rng = np.random.default_rng(21 + n_tokens)
@@ -111,6 +111,18 @@ def test_matmul_matches_float64_dot(name, n_tokens):
         x = rng.standard_normal((n_tokens, n)).astype(np.float32)
         got = cuda_matmul(TYPES[name], rows, n_rows, n, x)
         assert_product_close(got, w, x, f"{name} {n_rows}x{n} tokens={n_tokens}")
+
+
+def test_a_tokens_product_does_not_depend_on_its_batch():
+    """Decode and the logits' chunks of 8 rows share the few-token kernel:
+    each token's row is what it would be alone, bit for bit."""
+    rng = np.random.default_rng(23)
+    n_rows, n = 300, 576
+    rows = random_row("Q4_1", n_rows * n, rng)
+    x = rng.standard_normal((5, n)).astype(np.float32)
+    together = cuda_matmul(TYPES["Q4_1"], rows, n_rows, n, x)
+    alone = np.concatenate([cuda_matmul(TYPES["Q4_1"], rows, n_rows, n, x[t:t + 1]) for t in range(5)])
+    np.testing.assert_array_equal(together, alone)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 65])

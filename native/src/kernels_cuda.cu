@@ -327,7 +327,8 @@ kvs_status kvs_cuda_get_rows(int32_t type, const void *src, int64_t row_bytes, i
 
 /* ---- matrix products ---------------------------------------------------------- */
 
-#define MV_WARPS 4 /* rows (one per warp) per block of the one-token product */
+#define MV_WARPS 4      /* rows (one per warp) per block of the few-token product */
+#define MV_MAX_TOKENS 8 /* tokens it takes at once (decode; logits in chunks of 8 rows) */
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -335,34 +336,45 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-/* One token (decode): a warp per output row, lane l takes chunks l, l + 32,
- * ... of the row, dequantized in registers, then the warp sums its lanes.
- * The row loop is uniform across a warp, so the full-mask shuffles are safe. */
+/* Up to MV_MAX_TOKENS tokens (decode, logits rows): a warp per output row,
+ * lane l takes chunks l, l + 32, ... of the row, dequantized in registers
+ * once for every token, then the warp sums its lanes per token. A token's
+ * result does not depend on how many others share the launch. The row and
+ * token loops are uniform across a warp, so the full-mask shuffles are safe. */
 template <int T>
 __global__ void __launch_bounds__(MV_WARPS * 32) matvec_kernel(const uint8_t *w, int64_t row_bytes, int64_t n_rows,
-                                                               int64_t n, const float *x, float *y) {
+                                                               int64_t n, const float *x, int n_tokens, float *y) {
     const int lane = threadIdx.x & 31;
     const int64_t cpr = (n + 7) / 8, warps = (int64_t)gridDim.x * MV_WARPS;
     for (int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5); r < n_rows; r += warps) {
         const uint8_t *row = w + r * row_bytes;
-        float acc = 0.0f;
+        float acc[MV_MAX_TOKENS] = {};
         for (int64_t c = lane; c < cpr; c += 32) {
             float v[8];
             deq8<T>(row, c, n, v);
-            float part = 0.0f;
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const int64_t e = 8 * c + i;
-                part = fmaf(v[i], e < n ? x[e] : 0.0f, part);
+            for (int t = 0; t < MV_MAX_TOKENS; t++) {
+                if (t >= n_tokens) break;
+                const float *xt = x + (int64_t)t * n;
+                float part = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const int64_t e = 8 * c + i;
+                    part = fmaf(v[i], e < n ? xt[e] : 0.0f, part);
+                }
+                acc[t] += part; /* a partial per chunk: shorter f32 rounding chains than one running sum */
             }
-            acc += part; /* a partial per chunk: shorter f32 rounding chains than one running sum */
         }
-        acc = warp_sum(acc);
-        if (lane == 0) y[r] = acc;
+#pragma unroll
+        for (int t = 0; t < MV_MAX_TOKENS; t++) {
+            if (t >= n_tokens) break;
+            const float sum = warp_sum(acc[t]);
+            if (lane == 0) y[(int64_t)t * n_rows + r] = sum;
+        }
     }
 }
 
-/* Several tokens: a block computes a 64-row x 64-token tile of y; per step
+/* More tokens: a block computes a 64-row x 64-token tile of y; per step
  * it dequantizes 64 rows x 32 elements of w (each weight once per tile, not
  * once per token) and loads 64 tokens x 32 elements of x into shared
  * memory, both transposed to [k][row or token]; thread (tx, ty) owns rows
@@ -441,10 +453,11 @@ kvs_status kvs_cuda_matmul_f32(int32_t type, const void *w, int64_t row_bytes, i
     if (!x || !y) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "matmul: x or y is NULL");
     cudaStream_t s = (cudaStream_t)stream;
     const uint8_t *wb = (const uint8_t *)w;
-    if (n_tokens == 1) {
+    if (n_tokens <= MV_MAX_TOKENS) {
         const unsigned grid = grid_for(n_rows, MV_WARPS);
         with_type(type, [&](auto tag) {
-            matvec_kernel<decltype(tag)::value><<<grid, MV_WARPS * 32, 0, s>>>(wb, row_bytes, n_rows, n, x, y);
+            matvec_kernel<decltype(tag)::value>
+                <<<grid, MV_WARPS * 32, 0, s>>>(wb, row_bytes, n_rows, n, x, (int)n_tokens, y);
         });
     } else {
         const int64_t tiles = ((n_rows + MM_ROWS - 1) / MM_ROWS) * ((n_tokens + MM_TOKS - 1) / MM_TOKS);
