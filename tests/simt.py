@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Sequence
 
 from fuzz import NATIVE, BuildUnavailable, c_compiler, compile_objects, core_sources
 
@@ -95,10 +96,11 @@ def build_simt_program(source: Path, out: Path) -> Path:
     return exe
 
 
-def build_simt_library(out: Path, native: Path = NATIVE) -> Path:
+def build_simt_library(out: Path, native: Path = NATIVE, extra_flags: Sequence[str] = ()) -> Path:
     """libkvsink.so in out: the C core + CUDA glue + the .cu files and
     private headers of native/src (or of another tree, `native`, a mutated
-    copy) on the emulator."""
+    copy) on the emulator; extra_flags for every compile and the link
+    (sanitizers)."""
     cxx = _check_platform()
     out.mkdir(parents=True, exist_ok=True)
     src = out / "src"
@@ -112,11 +114,11 @@ def build_simt_library(out: Path, native: Path = NATIVE) -> Path:
         unit = src / (cu.stem + "_cu.cpp")
         unit.write_text(f'#line 1 "{cu}"\n' + rewrite(cu.read_text()))
         units.append(unit)
-    c_flags = ["-O2", "-fPIC", "-DKVS_HAVE_CUDA=1", "-fvisibility=hidden"]
+    c_flags = ["-O2", "-fPIC", "-DKVS_HAVE_CUDA=1", "-fvisibility=hidden", *extra_flags]
     objects = compile_objects(c_compiler(), core_sources(cuda_glue=True), out / "c", c_flags)
-    objects += compile_objects(cxx, [*units, SIMT / "simt.cpp"], out / "cxx", _simt_flags())
+    objects += compile_objects(cxx, [*units, SIMT / "simt.cpp"], out / "cxx", [*_simt_flags(), *extra_flags])
     lib = out / "libkvsink.so"
-    r = subprocess.run([cxx, "-shared", *map(str, objects), "-lm", "-lpthread", "-o", str(lib)],
+    r = subprocess.run([cxx, "-shared", *extra_flags, *map(str, objects), "-lm", "-lpthread", "-o", str(lib)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"linking the SIMT library failed:\n{r.stderr}")

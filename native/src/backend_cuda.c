@@ -12,7 +12,8 @@
  * copies through pinned buffers. Where capture fails, the context turns
  * graphs off and runs the step launch by launch; KVSINK_CUDA_GRAPHS=0 turns
  * them off from the start.
- * Compiled only with KVSINK_CUDA=ON; unverified on a GPU so far (README). */
+ * Compiled only with KVSINK_CUDA=ON; run on the SIMT emulator in CI
+ * (tests/test_cuda_simt.py), not yet on a GPU (README). */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>

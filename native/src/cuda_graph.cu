@@ -19,19 +19,26 @@ struct kvs_cuda_graph {
     cudaGraphExec_t exec;
 };
 
+/* A graph call failed: the caller runs the step launch by launch, so the
+ * error must not stay behind as the runtime's last error (the next launch's
+ * check would report it as its own). */
+static kvs_status graph_fail(cudaError_t e, const char *what) {
+    cudaGetLastError();
+    return kvs_cuda_fail(e, what);
+}
+
 kvs_status kvs_cuda_capture_begin(void *stream) {
     /* thread-local: another thread's unrelated CUDA calls do not break it */
     const cudaError_t e = cudaStreamBeginCapture((cudaStream_t)stream, cudaStreamCaptureModeThreadLocal);
-    return e == cudaSuccess ? KVS_OK : kvs_cuda_fail(e, "cudaStreamBeginCapture");
+    return e == cudaSuccess ? KVS_OK : graph_fail(e, "cudaStreamBeginCapture");
 }
 
 kvs_status kvs_cuda_capture_end(void *stream, kvs_cuda_graph **exec) {
     cudaGraph_t graph = NULL;
     cudaError_t e = cudaStreamEndCapture((cudaStream_t)stream, &graph);
     if (e != cudaSuccess) {
-        cudaGetLastError(); /* not sticky: the step runs without a graph */
         if (graph) cudaGraphDestroy(graph);
-        return kvs_cuda_fail(e, "cudaStreamEndCapture");
+        return graph_fail(e, "cudaStreamEndCapture");
     }
     kvs_cuda_graph *g = *exec;
     if (!g) {
@@ -56,7 +63,7 @@ kvs_status kvs_cuda_capture_end(void *stream, kvs_cuda_graph **exec) {
     cudaGraphDestroy(graph);
     if (e != cudaSuccess) {
         g->exec = NULL;
-        return kvs_cuda_fail(e, "cudaGraphInstantiate");
+        return graph_fail(e, "cudaGraphInstantiate");
     }
     return KVS_OK;
 }
@@ -64,7 +71,7 @@ kvs_status kvs_cuda_capture_end(void *stream, kvs_cuda_graph **exec) {
 kvs_status kvs_cuda_graph_launch(kvs_cuda_graph *exec, void *stream) {
     if (!exec || !exec->exec) return kvs_fail(KVS_ERR_INVALID_ARGUMENT, "no instantiated CUDA graph to launch");
     const cudaError_t e = cudaGraphLaunch(exec->exec, (cudaStream_t)stream);
-    return e == cudaSuccess ? KVS_OK : kvs_cuda_fail(e, "cudaGraphLaunch");
+    return e == cudaSuccess ? KVS_OK : graph_fail(e, "cudaGraphLaunch");
 }
 
 void kvs_cuda_graph_free(kvs_cuda_graph *exec) {

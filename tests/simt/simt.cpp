@@ -162,6 +162,41 @@ asm(".text\n"
 
 extern "C" void simt_fiber_main(void);
 
+/* ASan follows the stack switches when told (built with -fsanitize=address:
+ * device memory is then checked byte for byte by every kernel's accesses). */
+#if defined(__SANITIZE_ADDRESS__)
+#include <pthread.h>
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+static const void *scheduler_bottom;
+static size_t scheduler_size;
+static void note_scheduler_stack(void) {
+    pthread_attr_t attr;
+    void *bottom = NULL;
+    size_t size = 0;
+    pthread_getattr_np(pthread_self(), &attr);
+    pthread_attr_getstack(&attr, &bottom, &size);
+    pthread_attr_destroy(&attr);
+    scheduler_bottom = bottom, scheduler_size = size;
+}
+#else
+static void note_scheduler_stack(void) {}
+#endif
+
+/* Switch stacks to `to` (bottom and size of its stack for ASan; a dying
+ * fiber is never switched back to). */
+static void switch_stack(void **save_sp, void *to_sp, const void *to_bottom, size_t to_size, bool dying) {
+#if defined(__SANITIZE_ADDRESS__)
+    void *fake_stack = NULL;
+    __sanitizer_start_switch_fiber(dying ? NULL : &fake_stack, to_bottom, to_size);
+    simt_switch(save_sp, to_sp);
+    __sanitizer_finish_switch_fiber(fake_stack, NULL, NULL);
+#else
+    (void)to_bottom, (void)to_size, (void)dying;
+    simt_switch(save_sp, to_sp);
+#endif
+}
+
 static bool can_run(const Block *b, const Fiber *f);
 static void switch_away(void);
 static void fault_block(Block *b, const char *fmt, const char *detail) {
@@ -170,6 +205,9 @@ static void fault_block(Block *b, const char *fmt, const char *detail) {
 }
 
 extern "C" void simt_fiber_main(void) {
+#if defined(__SANITIZE_ADDRESS__)
+    __sanitizer_finish_switch_fiber(NULL, NULL, NULL); /* a fresh fiber: its first arrival */
+#endif
     Block *b = current_block;
     b->body(b->closure);
     current->wait = DONE;
@@ -197,6 +235,11 @@ static char *stack_of(size_t i) {
 }
 
 static void start_fiber(Fiber *f) {
+#if defined(__SANITIZE_ADDRESS__)
+    /* the last fiber on this stack never returned from simt_fiber_main:
+     * its frame's redzones (at the top, below the stagger) are still poisoned */
+    __asan_unpoison_memory_region(f->stack + GUARD + STACK_BYTES - 16384, 16384);
+#endif
     /* stacks are a multiple of 4 KiB apart: their tops are staggered, or
      * every fiber's frame would map to the same cache sets */
     const uintptr_t stagger = (uintptr_t)(f->tid * 832) % 4096;
@@ -223,16 +266,21 @@ static void enter(Fiber *f) {
 static void switch_away(void) {
     Block *b = current_block;
     Fiber *me = current;
+    const bool dying = me->wait == DONE;
     if (!b->broken) {
         for (int k = 1; k <= b->n; k++) {
             Fiber *f = &b->fibers[b->order[(me->pos + k) % b->n]];
             if (!can_run(b, f)) continue;
             enter(f);
-            if (f != me) simt_switch(&me->sp, f->sp);
+            if (f != me) switch_stack(&me->sp, f->sp, f->stack + GUARD, STACK_BYTES, dying);
             return;
         }
     }
-    simt_switch(&me->sp, b->scheduler_sp);
+#if defined(__SANITIZE_ADDRESS__)
+    switch_stack(&me->sp, b->scheduler_sp, scheduler_bottom, scheduler_size, dying);
+#else
+    switch_stack(&me->sp, b->scheduler_sp, NULL, 0, dying);
+#endif
 }
 
 /* ---- the order threads and blocks run in -------------------------------------- */
@@ -334,7 +382,7 @@ static bool run_block(Block *b, std::mt19937 &rng) {
     b->live = n, b->at_barrier = 0, b->barrier_gen = 1, b->broken = false;
     Fiber *first = &b->fibers[b->order[0]];
     enter(first);
-    simt_switch(&b->scheduler_sp, first->sp); /* back here when no thread can go on */
+    switch_stack(&b->scheduler_sp, first->sp, first->stack + GUARD, STACK_BYTES, false); /* back when none can go on */
     current = NULL;
     if (b->live > 0 && !b->broken) {
         char detail[96];
@@ -397,6 +445,7 @@ static bool launchable(const KernelNode *n) {
 static void run_kernel(KernelNode *n) {
     std::lock_guard<std::mutex> one_at_a_time(launch_lock);
     if (sticky_error != cudaSuccess) return;
+    note_scheduler_stack();
     const dim3 grid = n->grid, block = n->block;
     const uint64_t threads = (uint64_t)block.x * block.y * block.z;
     Block b;
@@ -587,6 +636,8 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
     if (s == NULL) return fail(cudaErrorStreamCaptureUnsupported, "the default stream cannot be captured");
+    const char *refuse = getenv("SIMT_REFUSE_CAPTURE"); /* a driver that cannot: the caller's fallback runs */
+    if (refuse && strcmp(refuse, "0") != 0) return fail(cudaErrorStreamCaptureUnsupported, "SIMT_REFUSE_CAPTURE is set");
     if (capturing) return fail(cudaErrorStreamCaptureUnsupported, "a capture is already under way");
     capturing = s, capture_broken = false;
     captured.clear();
