@@ -4,8 +4,8 @@
  * quantized blocks - lives in device memory in the same layouts as on the
  * host (kv_cache_internal.h, blocks.h), and these kernels append to it,
  * commit blocks into it and attend over it. The per-thread arithmetic is
- * kv_cuda_math.h, shared with the test-only host emulation; the CPU's
- * kv_cache.c is the oracle (tests/test_cuda_forward.py). Pointers in
+ * kv_cuda_math.h; the CPU's kv_cache.c is the oracle
+ * (tests/test_cuda_forward.py, on a GPU or the SIMT emulator). Pointers in
  * kvs_kv_dev are DEVICE pointers; launchers return without waiting. */
 #ifndef KVS_KV_CUDA_H
 #define KVS_KV_CUDA_H

@@ -1,10 +1,10 @@
 /* kv_cuda_math.h - private: the per-thread arithmetic of the KV cache's
- * CUDA kernels (kv_cuda.cu), written once for nvcc and for a C compiler:
- * tests/cuda_host_emulation.c runs these same functions on the host, so
- * the GPU cache's logic (segments, masks, RoPE by distance, quantization,
- * the split softmax) is checked against the CPU's kv_cache.c on machines
- * without a GPU. Each function mirrors a piece of kv_cache.c / kv_quant.c /
- * kernels_kv.c, named where it is defined.
+ * CUDA kernels (kv_cuda.cu). It also compiles as C (kv_cache_cuda.c checks
+ * its limits against it); without a GPU, the kernels run on the SIMT
+ * emulator (tests/test_cuda_simt.py), which checks the GPU cache's logic
+ * (segments, masks, RoPE by distance, quantization, the split softmax)
+ * against the CPU's kv_cache.c. Each function mirrors a piece of
+ * kv_cache.c / kv_quant.c / kernels_kv.c, named where it is defined.
  *
  * Exactness: quantization must round as the CPU does (a level that flips
  * changes a block), so products and sums on the way to a quantized value
@@ -287,8 +287,8 @@ KVD int32_t kvd_hidden(const kvs_kv_dev *g, const kvs_kv_attend_args *a, int32_t
  * and values are decoded once into shared memory for all of them, as the
  * CPU decodes a block once per KV head. Work is split into phases: within
  * a phase every item is independent, and a barrier separates phases
- * (KVD_PHASE, defined by the includer: __syncthreads on the GPU, a loop
- * over the block's threads in the host emulation). */
+ * (KVD_PHASE, defined by the includer: the phase's items, then
+ * __syncthreads). */
 #define KVD_MAX_QUERIES 16 /* queries per block */
 
 KVD_HD int64_t kvd_tile_floats(int32_t hd, int32_t B, int32_t n_queries) {
