@@ -82,12 +82,18 @@ def _check_platform() -> str:
     return cxx_compiler()
 
 
+def _unit(source: Path, out: Path) -> Path:
+    """The rewritten C++ of a .cu file, its diagnostics naming the original."""
+    unit = out / (source.stem + "_cu.cpp")
+    unit.write_text(f'#line 1 "{source}"\n' + rewrite(source.read_text()))
+    return unit
+
+
 def build_simt_program(source: Path, out: Path) -> Path:
     """An executable of one .cu file on the emulator (tests/simt/selftest.cu)."""
     cxx = _check_platform()
     out.mkdir(parents=True, exist_ok=True)
-    unit = out / (source.stem + "_cu.cpp")
-    unit.write_text(f'#line 1 "{source}"\n' + rewrite(source.read_text()))
+    unit = _unit(source, out)
     exe = out / source.stem
     r = subprocess.run([cxx, *_simt_flags(), str(unit), str(SIMT / "simt.cpp"), "-lpthread", "-o", str(exe)],
                        capture_output=True, text=True)
@@ -109,11 +115,7 @@ def build_simt_library(out: Path, native: Path = NATIVE, extra_flags: Sequence[s
     # #include finds the rewritten copy (kv_cuda_math.h's PTX) first
     for h in (native / "src").glob("*.h"):
         (src / h.name).write_text(rewrite(h.read_text()))
-    units = []
-    for cu in sorted((native / "src").glob("*.cu")):
-        unit = src / (cu.stem + "_cu.cpp")
-        unit.write_text(f'#line 1 "{cu}"\n' + rewrite(cu.read_text()))
-        units.append(unit)
+    units = [_unit(cu, src) for cu in sorted((native / "src").glob("*.cu"))]
     c_flags = ["-O2", "-fPIC", "-DKVS_HAVE_CUDA=1", "-fvisibility=hidden", *extra_flags]
     objects = compile_objects(c_compiler(), core_sources(cuda_glue=True), out / "c", c_flags)
     objects += compile_objects(cxx, [*units, SIMT / "simt.cpp"], out / "cxx", [*_simt_flags(), *extra_flags])

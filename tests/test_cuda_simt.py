@@ -195,8 +195,6 @@ def test_a_barrier_dropped_from_a_kernel_fails_the_kernel_tests(simt_library, tm
     barrier = "__syncthreads(); /* the tiles are overwritten next step */"
     assert barrier in source.read_text(), "the barrier this test drops has moved"
     source.write_text(source.read_text().replace(barrier, ""))
-    lib = build_simt_library(tmp_path / "build", native)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_cuda.py"),
-                        "-k", "matmul"], capture_output=True, text=True, cwd=REPO, timeout=600,
-                       env={**os.environ, "KVSINK_LIBRARY": str(lib), "SIMT_ORDER": ORDER})
-    assert r.returncode != 0 and " failed" in r.stdout.splitlines()[-1], r.stdout[-2000:]
+    run = start_tests(build_simt_library(tmp_path / "build", native), "test_cuda.py", "-k", "matmul")
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode != 0 and " failed" in out.splitlines()[-1], out[-2000:]

@@ -20,11 +20,8 @@
 #include "kv_cache.h"
 #include "kv_cache_internal.h"
 #include "kv_cuda.h"
-#include "kv_cuda_math.h"
 #include "kernels_kv.h"
 #include "status.h"
-
-_Static_assert(KVD_MAX_HD == KVS_KV_MAX_HEAD_DIM, "kv_cuda_math.h's scratch holds the largest head");
 
 /* Records of partial attention kept: a decode splits its segments into at
  * most this many parts per query head (kv_cuda_math.h's kvd_parts). */

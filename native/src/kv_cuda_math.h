@@ -1,9 +1,8 @@
 /* kv_cuda_math.h - private: the per-thread arithmetic of the KV cache's
- * CUDA kernels (kv_cuda.cu). It also compiles as C (kv_cache_cuda.c checks
- * its limits against it); without a GPU, the kernels run on the SIMT
- * emulator (tests/test_cuda_simt.py), which checks the GPU cache's logic
- * (segments, masks, RoPE by distance, quantization, the split softmax)
- * against the CPU's kv_cache.c. Each function mirrors a piece of
+ * CUDA kernels (kv_cuda.cu), kept apart from the launches. Without a GPU
+ * the kernels run on the SIMT emulator (tests/test_cuda_simt.py), which
+ * checks the GPU cache's logic (segments, masks, RoPE by distance,
+ * quantization, the split softmax) against the CPU's kv_cache.c. Each function mirrors a piece of
  * kv_cache.c / kv_quant.c / kernels_kv.c, named where it is defined.
  *
  * Exactness: quantization must round as the CPU does (a level that flips
@@ -17,12 +16,12 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kernels_kv.h"
 #include "kv_cuda.h"
 
-#define KVD_MAX_HD 512 /* KVS_KV_MAX_HEAD_DIM */
-#define KVD_MAX_B 64   /* tokens per block at most (kv_cache.c's check_params) */
+#define KVD_MAX_HD KVS_KV_MAX_HEAD_DIM
+#define KVD_MAX_B 64 /* tokens per block at most (kv_cache.c's check_params) */
 
-#if defined(__CUDACC__)
 #define KVD static __device__ __forceinline__
 #define KVD_HD static __host__ __device__ __forceinline__ /* launchers size grids with these */
 #define KVD_MUL(a, b) __fmul_rn((a), (b))
@@ -41,17 +40,6 @@ KVD uint16_t kvd_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-#else
-#include "formats.h"
-#define KVD static inline
-#define KVD_HD static inline
-#define KVD_MUL(a, b) ((a) * (b))
-#define KVD_ADD(a, b) ((a) + (b))
-#define KVD_SUB(a, b) ((a) - (b))
-#define KVD_INF INFINITY
-KVD float kvd_f16(uint16_t h) { return kvs_fp16_to_fp32(h); }
-KVD uint16_t kvd_to_f16(float f) { return kvs_fp32_to_fp16(f); }
-#endif
 
 /* ---- groups (kv_quant.c) ------------------------------------------------- */
 

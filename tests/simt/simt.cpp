@@ -575,13 +575,17 @@ static cudaError_t check_copy(void *dst, const void *src, size_t bytes, cudaMemc
     return cudaSuccess;
 }
 
-cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
-    if (sticky_error != cudaSuccess) return sticky_error;
-    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureImplicit, "cudaMemcpy");
+static cudaError_t copy_now(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
     if (bytes == 0) return cudaSuccess;
     const cudaError_t e = check_copy(dst, src, bytes, kind, false);
     if (e == cudaSuccess) memmove(dst, src, bytes);
     return e;
+}
+
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    if (sticky_error != cudaSuccess) return sticky_error;
+    if (capturing) return refuse_in_capture(cudaErrorStreamCaptureImplicit, "cudaMemcpy");
+    return copy_now(dst, src, bytes, kind);
 }
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
@@ -593,10 +597,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpy
         else captured.push_back(Node{nullptr, dst, src, bytes, kind});
         return e;
     }
-    if (bytes == 0) return cudaSuccess;
-    const cudaError_t e = check_copy(dst, src, bytes, kind, false);
-    if (e == cudaSuccess) memmove(dst, src, bytes);
-    return e;
+    return copy_now(dst, src, bytes, kind);
 }
 
 cudaError_t cudaMallocHost(void **ptr, size_t bytes) {
